@@ -1,0 +1,156 @@
+"""Decoder-only Transformer language model (GPT-style, with RoPE, RMSNorm, SwiGLU, GQA)."""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.nn.attention import KVCache, init_kv_cache
+from jaxmodels.nn.layers import Embed, make_norm
+from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.transformer import TransformerBlock
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLM(nnx.Module):
+    """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
+
+    Embedding -> num_layers pre-norm Transformer blocks -> final norm -> untied output head.
+    `remat` selects activation rematerialisation per block (REMAT_POLICIES); it trades compute
+    for memory and does not change results.
+    """
+
+    def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms",
+                 rope_base: float = 10000.0, attention_impl: str | None = None, remat: str = "none",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
+        self.num_kv_heads, self.head_dim, self.dtype, self.remat = num_kv_heads, head_dim, dtype, remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embed(vocab_size, embed_dim, **kw)
+        self.blocks = nnx.List([
+            TransformerBlock(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                             mlp_dim=mlp_dim, num_layers=num_layers, mlp_kind=mlp_kind, norm_kind=norm_kind,
+                             rope_base=rope_base, attention_impl=attention_impl, **kw)
+            for _ in range(num_layers)])
+        self.final_norm = make_norm(norm_kind, embed_dim, **kw)
+        self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: list[KVCache] | None = None, cache_index: jax.Array | None = None):
+        """Without `cache`: causal forward over the whole sequence, returns logits.
+        With `cache` (from `init_cache`): tokens are at positions cache_index.., returns (logits, cache)."""
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)
+        if cache is None:
+            block_fn = _block_forward
+            if REMAT_POLICIES[self.remat] is not None:
+                block_fn = nnx.remat(_block_forward, policy=REMAT_POLICIES[self.remat])
+            for block in self.blocks:
+                x = block_fn(block, x, positions)
+            return self._logits(x)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, positions, layer_cache, cache_index)
+            new_cache.append(layer_cache)
+        return self._logits(x), new_cache
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        return jnp.einsum("bld,dv->blv", x.astype(self.dtype), self.w_out.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
+        """One empty KV cache per layer, for sequences up to max_length tokens."""
+        return [init_kv_cache(batch, max_length, self.num_kv_heads, self.head_dim, self.dtype) for _ in self.blocks]
+
+
+def _block_forward(block, x, positions):
+    return block(x, positions)[0]
+
+
+def train_flops_per_token(*, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
+                          head_dim: int, mlp_dim: int, mlp_kind: str, seq_len: int, causal: bool = True) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), counted analytically.
+
+    Matmuls: 6 * (parameters in matmuls), the embedding lookup excluded, the output head included
+    (Kaplan et al. 2020, C = 6N). Attention scores and values: 2 matmuls of 2 * heads * head_dim
+    * seq_len FLOPs per token per layer forward; causal attention counted at half the full score
+    matrix. Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
+    """
+    attn_params = embed_dim * head_dim * (2 * num_heads + 2 * num_kv_heads)
+    mlp_params = embed_dim * mlp_dim * (3 if mlp_kind == "swiglu" else 2)
+    matmul_params = num_layers * (attn_params + mlp_params) + embed_dim * vocab_size
+    attn_fwd = num_layers * 2 * 2 * num_heads * head_dim * seq_len * (0.5 if causal else 1.0)
+    return 6.0 * matmul_params + 3.0 * attn_fwd
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """Draw token ids from logits (batch, vocab); greedy (argmax) when temperature == 0."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "use_cache"))
+def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k, use_cache):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt.shape
+    total = prompt_len + max_new_tokens
+    keys = jax.random.split(key, max_new_tokens)
+    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
+    if use_cache:
+        logits, cache = model(prompt, cache=model.init_cache(batch, total), cache_index=jnp.int32(0))
+        first = sample_logits(logits[:, -1], keys[0], temperature, top_k)
+        tokens = tokens.at[:, prompt_len].set(first)
+
+        def step(carry, t):
+            tokens, cache = carry
+            pos = prompt_len + t - 1  # position of the token being fed
+            logits, cache = model(jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), cache=cache, cache_index=pos)
+            nxt = sample_logits(logits[:, -1], keys[t], temperature, top_k)
+            return (tokens.at[:, pos + 1].set(nxt), cache), None
+
+        (tokens, _), _ = jax.lax.scan(step, (tokens, cache), jnp.arange(1, max_new_tokens))
+        return tokens
+
+    def step_nocache(tokens, t):
+        pos = prompt_len + t - 1  # last filled position; causal masking ignores the empty tail
+        logits = model(tokens)
+        nxt = sample_logits(jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), keys[t],
+                            temperature, top_k)
+        return tokens.at[:, pos + 1].set(nxt), None
+
+    tokens, _ = jax.lax.scan(step_nocache, tokens, jnp.arange(max_new_tokens))
+    return tokens
+
+
+def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True) -> jax.Array:
+    """Autoregressive sampling. prompt (batch, prompt_len) int32 -> (batch, prompt_len + max_new_tokens).
+
+    With `use_cache`, the prompt is processed once and each new token attends to cached keys and
+    values (O(L) per token); without, every step recomputes the full causal forward (O(L^2)),
+    which is the reference the cached path must equal. Step t draws with key split(key)[t].
+    """
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (batch, prompt_len >= 1) token ids, got shape {prompt.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt.astype(jnp.int32), key, max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_k=top_k, use_cache=use_cache)

@@ -1,0 +1,104 @@
+"""Basic Flax NNX layers: norms, MLPs, embedding. Parameters are float32 by default
+(`param_dtype`); arithmetic runs in `dtype` with float32 statistics and accumulation."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.nn.param import fan_in_init, param
+
+
+def _ones(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale (Zhang & Sennrich 2019). x: (..., dim)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias (Ba et al. 2016). x: (..., dim)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, _zeros, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(self.dtype)
+
+
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
+
+
+def make_norm(kind: str, dim: int, **kwargs) -> nnx.Module:
+    """The norm named `kind` ("rms" or "layer")."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; valid: {sorted(NORMS)}")
+    return NORMS[kind](dim, **kwargs)
+
+
+def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """Contract the last axis of x (..., i) with the first of kernel (i, ...), in `dtype`
+    with float32 accumulation; result in `dtype`."""
+    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=1, preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward block. x: (..., embed_dim) -> (..., embed_dim).
+
+    kind "swiglu": down(silu(x W_gate) * (x W_up)) (Shazeer 2020, "GLU Variants");
+    kind "gelu": down(gelu(x W_up)) (Vaswani et al. 2017 with GELU, Hendrycks & Gimpel 2016).
+    `out_scale` shrinks the output projection's init (GPT-2's 1/sqrt(2 * num_layers)).
+    """
+
+    KINDS = ("swiglu", "gelu")
+
+    def __init__(self, embed_dim: int, mlp_dim: int, *, kind: str = "swiglu", out_scale: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown mlp kind {kind!r}; valid: {list(self.KINDS)}")
+        self.kind, self.dtype = kind, dtype
+        self.w_up = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
+        if kind == "swiglu":
+            self.w_gate = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
+        self.w_down = param(rngs, fan_in_init(scale=out_scale**2), (mlp_dim, embed_dim), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        up = dense(x, self.w_up.value, self.dtype)
+        if self.kind == "swiglu":
+            h = jax.nn.silu(dense(x, self.w_gate.value, self.dtype)) * up
+        else:
+            h = jax.nn.gelu(up)
+        return dense(h, self.w_down.value, self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table (vocab_size, embed_dim), N(0, 1) init. ids (...,) -> (..., embed_dim)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (vocab_size, embed_dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)

@@ -1,0 +1,43 @@
+"""Parameter creation with logical axis names (used by `jaxmodels.parallel` for sharding)."""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
+    """An `nnx.Param` of `shape` drawn from `init`, tagged with one logical axis name per dim.
+
+    The names (e.g. ("embed", "mlp")) are mapped to mesh axes by the rules in the config
+    (`jaxmodels.parallel.sharding`); they are metadata only and change no arithmetic.
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical_axes {tuple(logical_axes)} must name each dim of shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
+
+
+def fan_in_init(fan_in_dims: int = 1, scale: float = 1.0) -> Initializer:
+    """Truncated-normal init with variance scale / fan_in, fan_in = product of the first dims.
+
+    LeCun-normal when scale = 1 (LeCun et al. 1998): keeps activations at unit variance
+    through a linear map, the same argument that gives attention its 1/sqrt(d).
+    """
+
+    def init(key, shape, dtype):
+        fan_in = 1
+        for d in shape[:fan_in_dims]:
+            fan_in *= d
+        std = (scale / fan_in) ** 0.5 / 0.87962566103423978  # truncnorm(-2, 2) has std 0.8796
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+
+    return init

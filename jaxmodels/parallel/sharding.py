@@ -1,0 +1,81 @@
+"""Logical axis names -> mesh axes, and the shardings of parameters, optimizer state and batches."""
+
+from collections.abc import Sequence
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+# Parameters: FSDP shards the embedding dimension, tensor parallelism the heads/MLP/vocab dims.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+    """PartitionSpec for an array whose dims carry `logical_axes`.
+
+    A dim is sharded over the mesh axes its rule names, unless its size is not divisible by
+    their product or one of them already shards an earlier dim: then it is replicated (so
+    e.g. 2 KV heads on a 4-way tensor axis are replicated rather than failing).
+    """
+    rule_map = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        if name is not None and name not in rule_map:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(rule_map)}")
+        mesh_axes = tuple(a for a in _as_tuple(rule_map.get(name)) if mesh.shape[a] > 1)
+        n = 1
+        for a in mesh_axes:
+            n *= mesh.shape[a]
+        if not mesh_axes or size % n or used & set(mesh_axes):
+            spec.append(None)
+            continue
+        used |= set(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def param_specs(abstract_model: nnx.Module, mesh: Mesh, rules: Rules):
+    """PartitionSpecs for the model's parameters as a pure dict (the layout of `nnx.split(...)[1].to_pure_dict()`)."""
+    _, state = nnx.split(abstract_model)
+
+    def spec(var):
+        axes = var.get_metadata().get("logical_axes", (None,) * len(var.value.shape))
+        return logical_to_spec(axes, var.value.shape, mesh, rules)
+
+    return nnx.State(jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))).to_pure_dict()
+
+
+def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state, params_specs):
+    """Optimizer state specs: moments shaped like parameters shard like them; the rest is replicated."""
+    return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt_state, params_specs,
+                                 transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(rules: Rules, ndim: int) -> P:
+    """Batches are sharded on their leading dim by the rule for "batch" (data + fsdp by default)."""
+    axes = _as_tuple(dict(rules).get("batch"))
+    return P(axes if axes else None, *([None] * (ndim - 1)))
+
+
+def named(mesh: Mesh, specs):
+    """Tree of PartitionSpec -> tree of NamedSharding on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

@@ -1,0 +1,14 @@
+"""Tasks: objective, metrics, data and samples per model family (`make_task(config)`)."""
+
+import ml_collections
+
+from jaxmodels.tasks.lm import LanguageModeling
+
+TASKS = {"lm": LanguageModeling}
+
+
+def make_task(config: ml_collections.ConfigDict):
+    """The task named config.task, built from the whole experiment config."""
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; valid: {sorted(TASKS)}")
+    return TASKS[config.task](config)

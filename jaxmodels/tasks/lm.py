@@ -1,0 +1,82 @@
+"""Language modelling on byte tokens: next-token loss, bits/byte, data and text samples."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxmodels.data import lm as lm_data
+from jaxmodels.models import make_model
+from jaxmodels.models.lm import generate, train_flops_per_token
+from jaxmodels.ops.losses import softmax_cross_entropy
+
+
+def next_token_loss(model: nnx.Module, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross entropy. batch: (batch, length + 1) int32 token ids;
+    inputs batch[:, :-1] predict targets batch[:, 1:]. Returns (loss nats/token f32, metrics)."""
+    logits = model(batch[:, :-1])
+    loss = jnp.mean(softmax_cross_entropy(logits, batch[:, 1:]))
+    return loss, {"loss": loss, "bits_per_byte": loss / math.log(2.0)}
+
+
+def decode_bytes(tokens) -> str:
+    """Byte token ids -> text (invalid UTF-8 replaced)."""
+    return bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class LanguageModeling:
+    """The task the trainer drives: model, loss, batches, FLOP count and a text sample for a byte-level LM.
+
+    Config sections used: model (see `jaxmodels.models.make_model`), data (name, data_dir, seq_len,
+    global_batch_size, seed, eval_batches), sample (prompt, max_new_tokens, temperature, top_k).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        if config.model.vocab_size != 256:
+            raise ValueError(f"byte-level data needs model.vocab_size=256, got {config.model.vocab_size}")
+        self.config = config
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return make_model(self.config.model, rngs)
+
+    loss = staticmethod(next_token_loss)
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.config.data.seq_len
+
+    @property
+    def flops_per_example(self) -> float:
+        m = self.config.model
+        per_token = train_flops_per_token(
+            vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, mlp_kind=m.mlp_kind,
+            seq_len=self.config.data.seq_len)
+        return per_token * self.config.data.seq_len
+
+    def train_batches(self, start_step: int, process_index: int, process_count: int):
+        d = self.config.data
+        return lm_data.lm_batches(d.name, "train", d.data_dir, d.seq_len, d.global_batch_size, d.seed,
+                                  process_index=process_index, process_count=process_count, start_step=start_step)
+
+    def eval_batches(self) -> list[np.ndarray]:
+        d = self.config.data
+        return lm_data.eval_batches(d.name, "validation", d.data_dir, d.seq_len, d.global_batch_size,
+                                    d.eval_batches)
+
+    def baseline(self) -> dict[str, float]:
+        """Reference numbers printed beside eval: the corpus's unigram entropy in bits/byte."""
+        d = self.config.data
+        return {"unigram_entropy_bits_per_byte": lm_data.unigram_entropy_bits(d.name, "train", d.data_dir)}
+
+    def sample(self, model: nnx.Module, seed: int) -> str:
+        """Generate text from the configured prompt with the KV cache."""
+        s = self.config.sample
+        prompt = jnp.asarray([list(s.prompt.encode("utf-8"))], jnp.int32)
+        tokens = generate(model, prompt, jax.random.key(seed), max_new_tokens=s.max_new_tokens,
+                          temperature=s.temperature, top_k=s.top_k if s.top_k > 0 else None)
+        return decode_bytes(tokens[0])
+

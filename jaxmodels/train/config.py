@@ -1,0 +1,66 @@
+"""Validation of an experiment config before anything is built or compiled."""
+
+import jax
+import ml_collections
+
+from jaxmodels.models import DTYPES, MODELS
+from jaxmodels.models.lm import REMAT_POLICIES
+from jaxmodels.nn.layers import MLP, NORMS
+from jaxmodels.ops.attention import IMPLEMENTATIONS
+from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
+from jaxmodels.tasks import TASKS
+from jaxmodels.train.optimizer import SCHEDULES
+
+NAN_POLICIES = ("skip", "halt")
+
+# field path -> valid values (None stands for "pick automatically").
+CHOICES = {
+    "task": tuple(TASKS),
+    "model.name": tuple(MODELS),
+    "model.mlp_kind": MLP.KINDS,
+    "model.norm_kind": tuple(NORMS),
+    "model.remat": tuple(REMAT_POLICIES),
+    "model.dtype": tuple(DTYPES),
+    "model.param_dtype": tuple(DTYPES),
+    "model.attention_impl": (None, *IMPLEMENTATIONS),
+    "optimizer.schedule": SCHEDULES,
+    "train.nan_policy": NAN_POLICIES,
+}
+
+POSITIVE = ("train.num_steps", "train.grad_accum_steps", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.log_every", "data.seq_len", "data.global_batch_size", "data.eval_batches",
+            "model.num_layers", "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
+            "model.mlp_dim")
+
+
+def _get(config, path):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ValueError naming the field (and the valid choices) for any invalid setting."""
+    for path, choices in CHOICES.items():
+        value = _get(config, path)
+        if value not in choices:
+            raise ValueError(f"config.{path}={value!r} is not valid; choose one of {list(choices)}")
+    for path in POSITIVE:
+        value = _get(config, path)
+        if value < 1:
+            raise ValueError(f"config.{path} must be >= 1, got {value}")
+    m = config.model
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
+                         f"config.model.num_kv_heads={m.num_kv_heads}")
+    if set(config.mesh) - set(MESH_AXES):
+        raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "
+                         f"valid: {list(MESH_AXES)}")
+    sizes = dict(zip(MESH_AXES, mesh_shape(dict(config.mesh), num_devices or jax.device_count())))
+    shards = sizes["data"] * sizes["fsdp"] * config.train.grad_accum_steps
+    if config.data.global_batch_size % shards:
+        raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be divisible by "
+                         f"data x fsdp x train.grad_accum_steps = {shards}")
+    if config.data.global_batch_size % jax.process_count():
+        raise ValueError(f"config.data.global_batch_size must be divisible by the {jax.process_count()} processes")

@@ -1,0 +1,224 @@
+"""The training loop: sharded init or restore, jitted steps, eval, metrics, checkpoints, signals."""
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxmodels.parallel import sharding as sh
+from jaxmodels.parallel.mesh import make_mesh
+from jaxmodels.tasks import make_task
+from jaxmodels.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxmodels.train.config import validate_config
+from jaxmodels.train.metrics import MetricWriter, device_peak_flops
+from jaxmodels.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxmodels.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised with train.nan_policy="halt" when a step's loss or gradient is not finite."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Yield a callable that is True once SIGTERM/SIGINT arrived; a second signal acts as usual."""
+    received = []
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        for s in signums:
+            signal.signal(s, previous[s])
+
+
+class Trainer:
+    """Everything that is fixed for a run: mesh, shardings, compiled steps, data, writers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
+        validate_config(config, num_devices=len(devices) if devices else None)
+        self.config, self.workdir = config, workdir
+        self.task = make_task(config)
+        self.mesh = make_mesh(dict(config.mesh), devices)
+        rules = tuple(tuple(r) for r in config.sharding_rules)
+        num_steps = config.train.num_steps
+        self.schedule = learning_rate_schedule(config.optimizer, num_steps)
+        optimizer = make_optimizer(config.optimizer, num_steps)
+        seed = config.train.seed
+
+        abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(seed)))
+        self.graphdef = nnx.graphdef(abstract_model)
+
+        def init():
+            params = nnx.state(self.task.build_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+        self.abstract_state = jax.eval_shape(init)
+        param_specs = sh.param_specs(abstract_model, self.mesh, rules)
+        specs = {"step": P(), "params": param_specs,
+                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], param_specs)}
+        self.state_shardings = sh.named(self.mesh, specs)
+        self.batch_sharding = NamedSharding(self.mesh, sh.batch_spec(rules, 2))
+        replicated = NamedSharding(self.mesh, P())
+        self.init = jax.jit(init, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, config.train.grad_accum_steps),
+            in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
+                                 in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                                 out_shardings=replicated)
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
+                                         keep=config.train.keep_checkpoints)
+        peak = device_peak_flops(self.mesh.devices.flat[0].device_kind, config.train.peak_flops)
+        self.peak_flops_total = peak * self.mesh.size if peak else None
+
+    def global_batch(self, local_batch: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+
+    def restore_or_init(self):
+        """(start_step, state): the newest readable checkpoint, or a fresh sharded init."""
+        step, state = self.checkpointer.restore_latest(
+            abstract_with_shardings(self.abstract_state, self.state_shardings))
+        return (0, self.init()) if step is None else (step, state)
+
+    def evaluate(self, params, batches) -> dict[str, float]:
+        """Mean of the task's metrics over the fixed eval batches."""
+        sums = None
+        for b in batches:
+            m = self.eval_step(params, self.global_batch(b))
+            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        return {k: float(v) / len(batches) for k, v in jax.device_get(sums).items()}
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, nnx.State(params))
+
+
+def _step_scalars(metrics, step_time: float | None, trainer: Trainer) -> dict[str, float]:
+    """The step's metrics plus throughput; no timing for a step whose time includes compilation."""
+    out = {k: float(v) for k, v in metrics.items()}
+    if step_time is None:
+        return out
+    cfg = trainer.config
+    out["step_time_s"] = step_time
+    out["tokens_per_s"] = trainer.task.tokens_per_example * cfg.data.global_batch_size / step_time
+    if trainer.peak_flops_total:
+        out["mfu"] = trainer.task.flops_per_example * cfg.data.global_batch_size / step_time / trainer.peak_flops_total
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> dict:
+    """Train config.train.num_steps steps in workdir, resuming from its latest checkpoint.
+
+    `devices` (default: all) restricts the mesh, e.g. to compare one device with several.
+    Returns a summary dict (start/end eval metrics, baseline, final step, whether interrupted,
+    generated sample). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir, devices)
+    tc = config.train
+    lead = jax.process_index() == 0
+    start, state = trainer.restore_or_init()
+    writer = MetricWriter(workdir, start_step=start, console_every=tc.log_every, enabled=lead)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer.print(f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind}, "
+                 f"mesh {dict(trainer.mesh.shape)}; "
+                 f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
+    eval_batches = trainer.task.eval_batches()
+    baseline = trainer.task.baseline()
+    summary = {"baseline": baseline, "start_step": start}
+
+    def run_eval(step):
+        metrics = trainer.evaluate(state["params"], eval_batches)
+        writer.write(step, {**metrics, **baseline}, prefix="eval")
+        return metrics
+
+    if start == 0:
+        summary["eval_start"] = run_eval(0)
+    batches = trainer.task.train_batches(start, jax.process_index(), jax.process_count())
+    bar = tqdm(total=tc.num_steps, initial=start, disable=not lead, desc="train", dynamic_ncols=True)
+    pending, last_time, step, interrupted = None, None, start, False
+
+    def report(step_done, metrics):
+        nonlocal last_time
+        metrics = jax.device_get(metrics)  # waits for that step only; the next one is already queued
+        now = time.perf_counter()
+        step_time, last_time = (now - last_time if last_time else None), now
+        if metrics["nonfinite"]:
+            msg = f"non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}, " \
+                  f"grad_norm={float(metrics['grad_norm'])}); the update was skipped"
+            writer.print(msg)
+            if tc.nan_policy == "halt":
+                raise NonFiniteLossError(msg + "; halting (train.nan_policy='halt')")
+        writer.write(step_done, _step_scalars(metrics, step_time, trainer))
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        bar.update(1)
+
+    with stop_on_signals() as stop_requested:
+        try:
+            for step in range(start, tc.num_steps):
+                state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+                if pending is not None:
+                    report(*pending)
+                pending = (step + 1, metrics)
+                trainer.checkpointer.save(step + 1, state)
+                stop = stop_requested()
+                if jax.process_count() > 1:
+                    stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
+                if stop:
+                    interrupted = True
+                    break
+                if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.num_steps:
+                    report(*pending)  # so that the eval's time is not counted as a train step's
+                    pending, last_time = None, None
+                    run_eval(step + 1)
+            if pending is not None:
+                report(*pending)
+            step = int(state["step"])
+            trainer.checkpointer.save_final(step, state)
+        finally:
+            trainer.checkpointer.wait()
+            bar.close()
+    summary.update(final_step=step, interrupted=interrupted)
+    if interrupted:
+        writer.print(f"interrupted at step {step}: checkpoint saved in {workdir}; run the same command to resume")
+    else:
+        summary["eval_end"] = run_eval(step)
+        summary["sample"] = trainer.task.sample(trainer.model(state["params"]), tc.seed)
+        writer.print(_summary_text(summary))
+        if lead:
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+    writer.close()
+    trainer.checkpointer.close()
+    return summary
+
+
+def _summary_text(summary: dict) -> str:
+    lines = ["", "== summary =="]
+    for k, v in summary["baseline"].items():
+        lines.append(f"{k}: {v:.4f}")
+    for when in ("eval_start", "eval_end"):
+        if when in summary:
+            lines.append(f"{when}: " + "  ".join(f"{k}={v:.4f}" for k, v in summary[when].items()))
+    if "sample" in summary:
+        lines += ["sample:", summary["sample"], "=" * 13]
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmodels.models.lm import DecoderLM, generate, train_flops_per_token
+
+SMALL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
+
+
+def _model(**kw):
+    return DecoderLM(**{**SMALL, **kw}, rngs=nnx.Rngs(0))
+
+
+def test_shapes_dtype_and_parameter_count():
+    model = _model()
+    logits = model(jnp.zeros((2, 7), jnp.int32))
+    assert logits.shape == (2, 7, 64) and logits.dtype == jnp.float32
+    d, h, k, hd, f, v, L = 32, 4, 2, 8, 48, 64, 2
+    expected = v * d + L * (d * hd * (2 * h + 2 * k) + 3 * d * f + 2 * d) + d + d * v
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == expected
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = _model(dtype=jnp.bfloat16)
+    assert model(jnp.zeros((1, 5), jnp.int32)).dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = _model()
+    a = jax.random.randint(jax.random.key(1), (1, 12), 0, 64)
+    b = a.at[:, 8:].set((a[:, 8:] + 1) % 64)
+    np.testing.assert_allclose(model(a)[:, :8], model(b)[:, :8], atol=1e-5)
+
+
+def test_remat_does_not_change_loss_or_gradients():
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 64)
+
+    def loss(model):
+        return jnp.mean(model(tokens) ** 2)
+
+    plain, remat = _model(), _model(remat="full")
+    np.testing.assert_allclose(loss(plain), loss(remat), rtol=1e-6)
+    g1, g2 = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 5)])
+def test_generate_with_kv_cache_equals_without(temperature, top_k):
+    model = _model()
+    prompt = jax.random.randint(jax.random.key(3), (3, 4), 0, 64)
+    key = jax.random.key(4)
+    kw = dict(max_new_tokens=10, temperature=temperature, top_k=top_k)
+    cached = generate(model, prompt, key, use_cache=True, **kw)
+    uncached = generate(model, prompt, key, use_cache=False, **kw)
+    assert cached.shape == (3, 14)
+    np.testing.assert_array_equal(cached[:, :4], prompt)
+    np.testing.assert_array_equal(cached, uncached)
+
+
+def test_cached_forward_equals_full_forward_logits():
+    model = _model()
+    tokens = jax.random.randint(jax.random.key(5), (2, 10), 0, 64)
+    full = model(tokens)
+    logits, cache = model(tokens[:, :6], cache=model.init_cache(2, 10), cache_index=jnp.int32(0))
+    np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+    for t in range(6, 10):
+        step_logits, cache = model(tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
+        np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
+
+
+def test_flops_count_matches_6n_plus_attention():
+    flops = train_flops_per_token(**{k: v for k, v in SMALL.items()}, mlp_kind="swiglu", seq_len=16)
+    n = 2 * (32 * 8 * 12 + 3 * 32 * 48) + 32 * 64
+    assert flops == 6 * n + 3 * 2 * 2 * 2 * 4 * 8 * 16 * 0.5
+
+
+def test_generate_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, jnp.zeros((4,), jnp.int32), jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, jnp.zeros((1, 2), jnp.int32), jax.random.key(0), max_new_tokens=0)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        _model(num_kv_heads=3)
