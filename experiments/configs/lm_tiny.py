@@ -15,6 +15,8 @@ to well below the corpus's unigram entropy in a few minutes.
 import ml_collections
 from ml_collections import config_dict
 
+from jaxmodels.parallel.sharding import DEFAULT_RULES
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -74,16 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Axes data / fsdp / tensor; -1 takes the remaining devices.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Logical axis name -> mesh axes (see jaxmodels/parallel/sharding.py).
-    c.sharding_rules = (
-        ("batch", ("data", "fsdp")),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("head_dim", None),
-        ("norm", None),
-    )
+    c.sharding_rules = DEFAULT_RULES
 
     c.sample = dict(prompt="def ", max_new_tokens=200, temperature=0.8, top_k=0)
     return c
