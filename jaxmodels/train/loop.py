@@ -89,6 +89,21 @@ class Trainer:
         peak = device_peak_flops(self.mesh.devices.flat[0].device_kind, config.train.peak_flops)
         self.peak_flops_total = peak * self.mesh.size if peak else None
 
+    def compile_train_step(self) -> dict[str, float]:
+        """Compile the train step ahead of time (the compiled executable then serves every call) and
+        return its per-device memory in GiB from XLA's memory analysis: arguments (params, optimizer
+        state, batch), temporaries (activations, gradients) and the peak where the backend reports it."""
+        d = self.config.data
+        batch = jax.ShapeDtypeStruct((d.global_batch_size, d.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+        state = abstract_with_shardings(self.abstract_state, self.state_shardings)
+        self.train_step = self.train_step.lower(state, batch).compile()
+        stats = self.train_step.memory_analysis()
+        gib = 2.0**30
+        memory = {"arguments_gib": stats.argument_size_in_bytes / gib, "temporaries_gib": stats.temp_size_in_bytes / gib}
+        if getattr(stats, "peak_memory_in_bytes", 0):
+            memory["peak_gib"] = stats.peak_memory_in_bytes / gib
+        return memory
+
     def global_batch(self, local_batch: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
@@ -142,9 +157,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     writer.print(f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind}, "
                  f"mesh {dict(trainer.mesh.shape)}; "
                  f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
+    summary_memory = trainer.compile_train_step()
+    writer.print("train step per-device memory (XLA memory analysis): "
+                 + ", ".join(f"{k.removesuffix('_gib')} {v:.3g} GiB" for k, v in summary_memory.items()))
     eval_batches = trainer.task.eval_batches()
     baseline = trainer.task.baseline()
-    summary = {"baseline": baseline, "start_step": start}
+    summary = {"baseline": baseline, "start_step": start, "memory_per_device": summary_memory}
 
     def run_eval(step):
         metrics = trainer.evaluate(state["params"], eval_batches)

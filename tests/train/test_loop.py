@@ -47,15 +47,17 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_bit_exactly(tmp_path):
 
 
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
-    losses = {}
+    losses, memory = {}, {}
     for name, devices, mesh in [("one", jax.devices()[:1], dict(data=-1, fsdp=1, tensor=1)),
                                 ("mesh", jax.devices(), dict(data=2, fsdp=2, tensor=2))]:
         cfg = tiny_config(train__num_steps=6)
         cfg.mesh = mesh
-        train_and_evaluate(cfg, str(tmp_path / name), devices=devices)
+        memory[name] = train_and_evaluate(cfg, str(tmp_path / name), devices=devices)["memory_per_device"]
         losses[name] = _losses(tmp_path / name)
     assert losses["one"].keys() == losses["mesh"].keys()
     np.testing.assert_allclose(list(losses["one"].values()), list(losses["mesh"].values()), rtol=2e-5)
+    # params + AdamW moments are sharded 4 ways (fsdp x tensor) where dims divide: far less per device
+    assert memory["mesh"]["arguments_gib"] < 0.5 * memory["one"]["arguments_gib"]
 
 
 def test_nan_policy_halt_names_the_step(tmp_path):
