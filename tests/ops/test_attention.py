@@ -239,7 +239,7 @@ def test_select_implementation():
 
 
 def test_implementations_listed():
-    assert IMPLEMENTATIONS == ("reference", "xla", "cudnn")
+    assert IMPLEMENTATIONS == ("reference", "xla", "cudnn", "flash")
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [
@@ -248,8 +248,8 @@ def test_implementations_listed():
     (((2, 3, 4, 8), (1, 5, 4, 8), (1, 5, 4, 8)), {}, ValueError, "same batch size"),
     (((2, 3, 4, 8), (2, 5, 4, 16), (2, 5, 4, 16)), {}, ValueError, "same head_dim"),
     (((2, 3, 4, 8), (2, 5, 3, 8), (2, 5, 3, 8)), {}, ValueError, "got 4 query heads and 3 key/value heads"),
-    (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(implementation="flash"), ValueError,
-     r"one of \('reference', 'xla', 'cudnn'\), got 'flash'"),
+    (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(implementation="flashy"), ValueError,
+     r"one of \('reference', 'xla', 'cudnn', 'flash'\), got 'flashy'"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 1, 3, 5))), TypeError, "mask must be boolean"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 2, 3, 5), bool)), ValueError,
      r"mask must be broadcastable to \(B, N, T, S\) = \(2, 4, 3, 5\)"),
