@@ -1,17 +1,22 @@
 """Train-step throughput and MFU of the decoder LM (the library's own jitted, sharded step).
 
-    python benchmarks/lm_step.py [--sizes 125m,1b] [--out benchmarks/results/lm_step.json]
+    python benchmarks/lm_step.py [--sizes 125m,1b] [--out benchmarks/results/lm_step.json] [--profile DIR]
 
 For each size: builds the Trainer from experiments/configs/lm_tiny.py with the size's overrides
 (bf16 compute, float32 params and AdamW state, seq 2048, byte vocabulary), runs warm-up steps,
 then times `--steps` steps, each synchronised with block_until_ready, on fresh random token
 batches. Reports the median step time, tokens/s, and MFU against (a) the datasheet dense bf16
 peak (989 TFLOP/s for H100/H200) and (b) a bf16 matmul ceiling measured in the same run.
+With --profile, also traces 3 steps per size with jax.profiler and prints where the device time
+goes (kernels grouped into matmul / attention / scatter / other, and the top kernels).
 Model FLOPs are counted analytically (jaxmodels.models.lm.train_flops_per_token: 6N + causal
 attention at half the score matrix; rematerialisation not counted).
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
 import statistics
@@ -58,7 +63,41 @@ def matmul_ceiling(n: int = 8192) -> float:
     return 2 * n**3 / median_time(lambda: f(a, b), warmup=3, iters=20)
 
 
-def bench(size: str, steps: int, seq_len: int) -> dict:
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "cudnn", "attention")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "wgmma")):
+        return "matmul"
+    if "scatter" in n:
+        return "scatter"
+    return "other"
+
+
+def device_time_breakdown(trace_dir: str, num_steps: int, top: int = 15) -> dict:
+    """Sums GPU kernel durations per step from a jax.profiler perfetto trace: by category and top kernels.
+
+    Kernels are the 'X' events on '/device:GPU' processes in threads named 'Stream ...'.
+    """
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in e["args"]["name"]}
+    streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e["pid"] in gpu_pids and "stream" in e["args"]["name"].lower()}
+    per_kernel = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams:
+            per_kernel[e["name"]] += e["dur"] / 1e3 / num_steps  # ms per step
+    per_category = collections.Counter()
+    for name, ms in per_kernel.items():
+        per_category[kernel_category(name)] += ms
+    return {"ms_per_step_by_category": dict(per_category),
+            "top_kernels_ms_per_step": per_kernel.most_common(top)}
+
+
+def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None) -> dict:
     spec = dict(SIZES[size])
     batch, remat = spec.pop("batch"), spec.pop("remat")
     config = lm_tiny.get_config()
@@ -66,7 +105,9 @@ def bench(size: str, steps: int, seq_len: int) -> dict:
     config.data.update(seq_len=seq_len, global_batch_size=batch)
     config.train.num_steps = 10_000
     trainer = Trainer(config, tempfile.mkdtemp())
-    state = trainer.init()
+    t = time.perf_counter()
+    state = jax.block_until_ready(trainer.init())
+    init_s = time.perf_counter() - t  # compile + run of the initialiser
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     rng = np.random.default_rng(0)
     batches = [trainer.global_batch(rng.integers(0, 256, (batch, seq_len + 1), dtype=np.int32)) for _ in range(4)]
@@ -77,9 +118,23 @@ def bench(size: str, steps: int, seq_len: int) -> dict:
         holder["i"] += 1
         return metrics["loss"]
 
-    step_time = median_time(one_step, warmup=3, iters=steps)
+    t = time.perf_counter()
+    jax.block_until_ready(one_step())
+    first_step_s = time.perf_counter() - t  # compile + one step
+    step_time = median_time(one_step, warmup=2, iters=steps)
     flops = trainer.task.flops_per_example * batch
-    return {"case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
+    profile = None
+    if profile_dir:
+        trace_dir = os.path.join(profile_dir, size)
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(one_step())
+        profile = device_time_breakdown(trace_dir, 3)
+        print(f"{size}: device ms/step by category", {k: round(v, 1) for k, v in
+                                                      profile["ms_per_step_by_category"].items()})
+        for name, ms in profile["top_kernels_ms_per_step"]:
+            print(f"  {ms:8.2f} ms  {name[:110]}")
+    return {"init_s": init_s, "first_step_s": first_step_s, "profile": profile, "case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
             "step_time_s": step_time, "tokens_per_s": batch * seq_len / step_time,
             "model_tflops_per_s": flops / step_time / 1e12}
 
@@ -89,23 +144,25 @@ def main():
     p.add_argument("--sizes", default="125m,1b")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--profile", default=None, help="directory for jax.profiler traces (off by default)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lm_step.json"))
     args = p.parse_args()
     device = jax.devices()[0]
     peak = device_peak_flops(device.device_kind)
     ceiling = matmul_ceiling()
     rows = []
-    for size in args.sizes.split(","):
-        r = bench(size, args.steps, args.seq_len)
-        r["mfu_vs_peak"] = r["model_tflops_per_s"] * 1e12 / peak if peak else None
-        r["mfu_vs_measured_matmul"] = r["model_tflops_per_s"] * 1e12 / ceiling
-        rows.append(r)
     result = {"device": device.device_kind, "jax": jax.__version__, "peak_flops": peak,
               "measured_bf16_matmul_flops": ceiling, "baseline": "device bf16 dense peak and measured matmul",
               "results": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    for size in args.sizes.split(","):
+        r = bench(size, args.steps, args.seq_len, args.profile)
+        r["mfu_vs_peak"] = r["model_tflops_per_s"] * 1e12 / peak if peak else None
+        r["mfu_vs_measured_matmul"] = r["model_tflops_per_s"] * 1e12 / ceiling
+        rows.append(r)
+        with open(args.out, "w") as f:  # after each size, so a cut-off run keeps what it measured
+            json.dump(result, f, indent=2)
+        print(r["case"], {k: v for k, v in r.items() if k != "profile"}, flush=True)
     print(f"{device.device_kind}: measured bf16 matmul {ceiling / 1e12:.0f} TFLOP/s, peak "
           f"{(peak or 0) / 1e12:.0f} TFLOP/s")
     print(f"{'case':6} {'params':>8} {'batch':>5} {'step ms':>8} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs mm':>6}")

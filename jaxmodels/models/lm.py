@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.attention import KVCache, init_kv_cache
-from jaxmodels.nn.layers import Embed, make_norm
+from jaxmodels.nn.layers import Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import TransformerBlock
 
@@ -67,8 +67,7 @@ class DecoderLM(nnx.Module):
 
     def _logits(self, x):
         x = self.final_norm(x)
-        return jnp.einsum("bld,dv->blv", x.astype(self.dtype), self.w_out.value.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
 
     def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
         """One empty KV cache per layer, for sequences up to max_length tokens."""

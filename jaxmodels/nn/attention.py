@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.nn.layers import dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.position import apply_rope
@@ -48,8 +49,7 @@ class Attention(nnx.Module):
                          ("heads", "head_dim", "embed"), param_dtype)
 
     def _project(self, x, kernel):
-        return jnp.einsum("bld,dnh->blnh", x.astype(self.dtype), kernel.astype(self.dtype),
-                          preferred_element_type=jnp.float32).astype(self.dtype)
+        return dense(x, kernel, self.dtype, "bld,dnh->blnh")
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -66,6 +66,5 @@ class Attention(nnx.Module):
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
             mask = cache_mask(x.shape[1], cache["k"].shape[1], cache_index)
             out = dot_product_attention(q, cache["k"], cache["v"], mask=mask, implementation=self.implementation)
-        y = jnp.einsum("blnh,nhd->bld", out.astype(self.dtype), self.w_o.value.astype(self.dtype),
-                       preferred_element_type=jnp.float32).astype(self.dtype)
+        y = dense(out, self.w_o.value, self.dtype, "blnh,nhd->bld")
         return y, cache

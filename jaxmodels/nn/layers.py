@@ -57,11 +57,14 @@ def make_norm(kind: str, dim: int, **kwargs) -> nnx.Module:
     return NORMS[kind](dim, **kwargs)
 
 
-def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
-    """Contract the last axis of x (..., i) with the first of kernel (i, ...), in `dtype`
-    with float32 accumulation; result in `dtype`."""
-    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=1, preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -> jax.Array:
+    """einsum(spec, x, kernel) with both operands cast to `dtype`; result in `dtype`.
+
+    Accelerators accumulate bf16 products in float32 anyway. Asking for a float32 result
+    (preferred_element_type) would also make the backward pass multiply a float32 cotangent,
+    i.e. run the gradient matmuls in float32/TF32: on an H100 that was 40% of a 125M LM's step.
+    """
+    return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
 
 
 class MLP(nnx.Module):
