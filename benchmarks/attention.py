@@ -1,6 +1,7 @@
 """Attention benchmarks on the GPU: forward + backward time of every attention path.
 
     python benchmarks/attention.py --section softmax|long|kinds [--out benchmarks/results/attention.jsonl]
+    python benchmarks/attention.py --report   # tables (attention.md) and plot (attention.png) from the JSONL
 
 Sections (each appends one JSON row per case to --out, so an interrupted run keeps what it measured):
   softmax  bf16 (B, T, N, H) with B·T = 32k tokens and N·H = 2048, T in 1k..32k, H in {64, 128},
@@ -119,12 +120,62 @@ def kinds_rows(lengths):
                           causal=True)
 
 
+def report(rows: list[dict], out_dir: str) -> str:
+    """Markdown tables (default vs cuDNN; flash vs naive XLA; kinds vs softmax) and a plot of the kinds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def cell(r):  # "—": not run; OOM: out of memory
+        return "—" if r is None else "OOM" if "error" in r else f"{r['time_s'] * 1e3:.2f}"
+
+    softmax = {(r["implementation"], r["T"], r["H"], r["causal"]): r for r in rows if r["section"] == "softmax"}
+    cases = sorted({k[1:] for k in softmax}, key=lambda c: (c[1], c[2], c[0]))
+    lines = ["| T | H | causal | default ms | cuDNN ms | default / cuDNN speed | naive XLA ms | XLA temp GiB | "
+             "flash ms | flash temp GiB | flash speed vs XLA |", "|" + " --- |" * 11]
+    for T, H, causal in cases:
+        d, c, x, f = (softmax.get((impl, T, H, causal)) for impl in ("default", "cudnn", "xla", "flash"))
+        ok = lambda r: r is not None and "error" not in r  # noqa: E731
+        lines.append(" | ".join([
+            f"| {T}", str(H), str(causal), cell(d), cell(c),
+            f"{c['time_s'] / d['time_s']:.2f}x" if ok(c) and ok(d) else "",
+            cell(x), f"{x['temp_bytes'] / 2**30:.2f}" if ok(x) else "",
+            cell(f), f"{f['temp_bytes'] / 2**30:.2f}" if ok(f) else "",
+            f"{x['time_s'] / f['time_s']:.2f}x" if ok(x) and ok(f) else ("runs, XLA OOM" if ok(f) else "")]) + " |")
+    kinds = [r for r in rows if r["section"] == "kinds"]
+    names = list(dict.fromkeys(r["kind"] for r in kinds))
+    lengths = sorted({r["T"] for r in kinds})
+    by = {(r["kind"], r["T"]): r for r in kinds}
+    lines += ["", "| kind | " + " | ".join(f"T={n} ms" for n in lengths) + " |", "|" + " --- |" * (1 + len(lengths))]
+    lines += [f"| {k} | " + " | ".join(cell(by.get((k, n))) for n in lengths) + " |" for k in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in names:
+        ax.plot(lengths, [by[(k, n)]["time_s"] * 1e3 for n in lengths], "o-", label=k)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (B·T = 32k tokens)", ylabel="fwd+bwd ms",
+           title="causal attention kinds, N=16, H=64, bf16")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "attention.png"), dpi=120)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "attention.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", choices=("softmax", "long", "kinds"), required=True)
+    p.add_argument("--section", choices=("softmax", "long", "kinds"))
+    p.add_argument("--report", action="store_true")
     p.add_argument("--lengths", default="1024,4096,16384,32768")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.jsonl"))
     args = p.parse_args()
+    if args.report:
+        with open(args.out) as f:
+            print(report([json.loads(line) for line in f], os.path.dirname(os.path.abspath(args.out))))
+        return
+    if args.section is None:
+        p.error("give --section or --report")
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.section == "softmax":
         rows = softmax_rows(lengths, (64, 128), (None, "cudnn", "xla", "flash"))

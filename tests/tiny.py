@@ -10,16 +10,21 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(**overrides):
-    """lm_tiny's config with TINY_OVERRIDES, then `overrides` ("train__num_steps" = train.num_steps)."""
-    config = lm_tiny.get_config()
-    for path, value in {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        node, *_ = config, None
+def apply_overrides(config, overrides: dict):
+    """Set config fields by dotted path ("train.num_steps": 8), in place."""
+    for path, value in overrides.items():
+        node = config
         *parents, leaf = path.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
     return config
+
+
+def tiny_config(**overrides):
+    """lm_tiny's config with TINY_OVERRIDES, then `overrides` ("train__num_steps" = train.num_steps)."""
+    return apply_overrides(lm_tiny.get_config(),
+                           {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 def cli_overrides(**overrides) -> list[str]:

@@ -12,10 +12,22 @@ Expect (2-core CPU, see README "Results"): eval bits/byte falls from ~8.0 (unifo
 to well below the corpus's unigram entropy in a few minutes.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
+from jaxmodels.nn.attention import AttentionSpec, spec_from_config
 from jaxmodels.parallel.sharding import DEFAULT_RULES
+
+
+def attention_config(**overrides) -> dict:
+    """The `model.attention` section: every field of jaxmodels.nn.attention.AttentionSpec, so that
+    each can be overridden from the command line (e.g. --config.model.attention.kind=linear)."""
+    spec_from_config(overrides)  # unknown fields and invalid values fail here, naming the field
+    fields = {f.name: f.default for f in dataclasses.fields(AttentionSpec)}
+    fields["implementation"] = config_dict.placeholder(str)  # None: fastest correct kernel for the device
+    return {**fields, **overrides}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,8 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=384,
         mlp_kind="swiglu",
         norm_kind="rms",
-        rope_base=10000.0,
-        attention_impl=config_dict.placeholder(str),  # None: fastest correct kernel for the device
+        attention=attention_config(),
         remat="none",
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
         param_dtype="float32",
@@ -77,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Logical axis name -> mesh axes (see jaxmodels/parallel/sharding.py).
     c.sharding_rules = DEFAULT_RULES
+    # Data-parallel strategy: "replicated", "zero" or "fsdp" (README "Data-parallel strategies",
+    # jaxmodels/parallel/strategy.py); "fsdp" needs mesh.fsdp != 1. collectives (zero only): "ring"
+    # (ppermute rings of jaxmodels/ops/collectives.py) or "xla" (lax.psum_scatter / all_gather, NCCL on GPU).
+    c.parallel = dict(strategy="replicated", collectives="ring")
 
     c.sample = dict(prompt="def ", max_new_tokens=200, temperature=0.8, top_k=0)
     return c

@@ -1,13 +1,14 @@
 """Decoder-only Transformer language model (GPT-style, with RoPE, RMSNorm, SwiGLU, GQA)."""
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.attention import KVCache, init_kv_cache
+from jaxmodels.nn.attention import AttentionSpec, Cache, spec_from_config
 from jaxmodels.nn.layers import Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import TransformerBlock
@@ -23,29 +24,32 @@ class DecoderLM(nnx.Module):
     """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
 
     Embedding -> num_layers pre-norm Transformer blocks -> final norm -> untied output head.
+    `attention` (an AttentionSpec or its config section) selects the attention kind and positions.
     `remat` selects activation rematerialisation per block (REMAT_POLICIES); it trades compute
     for memory and does not change results.
     """
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms",
-                 rope_base: float = 10000.0, attention_impl: str | None = None, remat: str = "none",
+                 attention: AttentionSpec | Mapping | None = None, remat: str = "none",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
-        self.num_kv_heads, self.head_dim, self.dtype, self.remat = num_kv_heads, head_dim, dtype, remat
+        if not isinstance(attention, AttentionSpec):
+            attention = spec_from_config(attention)
+        self.attention, self.dtype, self.remat = attention, dtype, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             TransformerBlock(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              mlp_dim=mlp_dim, num_layers=num_layers, mlp_kind=mlp_kind, norm_kind=norm_kind,
-                             rope_base=rope_base, attention_impl=attention_impl, **kw)
-            for _ in range(num_layers)])
+                             attention=attention, kind=attention.layer_kind(layer, num_layers), layer=layer, **kw)
+            for layer in range(num_layers)])
         self.final_norm = make_norm(norm_kind, embed_dim, **kw)
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: list[KVCache] | None = None, cache_index: jax.Array | None = None):
+                 cache: list[Cache] | None = None, cache_index: jax.Array | None = None):
         """Without `cache`: causal forward over the whole sequence, returns logits.
         With `cache` (from `init_cache`): tokens are at positions cache_index.., returns (logits, cache)."""
         if positions is None:
@@ -69,9 +73,14 @@ class DecoderLM(nnx.Module):
         x = self.final_norm(x)
         return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
 
-    def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
-        """One empty KV cache per layer, for sequences up to max_length tokens."""
-        return [init_kv_cache(batch, max_length, self.num_kv_heads, self.head_dim, self.dtype) for _ in self.blocks]
+    @property
+    def has_cache(self) -> bool:
+        """Whether every layer has a cached (KV cache) or recurrent form for decoding."""
+        return all(block.has_cache for block in self.blocks)
+
+    def init_cache(self, batch: int, max_length: int) -> list[Cache]:
+        """One empty cache per layer (KV cache or recurrent state), for sequences up to max_length tokens."""
+        return [block.init_cache(batch, max_length) for block in self.blocks]
 
 
 def _block_forward(block, x, positions):
@@ -142,7 +151,8 @@ def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tok
              temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True) -> jax.Array:
     """Autoregressive sampling. prompt (batch, prompt_len) int32 -> (batch, prompt_len + max_new_tokens).
 
-    With `use_cache`, the prompt is processed once and each new token attends to cached keys and
+    With `use_cache` (and a model whose layers all have a cached form, `model.has_cache`; other
+    kinds silently decode without), the prompt is processed once and each new token attends to cached keys and
     values (O(L) per token); without, every step recomputes the full causal forward (O(L^2)),
     which is the reference the cached path must equal. Step t draws with key split(key)[t].
     """
@@ -152,4 +162,4 @@ def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tok
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt.astype(jnp.int32), key, max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=top_k, use_cache=use_cache)
+                     temperature=float(temperature), top_k=top_k, use_cache=use_cache and model.has_cache)

@@ -1,70 +1,282 @@
-"""Multi-head self-attention layer with grouped KV heads, RoPE and a KV cache."""
+"""Causal self-attention layer of every kind in `jaxmodels.ops`, selected by an `AttentionSpec`.
+
+Kinds (`AttentionSpec.kind`):
+  softmax         softmax(Q Kᵀ / sqrt(H)) V (Vaswani et al. 2017), any `dot_product_attention` kernel.
+  linear          causal linear attention (Katharopoulos et al. 2020), chunked; recurrent decoding.
+  performer       FAVOR+ positive random features (Choromanski et al. 2021), chunked.
+  norm            TransNormer's NormAttention (Qin et al. 2022), with a learned output gain.
+  diag            TransNormer's DiagAttention: softmax inside diagonal blocks of `chunk_size`.
+  transnormer     diag in the lower half of the layers, norm in the upper half (the paper's layout).
+  sparse_strided, sparse_fixed, local_global
+                  Sparse Transformer patterns (Child et al. 2019) / Longformer-style local + global
+                  blocks, computed block-sparse (empty blocks skipped).
+  gau, flash_gau  Gated Attention Unit with quadratic relu² attention (FLASH-Quad) or FLASH's
+                  mixed-chunk attention (Hua et al. 2022); these replace the whole block
+                  (see `jaxmodels.nn.transformer`), not only the attention.
+Positions (`AttentionSpec.position`): "rope" (with a context-extension `rope_scaling` and
+optional log-n scaling), "alibi" (Press et al. 2022; softmax only), "rerope" (Su 2023; softmax
+only, usually switched on at inference for a RoPE-trained model) or "none".
+"""
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxmodels.nn.layers import dense
+from jaxmodels.nn.layers import RMSNorm, dense
 from jaxmodels.nn.param import fan_in_init, param
-from jaxmodels.ops.attention import dot_product_attention
-from jaxmodels.ops.position import apply_rope
+from jaxmodels.ops import sparse_attention as sparse
+from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
+from jaxmodels.ops.linear_attention import (
+    FEATURE_MAPS, diagonal_block_attention, linear_attention, linear_attention_init_state,
+    linear_attention_step, norm_attention, orthogonal_random_features, performer_attention)
+from jaxmodels.ops.position import (
+    ROPE_SCALING_METHODS, alibi_bias, apply_rope, log_n_scale, rerope_attention, rope_inverse_frequencies)
 
-KVCache = dict[str, jax.Array]  # {"k", "v"}: (batch, max_length, num_kv_heads, head_dim)
+SPARSE_KINDS = ("sparse_strided", "sparse_fixed", "local_global")
+GAU_KINDS = ("gau", "flash_gau")
+KINDS = ("softmax", "linear", "performer", "norm", "diag", "transnormer", *SPARSE_KINDS, *GAU_KINDS)
+POSITIONS = ("rope", "alibi", "rerope", "none")
+CACHED_KINDS = ("softmax", "linear", *SPARSE_KINDS)  # kinds with a KV cache or recurrent state
 
 
-def init_kv_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-    """An empty (zero) cache for one attention layer; filled slots are tracked by the caller's index."""
-    shape = (batch, max_length, num_kv_heads, head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What attention a layer computes; the `model.attention` section of a config.
 
-
-def cache_mask(query_length: int, max_length: int, cache_index: jax.Array) -> jax.Array:
-    """(1, 1, T, S) boolean: query i (absolute position cache_index + i) sees cache slots j <= its position.
-
-    This is causal masking over the cache and also hides the slots not yet written.
+    kind, position: see the module docstring (KINDS, POSITIONS).
+    implementation: softmax kernel, None (fastest for the device) or one of IMPLEMENTATIONS.
+    rope_base: RoPE's base b (θ_i = b^(-2i/H)).
+    rope_scaling: context extension (ROPE_SCALING_METHODS): "none", "linear" (position
+      interpolation), "ntk", "dynamic_ntk", "yarn"; `rope_factor` s = target / training length.
+    train_length: the training context length L, used by dynamic NTK, YaRN and log-n (0 = unset).
+    log_n: multiply queries by log(n)/log(L) beyond L keys (Chiang & Cholak 2022).
+    rerope_window: ReRoPE's window w; rerope_leaky: Leaky ReRoPE's k (0 = plain ReRoPE).
+    qk_norm: RMS-normalise queries and keys per head (learned gains) before RoPE (Dehghani et al. 2023).
+    window: sliding-window softmax, a query sees its last `window` keys (0 = unlimited).
+    feature_map: linear/norm kinds' φ (FEATURE_MAPS). num_features: Performer's m.
+    chunk_size: chunk of the causal linear forms, diag's block, flash_gau's chunk.
+    block_size: compute block of the sparse kinds (the sequence length must be a multiple).
+    sparse_block: the pattern's l (strided stride, fixed block, local/global block);
+    sparse_summary: fixed's c; window_blocks, global_blocks: local_global's band and global blocks.
     """
-    q_pos = cache_index + jnp.arange(query_length)
-    return (jnp.arange(max_length)[None, :] <= q_pos[:, None])[None, None]
+
+    kind: str = "softmax"
+    implementation: str | None = None
+    position: str = "rope"
+    rope_base: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    train_length: int = 0
+    log_n: bool = False
+    rerope_window: int = 16
+    rerope_leaky: float = 0.0
+    qk_norm: bool = False
+    window: int = 0
+    feature_map: str = "elu"
+    num_features: int = 64
+    chunk_size: int = 64
+    block_size: int = 16
+    sparse_block: int = 16
+    sparse_summary: int = 4
+    window_blocks: int = 1
+    global_blocks: int = 1
+
+    def __post_init__(self):
+        for name, choices in (("kind", KINDS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALING_METHODS),
+                              ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"attention.{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+        if self.position in ("alibi", "rerope") and self.kind != "softmax":
+            raise ValueError(f"attention.position={self.position!r} needs attention.kind='softmax', got {self.kind!r}")
+        if self.rope_scaling != "none" and self.position != "rope":
+            raise ValueError(f"attention.rope_scaling={self.rope_scaling!r} needs attention.position='rope'")
+        needs_length = self.rope_scaling in ("dynamic_ntk", "yarn") or self.log_n
+        if needs_length and self.train_length < 2:
+            raise ValueError("attention.train_length (the training context length) must be set (>= 2) for "
+                             f"rope_scaling={self.rope_scaling!r} / log_n={self.log_n}")
+        if self.window and self.kind != "softmax":
+            raise ValueError(f"attention.window needs attention.kind='softmax', got {self.kind!r}")
+        if self.kind in GAU_KINDS and self.position not in ("rope", "none"):
+            raise ValueError(f"attention.kind={self.kind!r} supports position 'rope' or 'none'")
+
+    def layer_kind(self, layer: int, num_layers: int) -> str:
+        """The kind of layer `layer` (0-based): TransNormer puts diag below norm, others are uniform."""
+        if self.kind == "transnormer":
+            return "diag" if layer < num_layers // 2 else "norm"
+        return self.kind
+
+
+def spec_from_config(attention: dict | None) -> AttentionSpec:
+    """AttentionSpec from a config section (a dict / ConfigDict of its fields); None gives the defaults."""
+    fields = {f.name for f in dataclasses.fields(AttentionSpec)}
+    attention = dict(attention or {})
+    unknown = sorted(set(attention) - fields)
+    if unknown:
+        raise ValueError(f"attention has unknown fields {unknown}; valid: {sorted(fields)}")
+    return AttentionSpec(**attention)
+
+
+Cache = dict  # {"k", "v"} (B, max_length, K, H) for softmax and sparse kinds; {"state"} for linear
+
+
+def cache_mask(query_length: int, max_length: int, cache_index: jax.Array, window: int = 0) -> jax.Array:
+    """(1, 1, T, S) boolean: query i (absolute position p = cache_index + i) sees cache slots j <= p
+    (and j > p - window with a sliding window). This also hides the slots not yet written."""
+    q_pos = (cache_index + jnp.arange(query_length))[:, None]
+    slots = jnp.arange(max_length)[None, :]
+    allowed = slots <= q_pos
+    if window:
+        allowed &= slots > q_pos - window
+    return allowed[None, None]
+
+
+def sparse_pattern(kind: str, length: int, spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """(element mask (T, T), block layout (T/b, T/b) or None if T is not a multiple of b) of a causal
+    sparse kind."""
+    mask = {"sparse_strided": lambda: sparse.strided_mask(length, spec.sparse_block, causal=True),
+            "sparse_fixed": lambda: sparse.fixed_mask(length, spec.sparse_block, spec.sparse_summary, causal=True),
+            "local_global": lambda: sparse.local_global_mask(length, spec.sparse_block,
+                                                             window_blocks=spec.window_blocks,
+                                                             global_blocks=spec.global_blocks, causal=True)}[kind]()
+    layout = sparse.block_layout(mask, spec.block_size) if length % spec.block_size == 0 else None
+    return mask, layout
 
 
 class Attention(nnx.Module):
-    """Causal self-attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al. 2023)
-    and rotary position embedding (Su et al. 2021).
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) of any kind in KINDS
+    except the GAU ones. x: (batch, length, embed_dim) -> (batch, length, embed_dim).
 
-    x: (batch, length, embed_dim) -> (batch, length, embed_dim). Kernels: q (embed, heads, head_dim),
-    k/v (embed, kv_heads, head_dim), o (heads, head_dim, embed).
+    Kernels: q (embed, heads, head_dim), k/v (embed, kv_heads, head_dim), o (heads, head_dim, embed);
+    with qk_norm, RMSNorm gains (head_dim,) for q and k; for kind "norm", an output gain (heads, head_dim).
+    `feature_seed` fixes the Performer's random features (a constant of the layer, not a parameter;
+    redraw by building the layer with another seed).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_base: float = 10000.0, implementation: str | None = None, out_scale: float = 1.0,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 spec: AttentionSpec = AttentionSpec(), kind: str | None = None, feature_seed: int = 0,
+                 out_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        self.rope_base, self.implementation, self.dtype = rope_base, implementation, dtype
+        self.spec, self.kind = spec, kind or spec.kind
+        if self.kind in GAU_KINDS + ("transnormer",):
+            raise ValueError(f"Attention computes one kind per layer; {self.kind!r} is resolved by the block/model")
+        if spec.position in ("rope", "rerope") and head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of dims: head_dim must be even, got {head_dim}")
+        self.num_heads, self.head_dim, self.feature_seed, self.dtype = num_heads, head_dim, feature_seed, dtype
         init = fan_in_init()
         self.w_q = param(rngs, init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
         self.w_k = param(rngs, init, (embed_dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.w_v = param(rngs, init, (embed_dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.w_o = param(rngs, fan_in_init(fan_in_dims=2, scale=out_scale**2), (num_heads, head_dim, embed_dim),
                          ("heads", "head_dim", "embed"), param_dtype)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if self.kind == "norm":
+            self.out_gain = param(rngs, jax.nn.initializers.ones, (num_heads, head_dim), ("heads", "head_dim"),
+                                  param_dtype)
 
-    def _project(self, x, kernel):
-        return dense(x, kernel, self.dtype, "bld,dnh->blnh")
+    @property
+    def has_cache(self) -> bool:
+        return self.kind in CACHED_KINDS
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """positions: (batch, length) int. With a cache, x holds the tokens at absolute positions
-        cache_index .. cache_index + length - 1; returns the updated cache."""
-        q = apply_rope(self._project(x, self.w_q.value), positions, base=self.rope_base)
-        k = apply_rope(self._project(x, self.w_k.value), positions, base=self.rope_base)
-        v = self._project(x, self.w_v.value)
+    def init_cache(self, batch: int, max_length: int) -> Cache:
+        """An empty cache for sequences up to max_length tokens (kinds in CACHED_KINDS)."""
+        num_kv_heads = self.w_k.value.shape[1]
+        if self.kind == "linear":
+            return {"state": linear_attention_init_state(batch, num_kv_heads, self.head_dim, self.head_dim)}
+        if self.kind not in CACHED_KINDS:
+            raise ValueError(f"attention kind {self.kind!r} has no cached form; decode without a cache")
+        shape = (batch, max_length, num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """x: (B, T, D); positions: (B, T) int absolute positions. With a cache (from `init_cache`),
+        x holds the tokens at positions cache_index .. cache_index + T - 1; returns the new cache."""
+        spec = self.spec
+        q, k, v = (dense(x, w.value, self.dtype, "bld,dnh->blnh") for w in (self.w_q, self.w_k, self.w_v))
+        if spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        length = x.shape[1] if cache is None else cache_index + x.shape[1]  # keys seen by the last query
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if spec.position == "rope":
+            scaling = rope_inverse_frequencies(self.head_dim, base=spec.rope_base, method=spec.rope_scaling,
+                                               factor=spec.rope_factor, train_length=spec.train_length or None,
+                                               length=length)
+            q = apply_rope(q, positions, inv_freq=scaling.inv_freq)
+            k = apply_rope(k, positions, inv_freq=scaling.inv_freq)
+            scale *= scaling.attention_scale
+            if spec.log_n:  # query at position p attends p + 1 keys
+                q = q * log_n_scale(positions + 1, spec.train_length)[..., None, None].astype(q.dtype)
         if cache is None:
-            out = dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+            out = self._attend(q, k, v, scale)
         else:
-            start = (0, cache_index, 0, 0)
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-            mask = cache_mask(x.shape[1], cache["k"].shape[1], cache_index)
-            out = dot_product_attention(q, cache["k"], cache["v"], mask=mask, implementation=self.implementation)
-        y = dense(out, self.w_o.value, self.dtype, "blnh,nhd->bld")
-        return y, cache
+            out, cache = self._attend_cached(q, k, v, scale, cache, cache_index)
+        if self.kind == "norm":
+            out = out * self.out_gain.value.astype(out.dtype)
+        return dense(out, self.w_o.value, self.dtype, "blnh,nhd->bld"), cache
+
+    def _attend(self, q, k, v, scale):
+        """Causal attention of the whole sequence: q (B, T, N, H), k, v (B, T, K, H) -> (B, T, N, H)."""
+        spec, kind = self.spec, self.kind
+        if kind == "softmax":
+            if spec.position == "rerope":
+                return rerope_attention(q, k, v, window=spec.rerope_window, leaky=spec.rerope_leaky or None,
+                                        base=spec.rope_base, is_causal=True, scale=scale)
+            bias = alibi_bias(self.num_heads, q.shape[1], k.shape[1]) if spec.position == "alibi" else None
+            window = (spec.window - 1, 0) if spec.window else None
+            return dot_product_attention(q, k, v, bias, scale=scale, is_causal=bias is None, local_window_size=window,
+                                         implementation=spec.implementation)
+        if kind == "linear":
+            return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True, chunk_size=spec.chunk_size)
+        if kind == "performer":
+            projection = orthogonal_random_features(jax.random.key(self.feature_seed), spec.num_features,
+                                                    self.head_dim)
+            return performer_attention(q, k, v, projection.astype(q.dtype), causal=True, chunk_size=spec.chunk_size,
+                                       scale=scale)
+        if kind == "norm":
+            return norm_attention(q, k, v, causal=True, chunk_size=spec.chunk_size, feature_map=spec.feature_map)
+        if kind == "diag":
+            return diagonal_block_attention(q, k, v, block_size=spec.chunk_size, causal=True)
+        mask, layout = sparse_pattern(kind, q.shape[1], spec)
+        if layout is None:
+            raise ValueError(f"attention kind {kind!r} needs the length ({q.shape[1]}) to be a multiple of "
+                             f"attention.block_size={spec.block_size}")
+        return sparse.block_sparse_attention(q, k, v, layout, block_size=spec.block_size, mask=mask, scale=scale)
+
+    def _attend_cached(self, q, k, v, scale, cache, cache_index):
+        """Attention of T new tokens against the cache; returns (out (B, T, N, H), new cache)."""
+        spec, kind = self.spec, self.kind
+        if kind == "linear":
+            def step(state, qkv):
+                out, state = linear_attention_step(state, *(a[:, None] for a in qkv), feature_map=spec.feature_map)
+                return state, out[:, 0]
+
+            state, out = jax.lax.scan(step, cache["state"], tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v)))
+            return jnp.moveaxis(out, 0, 1), {"state": state}
+        start = (0, cache_index, 0, 0)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+        t, max_length = q.shape[1], cache["k"].shape[1]
+        if spec.position == "rerope":
+            out = rerope_attention(q, cache["k"], cache["v"], window=spec.rerope_window,
+                                   leaky=spec.rerope_leaky or None, base=spec.rope_base, is_causal=True, scale=scale,
+                                   q_offset=cache_index)
+            return out, cache
+        if kind == "softmax":
+            mask = cache_mask(t, max_length, cache_index, spec.window)
+        else:  # sparse: rows cache_index.. of the pattern over all max_length slots
+            pattern = jnp.asarray(sparse_pattern(kind, max_length, spec)[0])
+            mask = jax.lax.dynamic_slice_in_dim(pattern, cache_index, t, axis=0)[None, None]
+        bias = None
+        if spec.position == "alibi":
+            bias = alibi_bias(self.num_heads, t, max_length, q_offset=cache_index)
+        out = dot_product_attention(q, cache["k"], cache["v"], bias, mask, scale=scale,
+                                    implementation=spec.implementation)
+        return out, cache
+

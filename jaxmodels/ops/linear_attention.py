@@ -162,7 +162,7 @@ def orthogonal_random_features(key, num_features, head_dim) -> jax.Array:
     return directions * norms[:, None]
 
 
-def performer_features(x, projection, *, is_query) -> jax.Array:
+def performer_features(x, projection, *, is_query, causal=False) -> jax.Array:
     r"""Positive random features for the softmax kernel (Choromanski et al. 2021, FAVOR+, §2.3, Lemma 1).
 
     φ(x)_r = exp(ω_rᵀx − |x|²/2 − c) / sqrt(m), r = 1..m: every feature is positive, and without the
@@ -173,14 +173,17 @@ def performer_features(x, projection, *, is_query) -> jax.Array:
     (there the key maximum spans the whole array; here examples and heads do not interact, and
     |x|²/2 is inside the maximum so that the largest feature is exactly 1/sqrt(m)). A per-query
     constant cancels between the numerator and denominator of attention, and so does one constant
-    shared by all keys; c is treated as a constant (stop_gradient). Caveat of the shared key
-    constant in causal attention: a far larger exponent at a later key shrinks the earlier keys'
-    features towards underflow.
+    shared by all keys; c is treated as a constant (stop_gradient). For causal attention a maximum
+    over all keys would let later keys change earlier outputs in floating point (through underflow
+    and the eps of the denominator), so with `causal` the keys get c = 0: strictly causal, and the
+    exponent ω_rᵀx − |x|²/2 <= |ω_r|²/2 cannot overflow float32 while |ω_r|² < 176 (orthogonal
+    features have |ω_r|² ~ H: fine for head dims up to ~128). The largest feature may then exceed 1/sqrt(m).
 
     Args:
       x: (B, L, heads, H) float array (already multiplied by scale^½ for attention).
       projection: (m, H), e.g. from `orthogonal_random_features`.
       is_query: choose the per-row (query) or shared (key) stabiliser.
+      causal: keys only: no stabiliser (c = 0, see above).
 
     Returns:
       (B, L, heads, m) float32 (float64 for float64 inputs).
@@ -195,7 +198,10 @@ def performer_features(x, projection, *, is_query) -> jax.Array:
     x = x.astype(acc_dtype)
     exponent = (jnp.einsum("blnh,mh->blnm", x, projection.astype(acc_dtype))
                 - 0.5 * jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    stabiliser = lax.stop_gradient(jnp.max(exponent, axis=-1 if is_query else (1, 3), keepdims=True))
+    if causal and not is_query:
+        stabiliser = 0.0
+    else:
+        stabiliser = lax.stop_gradient(jnp.max(exponent, axis=-1 if is_query else (1, 3), keepdims=True))
     return jnp.exp(exponent - stabiliser) / math.sqrt(projection.shape[0])
 
 
@@ -226,7 +232,7 @@ def performer_attention(query, key, value, projection, *, causal=False, chunk_si
     acc_dtype = _acc_dtype(query)
     root_scale = math.sqrt(query.shape[3] ** -0.5 if scale is None else scale)
     phi_q = performer_features(query.astype(acc_dtype) * root_scale, projection, is_query=True)
-    phi_k = performer_features(key.astype(acc_dtype) * root_scale, projection, is_query=False)
+    phi_k = performer_features(key.astype(acc_dtype) * root_scale, projection, is_query=False, causal=causal)
     return _normalised_kernel_attention(phi_q, phi_k, value, causal, chunk_size, eps).astype(query.dtype)
 
 

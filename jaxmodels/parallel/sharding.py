@@ -1,5 +1,6 @@
 """Logical axis names -> mesh axes, and the shardings of parameters, optimizer state and batches."""
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -26,6 +27,11 @@ def _as_tuple(axes) -> tuple[str, ...]:
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def parameter_mesh_axes(rules: Rules) -> set[str]:
+    """The mesh axes that some parameter's logical axis maps to (every rule but "batch")."""
+    return {a for name, axes in rules if name != "batch" for a in _as_tuple(axes)}
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
@@ -74,6 +80,13 @@ def batch_spec(rules: Rules, ndim: int) -> P:
     """Batches are sharded on their leading dim by the rule for "batch" (data + fsdp by default)."""
     axes = _as_tuple(dict(rules).get("batch"))
     return P(axes if axes else None, *([None] * (ndim - 1)))
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Bytes each device stores of a tree of arrays (ShapeDtypeStructs) laid out by `shardings`
+    (a matching tree of shardings): the sum over leaves of one shard's size."""
+    sizes = jax.tree.map(lambda a, s: math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize, abstract_tree, shardings)
+    return sum(jax.tree.leaves(sizes))
 
 
 def named(mesh: Mesh, specs):

@@ -6,8 +6,10 @@ import ml_collections
 from jaxmodels.models import DTYPES, MODELS
 from jaxmodels.models.lm import REMAT_POLICIES
 from jaxmodels.nn.layers import MLP, NORMS
-from jaxmodels.ops.attention import IMPLEMENTATIONS
+from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
+from jaxmodels.parallel.strategy import STRATEGIES, strategy_error
+from jaxmodels.parallel.zero import COLLECTIVES
 from jaxmodels.tasks import TASKS
 from jaxmodels.train.optimizer import SCHEDULES
 
@@ -22,9 +24,10 @@ CHOICES = {
     "model.remat": tuple(REMAT_POLICIES),
     "model.dtype": tuple(DTYPES),
     "model.param_dtype": tuple(DTYPES),
-    "model.attention_impl": (None, *IMPLEMENTATIONS),
     "optimizer.schedule": SCHEDULES,
     "train.nan_policy": NAN_POLICIES,
+    "parallel.strategy": STRATEGIES,
+    "parallel.collectives": tuple(COLLECTIVES),
 }
 
 POSITIVE = ("train.num_steps", "train.grad_accum_steps", "train.checkpoint_every", "train.keep_checkpoints",
@@ -51,6 +54,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         if value < 1:
             raise ValueError(f"config.{path} must be >= 1, got {value}")
     m = config.model
+    try:
+        attention = spec_from_config(m.attention)
+    except ValueError as e:
+        raise ValueError(f"config.model.{e}") from None
+    if attention.kind in SPARSE_KINDS and config.data.seq_len % attention.block_size:
+        raise ValueError(f"config.data.seq_len={config.data.seq_len} must be a multiple of "
+                         f"config.model.attention.block_size={attention.block_size} for kind {attention.kind!r}")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                          f"config.model.num_kv_heads={m.num_kv_heads}")
@@ -58,6 +68,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "
                          f"valid: {list(MESH_AXES)}")
     sizes = dict(zip(MESH_AXES, mesh_shape(dict(config.mesh), num_devices or jax.device_count())))
+    error = strategy_error(config.parallel.strategy, dict(config.mesh), sizes, config.sharding_rules)
+    if error:
+        raise ValueError(error)
     shards = sizes["data"] * sizes["fsdp"] * config.train.grad_accum_steps
     if config.data.global_batch_size % shards:
         raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be divisible by "

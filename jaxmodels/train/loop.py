@@ -1,6 +1,7 @@
 """The training loop: sharded init or restore, jitted steps, eval, metrics, checkpoints, signals."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,13 +17,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmodels.parallel import sharding as sh
+from jaxmodels.parallel import zero
+from jaxmodels.parallel.distributed import check_processes_agree
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.tasks import make_task
 from jaxmodels.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
-from jaxmodels.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxmodels.train.step import make_eval_step, make_train_step
+from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from jaxmodels.train.step import make_eval_step, make_train_step, make_zero_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,38 +52,59 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 
 
 class Trainer:
-    """Everything that is fixed for a run: mesh, shardings, compiled steps, data, writers."""
+    """Everything that is fixed for a run: mesh, shardings, compiled steps, data, writers.
+
+    config.parallel.strategy picks the train step (jaxmodels/parallel/strategy.py): "replicated"
+    and "fsdp" are `make_train_step` partitioned by XLA from the state's shardings (the sharding
+    rules); "zero" is `make_zero_train_step`, whose optimiser state is stored as flattened, padded
+    (D * c,) vectors sharded over the data axis.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
+        if jax.process_count() > 1:  # first: a process that fails alone would leave the others waiting
+            check_processes_agree(config)
         validate_config(config, num_devices=len(devices) if devices else None)
-        self.config, self.workdir = config, workdir
+        self.config, self.workdir = config, os.path.abspath(workdir)  # orbax needs absolute paths
         self.task = make_task(config)
         self.mesh = make_mesh(dict(config.mesh), devices)
         rules = tuple(tuple(r) for r in config.sharding_rules)
-        num_steps = config.train.num_steps
+        num_steps, accum = config.train.num_steps, config.train.grad_accum_steps
         self.schedule = learning_rate_schedule(config.optimizer, num_steps)
-        optimizer = make_optimizer(config.optimizer, num_steps)
         seed = config.train.seed
 
         abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(seed)))
         self.graphdef = nnx.graphdef(abstract_model)
+        param_specs = sh.param_specs(abstract_model, self.mesh, rules)
+        is_zero = config.parallel.strategy == "zero"
+        if is_zero:  # the optimiser sees 1-D shards: decay mask and clipping norm come from the whole
+            abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
+            optimizer = make_optimizer(config.optimizer, num_steps, decay=decay_mask(abstract_params), axis_name="data")
+            opt_layout = functools.partial(zero.padded_flat_tree, n=self.mesh.shape["data"])
+            opt_param_specs = jax.tree.map(lambda _: P("data"), param_specs, is_leaf=lambda x: isinstance(x, P))
+        else:
+            optimizer = make_optimizer(config.optimizer, num_steps)
+            opt_layout, opt_param_specs = (lambda params: params), param_specs
 
         def init():
             params = nnx.state(self.task.build_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict()
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(opt_layout(params))}
 
         self.abstract_state = jax.eval_shape(init)
-        param_specs = sh.param_specs(abstract_model, self.mesh, rules)
         specs = {"step": P(), "params": param_specs,
-                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], param_specs)}
+                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs)}
         self.state_shardings = sh.named(self.mesh, specs)
-        self.batch_sharding = NamedSharding(self.mesh, sh.batch_spec(rules, 2))
+        batch_spec = sh.batch_spec(rules, 2)
+        self.batch_sharding = NamedSharding(self.mesh, batch_spec)
         replicated = NamedSharding(self.mesh, P())
         self.init = jax.jit(init, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(
-            make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, config.train.grad_accum_steps),
-            in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, replicated),
-            donate_argnums=0)
+        if is_zero:
+            step = make_zero_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, mesh=self.mesh,
+                                        state_specs=specs, batch_spec=batch_spec,
+                                        collectives=config.parallel.collectives)
+        else:
+            step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum)
+        self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
                                  in_shardings=(self.state_shardings["params"], self.batch_sharding),
                                  out_shardings=replicated)
@@ -91,15 +115,18 @@ class Trainer:
 
     def compile_train_step(self) -> dict[str, float]:
         """Compile the train step ahead of time (the compiled executable then serves every call) and
-        return its per-device memory in GiB from XLA's memory analysis: arguments (params, optimizer
-        state, batch), temporaries (activations, gradients) and the peak where the backend reports it."""
+        return its per-device memory in GiB: the parameters and the optimizer state as stored (from
+        their shardings), and from XLA's memory analysis the arguments (params, optimizer state,
+        batch), temporaries (activations, gradients) and the peak where the backend reports it."""
         d = self.config.data
         batch = jax.ShapeDtypeStruct((d.global_batch_size, d.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
         state = abstract_with_shardings(self.abstract_state, self.state_shardings)
         self.train_step = self.train_step.lower(state, batch).compile()
         stats = self.train_step.memory_analysis()
         gib = 2.0**30
-        memory = {"arguments_gib": stats.argument_size_in_bytes / gib, "temporaries_gib": stats.temp_size_in_bytes / gib}
+        memory = {f"{k}_gib": sh.bytes_per_device(self.abstract_state[k], self.state_shardings[k]) / gib
+                  for k in ("params", "opt_state")}
+        memory.update(arguments_gib=stats.argument_size_in_bytes / gib, temporaries_gib=stats.temp_size_in_bytes / gib)
         if getattr(stats, "peak_memory_in_bytes", 0):
             memory["peak_gib"] = stats.peak_memory_in_bytes / gib
         return memory
@@ -145,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     Returns a summary dict (start/end eval metrics, baseline, final step, whether interrupted,
     generated sample). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
     """
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config, workdir, devices)
     tc = config.train
@@ -155,14 +183,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     writer.print(f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind}, "
-                 f"mesh {dict(trainer.mesh.shape)}; "
+                 f"mesh {dict(trainer.mesh.shape)}, strategy {config.parallel.strategy!r}; "
                  f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
     summary_memory = trainer.compile_train_step()
-    writer.print("train step per-device memory (XLA memory analysis): "
-                 + ", ".join(f"{k.removesuffix('_gib')} {v:.3g} GiB" for k, v in summary_memory.items()))
+    writer.print(f"train step per-device memory ({config.parallel.strategy}; params and optimizer state as "
+                 "stored, the rest from XLA memory analysis): "
+                 + ", ".join(f"{k.removesuffix('_gib')} {v * 2**10:,.2f} MiB" for k, v in summary_memory.items()))
     eval_batches = trainer.task.eval_batches()
     baseline = trainer.task.baseline()
-    summary = {"baseline": baseline, "start_step": start, "memory_per_device": summary_memory}
+    summary = {"baseline": baseline, "start_step": start, "strategy": config.parallel.strategy,
+               "memory_per_device": summary_memory}
 
     def run_eval(step):
         metrics = trainer.evaluate(state["params"], eval_batches)

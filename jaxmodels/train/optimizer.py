@@ -1,6 +1,7 @@
 """Optimizer from config: AdamW with linear warmup then cosine/linear/constant decay, clipping."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -29,10 +30,42 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """AdamW (Loshchilov & Hutter 2019) after global-norm clipping (config.grad_clip_norm, 0 = off)."""
+def global_norm(tree, axis_name: str | None = None) -> jax.Array:
+    """sqrt(sum of squares of every element of `tree`) as a float32 scalar.
+
+    With `axis_name` (inside `shard_map`) each device holds a disjoint shard of the tree, and the
+    shards' sums of squares are psum'd over that axis: the norm of the whole, unsharded tree.
+    """
+    squares = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+    return jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
+
+
+def clip_by_global_norm(max_norm: float, axis_name: str | None = None) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (Pascanu et al. 2013) whose norm may span shards on several devices.
+
+    Updates are scaled by max_norm / norm when norm >= max_norm, with norm = `global_norm(updates,
+    axis_name)`: over the full gradient even when each device along `axis_name` holds 1/D of it (ZeRO).
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates, axis_name)
+        clip = lambda t: jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, *, decay=decay_mask,
+                   axis_name: str | None = None) -> optax.GradientTransformation:
+    """AdamW (Loshchilov & Hutter 2019) after global-norm clipping (config.grad_clip_norm, 0 = off).
+
+    decay: which parameters get weight decay, as optax's `mask` (a function of the params, or a tree
+    of bools; ZeRO passes `decay_mask` of the unsharded params because its shards are all 1-D).
+    axis_name: the mesh axis the updates are sharded over (ZeRO), so that clipping sees the full norm.
+    """
     schedule = learning_rate_schedule(config, num_steps)
-    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+    parts = [clip_by_global_norm(config.grad_clip_norm, axis_name)] if config.grad_clip_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+                             weight_decay=config.weight_decay, mask=decay))
     return optax.chain(*parts)

@@ -37,7 +37,7 @@ def test_unknown_override_names_field_and_choices():
 
 
 @pytest.mark.parametrize("flag,expected", [
-    ("--config.model.num_layerz=2", "valid fields: ['attention_impl'"),
+    ("--config.model.num_layerz=2", "valid fields: ['attention'"),
     ("--config.model.mlp_kind=relu", "choose one of ['swiglu', 'gelu']"),
     ("--config.train.num_steps=many", "invalid literal for int"),
 ])

@@ -178,6 +178,10 @@ def test_performer_features_positive():
         phi = performer_features(x, w, is_query=is_query)
         assert phi.shape == (2, 5, 3, 32) and phi.dtype == jnp.float32
         assert np.all(np.asarray(phi) > 0) and np.all(np.asarray(phi) <= 1 / math.sqrt(32) + 1e-7)
+    # Causal keys are not stabilised: φ(x) = exp(ωᵀx − |x|²/2) / sqrt(m) exactly.
+    phi = performer_features(x, w, is_query=False, causal=True)
+    exponent = np.einsum("blnh,mh->blnm", np.float64(x), np.float64(w)) - 0.5 * np.sum(np.float64(x) ** 2, -1)[..., None]
+    np.testing.assert_allclose(phi, np.exp(exponent) / math.sqrt(32), rtol=1e-5, atol=1e-30)
 
 
 def test_performer_kernel_estimate_is_unbiased():
@@ -227,9 +231,19 @@ def test_performer_equals_quadratic_form_with_same_features(name, causal, chunk_
     w = orthogonal_random_features(jax.random.key(3), 12, H)
     out = performer_attention(q, k, v, w, causal=causal, chunk_size=chunk_size, scale=scale)
     phi_q = performer_features(q * math.sqrt(scale), w, is_query=True)
-    phi_k = performer_features(k * math.sqrt(scale), w, is_query=False)
+    phi_k = performer_features(k * math.sqrt(scale), w, is_query=False, causal=causal)
     np.testing.assert_allclose(out, _np_kernel_attention(phi_q, phi_k, v, causal=causal, normalise=True),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_causal_performer_outputs_ignore_later_keys_exactly():
+    """The causal key stabiliser is data-independent: later keys cannot move earlier outputs."""
+    q, k, v = _qkv(12, 2, 10, 10, 4, 2, 8, 8)
+    w = orthogonal_random_features(jax.random.key(5), 16, 8)
+    k2 = k.copy()
+    k2[:, 6:] *= 5.0
+    a, b = (performer_attention(q, kk, v, w, causal=True, chunk_size=4) for kk in (k, k2))
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
 
 
 def test_performer_gradients_float64():

@@ -48,9 +48,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_bit_exactly(tmp_path):
 
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
     losses, memory = {}, {}
-    for name, devices, mesh in [("one", jax.devices()[:1], dict(data=-1, fsdp=1, tensor=1)),
-                                ("mesh", jax.devices(), dict(data=2, fsdp=2, tensor=2))]:
-        cfg = tiny_config(train__num_steps=6)
+    for name, devices, mesh, strategy in [("one", jax.devices()[:1], dict(data=-1, fsdp=1, tensor=1), "replicated"),
+                                          ("mesh", jax.devices(), dict(data=2, fsdp=2, tensor=2), "fsdp")]:
+        cfg = tiny_config(train__num_steps=6, parallel__strategy=strategy)
         cfg.mesh = mesh
         memory[name] = train_and_evaluate(cfg, str(tmp_path / name), devices=devices)["memory_per_device"]
         losses[name] = _losses(tmp_path / name)

@@ -1,0 +1,107 @@
+"""Experiment: quality vs cost of every attention kind on the embedded corpus.
+
+    python -m experiments.attention_kinds [--steps 200] [--lengths 128,256] [--out experiments/results/attention_kinds]
+
+Trains each experiments/configs/lm_<kind>.py for a fixed budget of `--steps` steps at a fixed
+number of tokens per step (`--tokens_per_step`, batch = tokens / length) at each context length,
+then records the final eval bits/byte (the config's eval set at that length) and the median step
+time (steps that include no compilation or eval). Each run lives in OUT/runs/<kind>_<length>/ and
+resumes from its checkpoint if interrupted; finished runs are skipped, so re-running the command
+completes the table. Writes OUT/results.json, OUT/results.md (table) and OUT/quality_vs_cost.png.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxmodels.models import make_model  # noqa: E402
+from jaxmodels.train.loop import train_and_evaluate  # noqa: E402
+
+KINDS = ("softmax", "alibi", "linear", "performer", "norm", "diag", "transnormer", "sparse_strided",
+         "sparse_fixed", "local_global", "gau", "flash_gau")
+
+
+def run(kind: str, length: int, steps: int, tokens_per_step: int, workdir: str) -> dict:
+    config = importlib.import_module(f"experiments.configs.lm_{kind}").get_config()
+    config.data.update(seq_len=length, global_batch_size=tokens_per_step // length)
+    config.train.update(num_steps=steps, eval_every=0, checkpoint_every=steps, log_every=steps)
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
+    config.sample.max_new_tokens = 1
+    summary = train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        times = [r["train/step_time_s"] for r in map(json.loads, f) if "train/step_time_s" in r]
+    model = nnx.eval_shape(lambda: make_model(config.model, nnx.Rngs(0)))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return {"kind": kind, "length": length, "steps": steps, "tokens_per_step": tokens_per_step,
+            "eval_bits_per_byte": summary["eval_end"]["bits_per_byte"],
+            "median_step_time_s": statistics.median(times), "num_params": int(params)}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 5), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for r in (r for r in rows if r["length"] == length):
+            ax.scatter(r["median_step_time_s"] * 1e3, r["eval_bits_per_byte"])
+            ax.annotate(r["kind"], (r["median_step_time_s"] * 1e3, r["eval_bits_per_byte"]), fontsize=8)
+        ax.set(title=f"context {length}", xlabel="median step time on CPU (ms)", ylabel="eval bits/byte (lower is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Attention kinds after {rows[0]['steps']} steps of {rows[0]['tokens_per_step']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    lengths = sorted({r["length"] for r in rows})
+    by = {(r["kind"], r["length"]): r for r in rows}
+    head = "| kind | params | " + " | ".join(f"bits/byte @{n} | step ms @{n}" for n in lengths) + " |"
+    lines = [head, "|" + " --- |" * (2 + 2 * len(lengths))]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        cells = []
+        for n in lengths:
+            r = by.get((kind, n))
+            cells += ["" if r is None else f"{r['eval_bits_per_byte']:.3f}",
+                      "" if r is None else f"{r['median_step_time_s'] * 1e3:.0f}"]
+        params = next(r["num_params"] for r in rows if r["kind"] == kind)
+        lines.append(f"| {kind} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--lengths", default="128,256")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--tokens_per_step", type=int, default=2048)
+    p.add_argument("--out", default="experiments/results/attention_kinds")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    rows = json.load(open(results_path)) if os.path.exists(results_path) else []
+    done = {(r["kind"], r["length"]) for r in rows}
+    for length in map(int, args.lengths.split(",")):
+        for kind in args.kinds.split(","):
+            if (kind, length) in done:
+                continue
+            rows.append(run(kind, length, args.steps, args.tokens_per_step,
+                            os.path.join(args.out, "runs", f"{kind}_{length}")))
+            with open(results_path, "w") as f:
+                json.dump(rows, f, indent=1)
+            print(table(rows), flush=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    plot(rows, os.path.join(args.out, "quality_vs_cost.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""lm_tiny with TransNormer's DiagAttention (block-diagonal softmax, blocks of 32) in every layer (Qin et al. 2022).
+
+Reproduces: the attention kind on the project's tiny byte-level LM (4 layers, d=128, 128-byte
+context, embedded py_stdlib corpus); not a published number.
+
+Run:
+    python -m experiments.main --config experiments/configs/lm_diag.py --workdir /tmp/lm_diag
+
+Expect: experiments/results/attention_kinds/ (eval bits/byte and step time of every kind, measured).
+"""
+
+from experiments.configs import lm_tiny
+
+
+def get_config():
+    c = lm_tiny.get_config()
+    c.model.attention = lm_tiny.attention_config(kind="diag", chunk_size=32)
+    return c
