@@ -108,7 +108,7 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
                                  in_shardings=(self.state_shardings["params"], self.batch_sharding),
                                  out_shardings=replicated)
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
                                          keep=config.train.keep_checkpoints)
         peak = device_peak_flops(self.mesh.devices.flat[0].device_kind, config.train.peak_flops)
         self.peak_flops_total = peak * self.mesh.size if peak else None
