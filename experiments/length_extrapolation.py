@@ -92,7 +92,7 @@ def evaluate(configs, params, args) -> dict:
             curve = per_position_bits(configs[model], params[model], overrides, batches)
             results["mean_bits_per_byte"].setdefault(method, {})[length] = float(curve.mean())
             if length == longest:
-                results["per_position"][method] = curve.tolist()
+                results["per_position"][method] = [round(float(x), 4) for x in curve]
             print(f"{method:14} length {length:5d}: {curve.mean():.3f} bits/byte", flush=True)
     return results
 
