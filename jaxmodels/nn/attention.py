@@ -3,9 +3,9 @@
 Kinds (`AttentionSpec.kind`):
   softmax         softmax(Q Kᵀ / sqrt(H)) V (Vaswani et al. 2017), any `dot_product_attention` kernel.
   linear          causal linear attention (Katharopoulos et al. 2020), chunked; recurrent decoding.
-  performer       FAVOR+ positive random features (Choromanski et al. 2021), chunked.
-  norm            TransNormer's NormAttention (Qin et al. 2022), with a learned output gain.
-  diag            TransNormer's DiagAttention: softmax inside diagonal blocks of `chunk_size`.
+  performer       FAVOR+ positive random features (Choromanski et al. 2021), chunked; recurrent decoding.
+  norm            TransNormer's NormAttention (Qin et al. 2022), with a learned output gain; recurrent decoding.
+  diag            TransNormer's DiagAttention: softmax inside diagonal blocks of `chunk_size`; KV cache.
   transnormer     diag in the lower half of the layers, norm in the upper half (the paper's layout).
   sparse_strided, sparse_fixed, local_global
                   Sparse Transformer patterns (Child et al. 2019) / Longformer-style local + global
@@ -32,7 +32,7 @@ from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxmodels.ops.linear_attention import (
     FEATURE_MAPS, diagonal_block_attention, linear_attention, linear_attention_init_state,
-    linear_attention_step, norm_attention, orthogonal_random_features, performer_attention)
+    linear_attention_step, norm_attention, norm_attention_step, orthogonal_random_features, performer_attention, performer_features)
 from jaxmodels.ops.position import (
     ROPE_SCALING_METHODS, alibi_bias, apply_rope, log_n_scale, rerope_attention, rope_inverse_frequencies)
 
@@ -40,7 +40,9 @@ SPARSE_KINDS = ("sparse_strided", "sparse_fixed", "local_global")
 GAU_KINDS = ("gau", "flash_gau")
 KINDS = ("softmax", "linear", "performer", "norm", "diag", "transnormer", *SPARSE_KINDS, *GAU_KINDS)
 POSITIONS = ("rope", "alibi", "rerope", "none")
-CACHED_KINDS = ("softmax", "linear", *SPARSE_KINDS)  # kinds with a KV cache or recurrent state
+# Kinds with a cached form: KV cache (softmax, diag, sparse) or recurrent state (linear, performer, norm).
+RECURRENT_KINDS = ("linear", "performer", "norm")
+CACHED_KINDS = ("softmax", "diag", *SPARSE_KINDS, *RECURRENT_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,7 @@ def spec_from_config(attention: dict | None) -> AttentionSpec:
     return AttentionSpec(**attention)
 
 
-Cache = dict  # {"k", "v"} (B, max_length, K, H) for softmax and sparse kinds; {"state"} for linear
+Cache = dict  # {"k", "v"} (B, max_length, K, H) for KV-cached kinds; {"state"} for RECURRENT_KINDS
 
 
 def cache_mask(query_length: int, max_length: int, cache_index: jax.Array, window: int = 0) -> jax.Array:
@@ -187,8 +189,9 @@ class Attention(nnx.Module):
     def init_cache(self, batch: int, max_length: int) -> Cache:
         """An empty cache for sequences up to max_length tokens (kinds in CACHED_KINDS)."""
         num_kv_heads = self.w_k.value.shape[1]
-        if self.kind == "linear":
-            return {"state": linear_attention_init_state(batch, num_kv_heads, self.head_dim, self.head_dim)}
+        if self.kind in RECURRENT_KINDS:
+            features = self.spec.num_features if self.kind == "performer" else self.head_dim
+            return {"state": linear_attention_init_state(batch, num_kv_heads, features, self.head_dim)}
         if self.kind not in CACHED_KINDS:
             raise ValueError(f"attention kind {self.kind!r} has no cached form; decode without a cache")
         shape = (batch, max_length, num_kv_heads, self.head_dim)
@@ -235,9 +238,7 @@ class Attention(nnx.Module):
         if kind == "linear":
             return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True, chunk_size=spec.chunk_size)
         if kind == "performer":
-            projection = orthogonal_random_features(jax.random.key(self.feature_seed), spec.num_features,
-                                                    self.head_dim)
-            return performer_attention(q, k, v, projection.astype(q.dtype), causal=True, chunk_size=spec.chunk_size,
+            return performer_attention(q, k, v, self._projection(q.dtype), causal=True, chunk_size=spec.chunk_size,
                                        scale=scale)
         if kind == "norm":
             return norm_attention(q, k, v, causal=True, chunk_size=spec.chunk_size, feature_map=spec.feature_map)
@@ -252,9 +253,17 @@ class Attention(nnx.Module):
     def _attend_cached(self, q, k, v, scale, cache, cache_index):
         """Attention of T new tokens against the cache; returns (out (B, T, N, H), new cache)."""
         spec, kind = self.spec, self.kind
-        if kind == "linear":
+        if kind in RECURRENT_KINDS:
+            feature_map = spec.feature_map
+            if kind == "performer":  # φ(x·scale^½) with the causal (unstabilised) features, for q and k alike
+                projection = self._projection(q.dtype)
+                feature_map = lambda x: performer_features(x * math.sqrt(scale), projection, is_query=False,  # noqa: E731
+                                                           causal=True)
+
+            step_fn = norm_attention_step if kind == "norm" else linear_attention_step
+
             def step(state, qkv):
-                out, state = linear_attention_step(state, *(a[:, None] for a in qkv), feature_map=spec.feature_map)
+                out, state = step_fn(state, *(a[:, None] for a in qkv), feature_map=feature_map)
                 return state, out[:, 0]
 
             state, out = jax.lax.scan(step, cache["state"], tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v)))
@@ -270,6 +279,10 @@ class Attention(nnx.Module):
             return out, cache
         if kind == "softmax":
             mask = cache_mask(t, max_length, cache_index, spec.window)
+        elif kind == "diag":  # earlier slots of the query's own block
+            positions = cache_index + jnp.arange(t)
+            same_block = jnp.arange(max_length)[None, :] // spec.chunk_size == positions[:, None] // spec.chunk_size
+            mask = (same_block & cache_mask(t, max_length, cache_index)[0, 0])[None, None]
         else:  # sparse: rows cache_index.. of the pattern over all max_length slots
             pattern = jnp.asarray(sparse_pattern(kind, max_length, spec)[0])
             mask = jax.lax.dynamic_slice_in_dim(pattern, cache_index, t, axis=0)[None, None]
@@ -280,3 +293,7 @@ class Attention(nnx.Module):
                                     implementation=spec.implementation)
         return out, cache
 
+    def _projection(self, dtype) -> jax.Array:
+        """The Performer's (num_features, head_dim) orthogonal random features, fixed by feature_seed."""
+        return orthogonal_random_features(jax.random.key(self.feature_seed), self.spec.num_features,
+                                          self.head_dim).astype(dtype)

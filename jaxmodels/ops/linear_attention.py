@@ -113,9 +113,29 @@ def linear_attention_step(state, query, key, value, *, feature_map="elu",
     Returns:
       (out (B, 1, N, Hv) in `query`'s dtype, the new state).
     """
+    numerator, denominator, state = _recurrent_step(state, query, key, value, feature_map, "linear_attention_step")
+    out = numerator / (denominator[..., None] + eps)
+    return out.reshape(query.shape[:3] + (value.shape[3],)).astype(query.dtype), state
+
+
+def norm_attention_step(state, query, key, value, *, feature_map="elu",
+                        eps=1e-6) -> tuple[jax.Array, LinearAttentionState]:
+    r"""One decoding step of causal NormAttention (TransNormer, Qin et al. 2022) as an RNN:
+    s_i = s_{i-1} + φ(k_i) v_iᵀ, out_i = RMSNorm(φ(q_i)ᵀ s_i). Running it over a sequence from
+    `linear_attention_init_state` gives causal `norm_attention`. Shapes and arguments as
+    `linear_attention_step` (the state's z is carried along, unused).
+    """
+    numerator, _, state = _recurrent_step(state, query, key, value, feature_map, "norm_attention_step")
+    out = numerator * lax.rsqrt(jnp.mean(jnp.square(numerator), axis=-1, keepdims=True) + eps)
+    return out.reshape(query.shape[:3] + (value.shape[3],)).astype(query.dtype), state
+
+
+def _recurrent_step(state, query, key, value, feature_map, name):
+    """The shared recurrence of the step functions: s += φ(k) vᵀ, z += φ(k); returns
+    (φ(q)ᵀ s (B, K, G, Hv), φ(q)ᵀ z (B, K, G), new state)."""
     query, key, value = _check_qkv(query, key, value, causal=False)
     if query.shape[1] != 1 or key.shape[1] != 1:
-        raise ValueError(f"linear_attention_step takes one token, got query length {query.shape[1]} "
+        raise ValueError(f"{name} takes one token, got query length {query.shape[1]} "
                          f"and key length {key.shape[1]}")
     phi_q, phi_k = _features(feature_map, query, key)
     batch, _, num_kv_heads, features = phi_k.shape
@@ -127,8 +147,8 @@ def linear_attention_step(state, query, key, value, *, feature_map="elu",
     s = state.s + jnp.einsum("bkf,bkv->bkfv", phi_k, v).astype(state.s.dtype)  # the state keeps its dtype
     z = state.z + phi_k.astype(state.z.dtype)
     phi_q = _group(phi_q, num_kv_heads)[:, 0]                                  # (B, K, G, F)
-    out = jnp.einsum("bkgf,bkfv->bkgv", phi_q, s) / (jnp.einsum("bkgf,bkf->bkg", phi_q, z)[..., None] + eps)
-    return out.reshape(query.shape[:3] + (value.shape[3],)).astype(query.dtype), LinearAttentionState(s, z)
+    return (jnp.einsum("bkgf,bkfv->bkgv", phi_q, s), jnp.einsum("bkgf,bkf->bkg", phi_q, z),
+            LinearAttentionState(s, z))
 
 
 @functools.partial(jax.jit, static_argnames=("num_features", "head_dim"))

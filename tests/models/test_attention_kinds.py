@@ -62,7 +62,7 @@ def test_cached_decoding_equals_full_forward(attention):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "linear", "gau"])
+@pytest.mark.parametrize("kind", ["softmax", "linear", "transnormer", "gau"])
 def test_generate_with_and_without_cache_agree(kind):
     """Kinds without a cached form (gau) decode uncached even when asked for the cache."""
     model = _model(kind=kind)

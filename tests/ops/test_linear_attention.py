@@ -15,6 +15,7 @@ from jaxmodels.ops.linear_attention import (
     linear_attention,
     linear_attention_init_state,
     linear_attention_step,
+    norm_attention_step,
     norm_attention,
     orthogonal_random_features,
     performer_attention,
@@ -128,21 +129,32 @@ def test_linear_attention_gradients_float64(causal, chunk_size):
                     order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+def _decode(step, q, k, v, state):
+    """Run a one-token step function over the sequence: outputs (B, T, N, Hv)."""
+    def body(state, token):  # token: q (B, 1, N, H), k (B, 1, K, H), v (B, 1, K, Hv)
+        out, state = step(state, *token)
+        return state, out
+
+    tokens = tuple(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (q, k, v))  # (T, B, 1, heads, dim)
+    _, outs = jax.lax.scan(body, state, tokens)                           # (T, B, 1, N, Hv)
+    return jnp.moveaxis(outs[:, :, 0], 0, 1)
+
+
 def test_recurrent_step_equals_causal_form():
     B, T, _, N, K, H, Hv = DIMS["gqa"]
     q, k, v = _qkv(5, *DIMS["gqa"])
     state = linear_attention_init_state(B, K, H, Hv)
     assert state.s.shape == (B, K, H, Hv) and state.z.shape == (B, K, H) and state.s.dtype == jnp.float32
-
-    def decode(state, token):  # token: q (B, 1, N, H), k (B, 1, K, H), v (B, 1, K, Hv)
-        out, state = linear_attention_step(state, *token)
-        return state, out
-
-    tokens = tuple(jnp.moveaxis(x, 1, 0)[:, :, None] for x in (q, k, v))  # (T, B, 1, heads, dim)
-    _, outs = jax.lax.scan(decode, state, tokens)                         # (T, B, 1, N, Hv)
-    outs = jnp.moveaxis(outs[:, :, 0], 0, 1)
+    outs = _decode(linear_attention_step, q, k, v, state)
     np.testing.assert_allclose(outs, linear_attention(q, k, v, causal=True, chunk_size=3), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outs, _np_linear_attention(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_norm_attention_step_equals_causal_form():
+    B, T, _, N, K, H, Hv = DIMS["gqa"]
+    q, k, v = _qkv(13, *DIMS["gqa"])
+    outs = _decode(norm_attention_step, q, k, v, linear_attention_init_state(B, K, H, Hv))
+    np.testing.assert_allclose(outs, norm_attention(q, k, v, causal=True, chunk_size=3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("causal,chunk_size", [(False, None), (True, None), (True, 3)])
