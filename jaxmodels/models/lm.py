@@ -12,6 +12,7 @@ from jaxmodels.nn.attention import AttentionSpec, Cache, spec_from_config
 from jaxmodels.nn.layers import Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import TransformerBlock
+from jaxmodels.ops.position import sinusoidal_embedding
 
 REMAT_POLICIES = {
     "none": None,
@@ -46,6 +47,9 @@ class DecoderLM(nnx.Module):
                              attention=attention, kind=attention.layer_kind(layer, num_layers), layer=layer, **kw)
             for layer in range(num_layers)])
         self.final_norm = make_norm(norm_kind, embed_dim, **kw)
+        if attention.position == "learned":  # GPT-2's learned absolute positions, N(0, 0.02²)
+            self.position_table = param(rngs, jax.nn.initializers.normal(0.02), (attention.max_positions, embed_dim),
+                                        (None, "embed"), param_dtype)
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -56,6 +60,10 @@ class DecoderLM(nnx.Module):
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
+        if self.attention.position == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, x.shape[-1]).astype(x.dtype)
+        elif self.attention.position == "learned":
+            x = x + self._learned_positions(positions, tokens.shape[1] + (0 if cache is None else cache_index))
         if cache is None:
             block_fn = _block_forward
             if REMAT_POLICIES[self.remat] is not None:
@@ -69,6 +77,13 @@ class DecoderLM(nnx.Module):
             new_cache.append(layer_cache)
         return self._logits(x), new_cache
 
+    def _learned_positions(self, positions, length):
+        """Rows `positions` of the learned table; `length` (static when it can be) is checked against its size."""
+        if isinstance(length, int) and length > self.attention.max_positions:
+            raise ValueError(f"sequence of {length} tokens is longer than the {self.attention.max_positions} learned "
+                             "positions (attention.max_positions)")
+        return self.position_table.value[positions].astype(self.dtype)
+
     def _logits(self, x):
         x = self.final_norm(x)
         return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
@@ -80,6 +95,9 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int) -> list[Cache]:
         """One empty cache per layer (KV cache or recurrent state), for sequences up to max_length tokens."""
+        if self.attention.position == "learned" and max_length > self.attention.max_positions:
+            raise ValueError(f"max_length={max_length} is longer than the {self.attention.max_positions} learned "
+                             "positions (attention.max_positions)")
         return [block.init_cache(batch, max_length) for block in self.blocks]
 
 

@@ -15,7 +15,9 @@ Kinds (`AttentionSpec.kind`):
                   (see `jaxmodels.nn.transformer`), not only the attention.
 Positions (`AttentionSpec.position`): "rope" (with a context-extension `rope_scaling` and
 optional log-n scaling), "alibi" (Press et al. 2022; softmax only), "rerope" (Su 2023; softmax
-only, usually switched on at inference for a RoPE-trained model) or "none".
+only, usually switched on at inference for a RoPE-trained model), the absolute "sinusoidal"
+(Vaswani et al. 2017) and "learned" (GPT-2) embeddings that the model adds to its input (ABSOLUTE_POSITIONS;
+the attention itself is then position-free), or "none".
 """
 
 import dataclasses
@@ -39,7 +41,8 @@ from jaxmodels.ops.position import (
 SPARSE_KINDS = ("sparse_strided", "sparse_fixed", "local_global")
 GAU_KINDS = ("gau", "flash_gau")
 KINDS = ("softmax", "linear", "performer", "norm", "diag", "transnormer", *SPARSE_KINDS, *GAU_KINDS)
-POSITIONS = ("rope", "alibi", "rerope", "none")
+POSITIONS = ("rope", "alibi", "rerope", "sinusoidal", "learned", "none")
+ABSOLUTE_POSITIONS = ("sinusoidal", "learned")  # added to the token embeddings by the model
 # Kinds with a cached form: KV cache (softmax, diag, sparse) or recurrent state (linear, performer, norm).
 RECURRENT_KINDS = ("linear", "performer", "norm")
 CACHED_KINDS = ("softmax", "diag", *SPARSE_KINDS, *RECURRENT_KINDS)
@@ -56,6 +59,7 @@ class AttentionSpec:
       interpolation), "ntk", "dynamic_ntk", "yarn"; `rope_factor` s = target / training length.
     train_length: the training context length L, used by dynamic NTK, YaRN and log-n (0 = unset).
     log_n: multiply queries by log(n)/log(L) beyond L keys (Chiang & Cholak 2022).
+    max_positions: the table size of "learned" positions (longer sequences are an error).
     rerope_window: ReRoPE's window w; rerope_leaky: Leaky ReRoPE's k (0 = plain ReRoPE).
     qk_norm: RMS-normalise queries and keys per head (learned gains) before RoPE (Dehghani et al. 2023).
     window: sliding-window softmax, a query sees its last `window` keys (0 = unlimited).
@@ -74,6 +78,7 @@ class AttentionSpec:
     rope_factor: float = 1.0
     train_length: int = 0
     log_n: bool = False
+    max_positions: int = 2048
     rerope_window: int = 16
     rerope_leaky: float = 0.0
     qk_norm: bool = False
@@ -102,8 +107,8 @@ class AttentionSpec:
                              f"rope_scaling={self.rope_scaling!r} / log_n={self.log_n}")
         if self.window and self.kind != "softmax":
             raise ValueError(f"attention.window needs attention.kind='softmax', got {self.kind!r}")
-        if self.kind in GAU_KINDS and self.position not in ("rope", "none"):
-            raise ValueError(f"attention.kind={self.kind!r} supports position 'rope' or 'none'")
+        if self.kind in GAU_KINDS and self.position in ("alibi", "rerope"):
+            raise ValueError(f"attention.kind={self.kind!r} does not support position {self.position!r}")
 
     def layer_kind(self, layer: int, num_layers: int) -> str:
         """The kind of layer `layer` (0-based): TransNormer puts diag below norm, others are uniform."""

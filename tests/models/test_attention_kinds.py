@@ -44,7 +44,8 @@ CACHED_CASES = [dict(kind=k) for k in CACHED_KINDS] + [
     dict(kind="softmax", window=5), dict(kind="softmax", qk_norm=True), dict(kind="softmax", position="none"),
     dict(kind="softmax", rope_scaling="yarn", rope_factor=4.0, train_length=8),
     dict(kind="softmax", rope_scaling="ntk", rope_factor=2.0, log_n=True, train_length=8),
-    dict(kind="linear", feature_map="relu", qk_norm=True)]
+    dict(kind="linear", feature_map="relu", qk_norm=True), dict(kind="softmax", position="sinusoidal"),
+    dict(kind="softmax", position="learned", max_positions=24), dict(kind="diag", position="learned", max_positions=32)]
 
 
 @pytest.mark.parametrize("attention", CACHED_CASES, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
@@ -128,6 +129,16 @@ def test_transnormer_puts_diag_below_norm():
 def test_bad_specs_name_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         AttentionSpec(**fields)
+
+
+def test_learned_positions_are_a_table_and_refuse_longer_sequences():
+    model = _model(kind="softmax", position="learned", max_positions=16)
+    assert model.position_table.value.shape == (16, SMALL["embed_dim"])
+    assert model(_tokens(11, 16)).shape == (2, 16, 64)
+    with pytest.raises(ValueError, match=r"17 tokens is longer than the 16 learned positions"):
+        model(_tokens(11, 17))
+    with pytest.raises(ValueError, match=r"max_length=20 is longer than the 16 learned positions"):
+        model.init_cache(2, 20)
 
 
 def test_sparse_kind_needs_a_length_multiple_of_the_block():
