@@ -106,8 +106,12 @@ def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None) -
     config.train.num_steps = 10_000
     trainer = Trainer(config, tempfile.mkdtemp())
     t = time.perf_counter()
-    state = jax.block_until_ready(trainer.init())
-    init_s = time.perf_counter() - t  # compile + run of the initialiser
+    compiled_init = trainer.init.lower().compile()
+    init_compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    state = jax.block_until_ready(compiled_init())
+    init_run_s = time.perf_counter() - t
+    print(f"{size}: init compile {init_compile_s:.1f} s, run {init_run_s:.1f} s", flush=True)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     rng = np.random.default_rng(0)
     batches = [trainer.global_batch(rng.integers(0, 256, (batch, seq_len + 1), dtype=np.int32)) for _ in range(4)]
@@ -134,7 +138,7 @@ def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None) -
                                                       profile["ms_per_step_by_category"].items()})
         for name, ms in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms  {name[:110]}")
-    return {"init_s": init_s, "first_step_s": first_step_s, "profile": profile, "case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
+    return {"init_compile_s": init_compile_s, "init_run_s": init_run_s, "prng_impl": str(jax.config.jax_default_prng_impl), "first_step_s": first_step_s, "profile": profile, "case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
             "step_time_s": step_time, "tokens_per_s": batch * seq_len / step_time,
             "model_tflops_per_s": flops / step_time / 1e12}
 
@@ -145,8 +149,11 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--profile", default=None, help="directory for jax.profiler traces (off by default)")
+    p.add_argument("--prng_impl", default=None, help="jax_default_prng_impl for this run (threefry2x32, rbg)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lm_step.json"))
     args = p.parse_args()
+    if args.prng_impl:
+        jax.config.update("jax_default_prng_impl", args.prng_impl)
     device = jax.devices()[0]
     peak = device_peak_flops(device.device_kind)
     ceiling = matmul_ceiling()

@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         nan_policy="skip",      # "skip": keep the old state and go on; "halt": raise
         peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = look up the device table
+        # PRNG of parameter initialisation. "threefry2x32": the same values on every backend and mesh.
+        # "rbg": the GPU compiles the initialiser 5x faster (125M: 18 s vs 95 s on an H100,
+        # benchmarks/results/lm_step_notes.md), but its values depend on the backend.
+        prng_impl="threefry2x32",
     )
 
     # Axes data / fsdp / tensor; -1 takes the remaining devices.

@@ -14,6 +14,7 @@ from jaxmodels.tasks import TASKS
 from jaxmodels.train.optimizer import SCHEDULES
 
 NAN_POLICIES = ("skip", "halt")
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 # field path -> valid values (None stands for "pick automatically").
 CHOICES = {
@@ -26,6 +27,7 @@ CHOICES = {
     "model.param_dtype": tuple(DTYPES),
     "optimizer.schedule": SCHEDULES,
     "train.nan_policy": NAN_POLICIES,
+    "train.prng_impl": PRNG_IMPLS,
     "parallel.strategy": STRATEGIES,
     "parallel.collectives": tuple(COLLECTIVES),
 }

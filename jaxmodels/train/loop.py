@@ -51,6 +51,11 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
             signal.signal(s, previous[s])
 
 
+def init_rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
+    """The Rngs of parameter initialisation: seed config.train.seed, PRNG config.train.prng_impl."""
+    return nnx.Rngs(jax.random.key(config.train.seed, impl=config.train.prng_impl))
+
+
 class Trainer:
     """Everything that is fixed for a run: mesh, shardings, compiled steps, data, writers.
 
@@ -70,9 +75,8 @@ class Trainer:
         rules = tuple(tuple(r) for r in config.sharding_rules)
         num_steps, accum = config.train.num_steps, config.train.grad_accum_steps
         self.schedule = learning_rate_schedule(config.optimizer, num_steps)
-        seed = config.train.seed
 
-        abstract_model = nnx.eval_shape(lambda: self.task.build_model(nnx.Rngs(seed)))
+        abstract_model = nnx.eval_shape(lambda: self.task.build_model(init_rngs(config)))
         self.graphdef = nnx.graphdef(abstract_model)
         param_specs = sh.param_specs(abstract_model, self.mesh, rules)
         is_zero = config.parallel.strategy == "zero"
@@ -86,7 +90,7 @@ class Trainer:
             opt_layout, opt_param_specs = (lambda params: params), param_specs
 
         def init():
-            params = nnx.state(self.task.build_model(nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+            params = nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(opt_layout(params))}
 
         self.abstract_state = jax.eval_shape(init)

@@ -74,3 +74,17 @@ def test_nan_policy_skip_keeps_training(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any(r.get("train/nonfinite") == 1 for r in rows) and s["final_step"] == 8
     assert np.isfinite(s["eval_end"]["loss"])
+
+
+def test_prng_impl_selects_the_initialisation_generator(tmp_path):
+    from jaxmodels.train.config import validate_config
+    from jaxmodels.train.loop import Trainer
+    params = {}
+    for impl in ("threefry2x32", "rbg"):
+        params[impl] = Trainer(tiny_config(train__prng_impl=impl), str(tmp_path / impl)).init()["params"]
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in params.values())
+    assert a.shape == b.shape and np.all(np.isfinite(b))
+    assert not np.allclose(a, b)  # a different generator, so different draws
+    assert abs(np.std(a) - np.std(b)) < 0.1 * np.std(a)  # of the same distributions
+    with pytest.raises(ValueError, match="config.train.prng_impl='philox' is not valid"):
+        validate_config(tiny_config(train__prng_impl="philox"), num_devices=1)
