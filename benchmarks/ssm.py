@@ -1,0 +1,160 @@
+"""Mamba's selective scan on the GPU: associative scan vs sequential lax.scan vs chunked vs the fused kernel.
+
+    python benchmarks/ssm.py [--lengths 2048,4096,8192,16384] [--out benchmarks/results/ssm_scan.json] [--smoke]
+
+Mamba-130m-like sizes (Gu & Dao 2023): d_inner 1536, N 16, batch 8, bf16 u/delta/z/B/C, float32 A, D,
+delta_bias, softplus on; the scan computes in float32. For each length and implementation: median time
+of the forward and of forward+backward (jitted, synchronised, after warm-up), the temporary device memory
+XLA reserves for the compiled program (`memory_analysis().temp_size_in_bytes`), and, for the forward,
+the achieved bandwidth on the bytes any implementation must move (u, delta, z read and y written once,
+B and C read once) against the measured device-to-device copy bandwidth. The baseline of the speed-up
+column is the associative scan (`jaxmodels.ops.scan.selective_scan`).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxmodels.ops.fused_scan import fused_selective_scan  # noqa: E402
+from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step  # noqa: E402
+
+
+def sequential_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The recurrent form over time with lax.scan (one selective_scan_step per position)."""
+    def step(state, xs):
+        u_t, delta_t, B_t, C_t, z_t = xs
+        y, state = selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, delta_softplus)
+        return state, y
+
+    state = selective_scan_init_state(u.shape[0], u.shape[2], A.shape[1])
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C, z))
+    _, y = jax.lax.scan(step, state, xs)
+    return jnp.moveaxis(y, 0, 1)
+
+
+IMPLEMENTATIONS = {
+    "associative": selective_scan,
+    "sequential": sequential_scan,
+    "chunked_256": lambda *a, **k: selective_scan(*a, **k, chunk_size=256),
+    "fused": fused_selective_scan,
+    "fused_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
+    "fused_unroll8": lambda *a, **k: fused_selective_scan(*a, **k, unroll=8),
+}
+
+
+def median_time(fn, args, iters):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes=2 ** 30):
+    x = jax.random.normal(jax.random.key(1), (n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    return 2 * n_bytes / median_time(copy, (x,), 20)
+
+
+def inputs(batch, length, d_inner, n_state, seed=0):
+    k = jax.random.split(jax.random.key(seed), 7)
+    bf16 = jnp.bfloat16
+    return dict(
+        u=jax.random.normal(k[0], (batch, length, d_inner), bf16),
+        delta=(jax.random.normal(k[1], (batch, length, d_inner)) * 0.5 - 3.0).astype(bf16),
+        A=-jnp.exp(jax.random.normal(k[2], (d_inner, n_state)) * 0.5),
+        B=jax.random.normal(k[3], (batch, length, n_state), bf16),
+        C=jax.random.normal(k[4], (batch, length, n_state), bf16),
+        D=jax.random.normal(k[5], (d_inner,)),
+        z=jax.random.normal(k[6], (batch, length, d_inner), bf16),
+        delta_bias=jnp.full((d_inner,), -1.0),
+    )
+
+
+def bench_case(name, fn, args, iters):
+    keys = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    flat = tuple(args[k] for k in keys)
+    fwd = jax.jit(lambda *a: fn(*a, delta_softplus=True))
+    diff = (0, 1, 2, 3, 4, 5, 6)
+
+    def loss(*a):
+        return jnp.sum(fn(*a, delta_softplus=True).astype(jnp.float32) ** 2)
+
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=diff))
+    row = {"implementation": name}
+    for label, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        try:
+            compiled = f.lower(*flat).compile()
+            mem = compiled.memory_analysis()
+            row[f"{label}_temp_bytes"] = getattr(mem, "temp_size_in_bytes", None)
+            row[f"{label}_s"] = median_time(compiled, flat, iters)
+        except Exception as e:  # out of memory at long lengths is a result, not a crash
+            row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="2048,4096,8192,16384")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d_inner", type=int, default=1536)
+    p.add_argument("--n_state", type=int, default=16)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on any backend (checks the script runs)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ssm_scan.json"))
+    args = p.parse_args()
+    if args.smoke:
+        args.lengths, args.batch, args.d_inner, args.n_state, args.iters = "32", 1, 32, 4, 2
+    device = jax.devices()[0]
+    bandwidth = copy_bandwidth() if not args.smoke else None
+    result = {"device": device.device_kind, "jax": jax.__version__, "baseline": "associative",
+              "measured_copy_bytes_per_s": bandwidth, "batch": args.batch, "d_inner": args.d_inner,
+              "n_state": args.n_state, "dtype": "bfloat16 inputs, float32 scan", "results": []}
+    for length in (int(x) for x in args.lengths.split(",")):
+        data = inputs(args.batch, length, args.d_inner, args.n_state)
+        reference = None
+        must_move = 2 * (4 * args.batch * length * args.d_inner + 2 * args.batch * length * args.n_state)
+        for name in args.implementations.split(","):
+            row = bench_case(name, IMPLEMENTATIONS[name], data, args.iters)
+            row.update(length=length, must_move_bytes=must_move)
+            y = jax.jit(lambda *a, fn=IMPLEMENTATIONS[name]: fn(*a, delta_softplus=True))(
+                *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
+            y = np.asarray(y, np.float32)
+            if reference is None:
+                reference = y
+            row["rel_err_vs_first"] = float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+            if "fwd_s" in row and bandwidth:
+                row["fwd_bandwidth_fraction"] = must_move / row["fwd_s"] / bandwidth
+            result["results"].append(row)
+            print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+            with open(args.out, "w") as f:  # after each case, so a cut-off run keeps what it measured
+                json.dump(result, f, indent=2)
+    base = {r["length"]: r for r in result["results"] if r["implementation"] == "associative"}
+    print(f"{device.device_kind}; copy bandwidth {(bandwidth or 0) / 1e12:.2f} TB/s")
+    print(f"{'L':>6} {'impl':14} {'fwd ms':>8} {'x assoc':>7} {'BW':>5} {'fwd+bwd ms':>10} {'x assoc':>7} "
+          f"{'temp GB fwd':>11}")
+    for r in result["results"]:
+        b = base.get(r["length"], {})
+        speed = (b.get("fwd_s", float("nan")) / r["fwd_s"]) if "fwd_s" in r else float("nan")
+        speed_b = (b.get("fwd_bwd_s", float("nan")) / r["fwd_bwd_s"]) if "fwd_bwd_s" in r else float("nan")
+        print(f"{r['length']:6d} {r['implementation']:14} {r.get('fwd_s', float('nan')) * 1e3:8.2f} {speed:7.1f} "
+              f"{r.get('fwd_bandwidth_fraction', float('nan')):5.0%} {r.get('fwd_bwd_s', float('nan')) * 1e3:10.2f} "
+              f"{speed_b:7.1f} {(r.get('fwd_temp_bytes') or 0) / 1e9:11.2f}")
+
+
+if __name__ == "__main__":
+    main()

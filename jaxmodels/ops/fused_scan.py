@@ -1,0 +1,181 @@
+"""Mamba's selective scan as one Pallas kernel that keeps the state in registers.
+
+`selective_scan` (jaxmodels/ops/scan.py) builds Ā = exp(Δ·A) and B̄u = Δ·B·u for every position, a
+(batch, L, d_inner, N) array, and scans it associatively: O(L·d·N) bytes through device memory, several
+times. The recurrence only ever needs the current state, so a kernel that walks the sequence can hold
+h (block_d, N) in registers and read each input and write each output once (Gu & Dao 2023, §3.3.2,
+"hardware-aware algorithm": kernel fusion and no materialised state). This is that kernel:
+
+  grid (batch, d_inner / block_d); program (b, j) owns channels j·block_d .. (j+1)·block_d of sequence b
+  h ← 0
+  for t in 0..L-1:                 Δ = softplus(delta_t + bias) (options as in selective_scan)
+      h ← exp(Δ ⊗ A) ⊙ h + (Δ·u_t) ⊗ B_t
+      y_t = h · C_t (+ D·u_t), then y_t *= silu(z_t)
+
+Bytes moved: u, delta, z and y (batch·L·d each) plus B and C (batch·L·N, read once per program).
+The gradient is the chunked XLA scan's (`custom_vjp`: the backward pass recomputes the states chunk by
+chunk with `chunked_linear_recurrence`, so training memory stays O(chunk), not O(L)).
+
+On CPU the kernel runs through the Pallas interpreter (`interpret=True`): slow, used by the tests.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxmodels.ops import scan
+
+BACKWARD_CHUNK = 256  # positions per chunk of the recomputing backward pass
+
+
+def supports(u, B, C) -> str | None:
+    """None if the fused kernel computes selective_scan for these inputs, else the reason it cannot."""
+    if u.dtype == jnp.float64:
+        return "float64 inputs (the kernel computes in float32)"
+    if B.ndim != 3 or C.ndim != 3:
+        return "grouped B/C (the kernel takes B, C of shape (batch, L, N))"
+    d_inner, n_state = u.shape[-1], B.shape[-1]
+    if d_inner % 16:
+        return f"d_inner={d_inner} is not a multiple of 16"
+    if n_state & (n_state - 1):
+        return f"N={n_state} is not a power of two"
+    return None
+
+
+def _block_d(d_inner: int) -> int:
+    """Channels per program: the largest of 64, 32, 16 that divides d_inner (a power of two for Triton)."""
+    return next(block for block in (64, 32, 16) if d_inner % block == 0)
+
+
+def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z, length,
+            unroll):
+    if has_z:
+        z_ref, y_ref, last_ref = rest
+    else:
+        (y_ref, last_ref), z_ref = rest, None
+    a = a_ref[...].astype(jnp.float32)                       # (block_d, N)
+    skip = d_ref[...].astype(jnp.float32)                    # (block_d,)
+    bias = bias_ref[...].astype(jnp.float32)
+
+    def step(t, h):
+        u_t = u_ref[t, :].astype(jnp.float32)                # (block_d,)
+        delta_t = delta_ref[t, :].astype(jnp.float32) + bias
+        if delta_softplus:
+            delta_t = jnp.where(delta_t > 20.0, delta_t, jnp.log1p(jnp.exp(jnp.minimum(delta_t, 20.0))))
+        b_t = b_ref[t, :].astype(jnp.float32)                # (N,)
+        c_t = c_ref[t, :].astype(jnp.float32)
+        h = jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
+        y_t = jnp.sum(h * c_t[None, :], axis=1) + skip * u_t
+        if has_z:
+            z_t = z_ref[t, :].astype(jnp.float32)
+            y_t = y_t * z_t * jax.nn.sigmoid(z_t)
+        y_ref[t, :] = y_t.astype(y_ref.dtype)
+        return h
+
+    h = lax.fori_loop(0, length, step, jnp.zeros(a.shape, jnp.float32), unroll=unroll)
+    last_ref[...] = h
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "interpret", "unroll"))
+def _fused_forward(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, interpret, unroll):
+    batch, length, d_inner = u.shape
+    n_state = A.shape[1]
+    block_d = _block_d(d_inner)
+    grid = (batch, d_inner // block_d)
+    seq = pl.BlockSpec((None, length, block_d), lambda b, j: (b, 0, j))
+    state = pl.BlockSpec((None, length, n_state), lambda b, j: (b, 0, 0))
+    channel = pl.BlockSpec((block_d,), lambda b, j: (j,))
+    in_specs = [seq, seq, pl.BlockSpec((block_d, n_state), lambda b, j: (j, 0)), state, state, channel, channel]
+    args = [u, delta, A, B, C, D, delta_bias]
+    if z is not None:
+        in_specs.append(seq)
+        args.append(z)
+    kernel = functools.partial(_kernel, delta_softplus=delta_softplus, has_z=z is not None, length=length,
+                               unroll=unroll)
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs,
+        out_specs=[seq, pl.BlockSpec((None, block_d, n_state), lambda b, j: (b, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype),
+                   jax.ShapeDtypeStruct((batch, d_inner, n_state), jnp.float32)],
+        interpret=interpret, name="fused_selective_scan",
+    )(*args)
+
+
+def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True,
+                               chunk_size=min(BACKWARD_CHUNK, u.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, unroll):
+    return _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, interpret=interpret,
+                          unroll=unroll)
+
+
+def _fused_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, unroll):
+    out = _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, interpret=interpret,
+                         unroll=unroll)
+    return out, (u, delta, A, B, C, D, z, delta_bias)
+
+
+def _fused_bwd(delta_softplus, interpret, unroll, residuals, cotangents):
+    del interpret, unroll
+    _, vjp = jax.vjp(lambda *args: _reference(*args, delta_softplus), *residuals)
+    return vjp(cotangents)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, *, interpret=None, unroll=1):
+    """`selective_scan` (same arguments, same results) through the fused Pallas kernel.
+
+    Args as `jaxmodels.ops.scan.selective_scan` with ungrouped B, C (batch, L, N); N a power of two and
+    d_inner a multiple of 16. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
+    `unroll`: time steps per loop iteration (more loads in flight; same result).
+
+    Returns:
+      y (batch, L, d_inner) in u's dtype; with `return_last_state`, (y, last_state (batch, d_inner, N) f32).
+
+    Raises:
+      ValueError / TypeError as selective_scan, and ValueError naming the reason when the kernel does not
+      cover the inputs (float64, grouped B/C, d_inner not a multiple of 16, N not a power of two).
+    """
+    u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
+    scan._prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, step=False)  # validation only
+    reason = supports(u, B, C)
+    if reason:
+        raise ValueError(f"fused_selective_scan does not cover these inputs: {reason}")
+    d_inner = u.shape[-1]
+    D = jnp.zeros((d_inner,), jnp.float32) if D is None else jnp.asarray(D, jnp.float32)
+    delta_bias = jnp.zeros((d_inner,), jnp.float32) if delta_bias is None else jnp.asarray(delta_bias, jnp.float32)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    y, last = _fused(u, delta, A.astype(jnp.float32), B, C, D, z, delta_bias, bool(delta_softplus), interpret,
+                     int(unroll))
+    return (y, last) if return_last_state else y
+
+
+IMPLEMENTATIONS = ("associative", "chunked", "fused")
+
+
+def selective_scan_fn(implementation: str | None, u, B, C):
+    """The selective-scan function (signature of `selective_scan`) for an implementation name.
+
+    "associative": `selective_scan`; "chunked": `selective_scan` in chunks of BACKWARD_CHUNK positions;
+    "fused": this module's kernel; None: "fused" on GPU where `supports` the inputs, else "associative".
+    """
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"unknown selective-scan implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
+    if implementation is None:
+        fused_ok = jax.default_backend() == "gpu" and supports(u, B, C) is None
+        implementation = "fused" if fused_ok else "associative"
+    if implementation == "fused":
+        return fused_selective_scan
+    if implementation == "chunked":
+        return functools.partial(scan.selective_scan, chunk_size=min(BACKWARD_CHUNK, u.shape[1]))
+    return scan.selective_scan

@@ -1,0 +1,83 @@
+"""The fused Pallas selective scan (interpreted on CPU) against the float64 loop and selective_scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels.ops.fused_scan import fused_selective_scan, supports
+from jaxmodels.ops.scan import selective_scan
+from tests.ops.test_scan import _np_selective_scan, _ssm_inputs
+
+SHAPE = dict(batch=2, length=9, d_inner=32, n_state=4)
+CASES = {
+    "plain": dict(),
+    "D_z": dict(D=True, z=True),
+    "bias_softplus": dict(delta_bias=True, D=True, softplus=True),
+}
+
+
+def _args(name, seed):
+    case = dict(CASES[name])
+    softplus = case.pop("softplus", False)
+    return _ssm_inputs(seed, **SHAPE, **case), softplus
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_matches_float64_loop(name):
+    args, softplus = _args(name, seed=20)
+    y, last = fused_selective_scan(**args, delta_softplus=softplus, return_last_state=True)
+    y_ref, h_ref = _np_selective_scan(**args, delta_softplus=softplus)
+    assert y.dtype == jnp.float32 and last.shape == (2, 32, 4)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last, h_ref, rtol=1e-5, atol=1e-5)
+    unrolled = fused_selective_scan(**args, delta_softplus=softplus, unroll=4)  # 9 steps: a remainder too
+    np.testing.assert_allclose(unrolled, y, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_bfloat16_inputs_give_bfloat16_outputs():
+    args, _ = _args("D_z", seed=21)
+    bf16 = {k: jnp.asarray(v, jnp.bfloat16) if k in ("u", "delta", "z", "B", "C") else v for k, v in args.items()}
+    y = fused_selective_scan(**bf16)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), selective_scan(**bf16).astype(jnp.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_fused_gradients_match_selective_scan():
+    args, softplus = _args("bias_softplus", seed=22)
+    args["z"] = np.random.default_rng(23).standard_normal(args["u"].shape).astype(np.float32)
+    cot = jnp.asarray(np.random.default_rng(24).standard_normal(args["u"].shape), jnp.float32)
+
+    def loss(fn, **kw):
+        return jnp.sum(fn(**kw, delta_softplus=softplus) * cot)
+
+    grads = jax.grad(lambda kw: loss(fused_selective_scan, **kw))(args)
+    expected = jax.grad(lambda kw: loss(selective_scan, **kw))(args)
+    for name in args:
+        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_unsupported_inputs_are_named():
+    args, _ = _args("plain", seed=25)
+    assert supports(jnp.asarray(args["u"]), jnp.asarray(args["B"]), jnp.asarray(args["C"])) is None
+    grouped = dict(args, B=args["B"][:, :, None, :])
+    with pytest.raises(ValueError, match="grouped B/C"):
+        fused_selective_scan(**grouped)
+    narrow = _ssm_inputs(26, batch=1, length=3, d_inner=24, n_state=4)
+    with pytest.raises(ValueError, match="d_inner=24 is not a multiple of 16"):
+        fused_selective_scan(**narrow)
+    with pytest.raises(ValueError, match="delta must have u's shape"):
+        fused_selective_scan(**dict(args, delta=args["delta"][:, :-1]))
+
+
+def test_selective_scan_fn_picks_an_implementation():
+    from jaxmodels.ops.fused_scan import selective_scan_fn
+    args, _ = _args("D_z", seed=27)
+    u, B, C = (jnp.asarray(args[k]) for k in ("u", "B", "C"))
+    y = {name: selective_scan_fn(name, u, B, C)(**args) for name in ("associative", "chunked", "fused")}
+    for name in ("chunked", "fused"):
+        np.testing.assert_allclose(y[name], y["associative"], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert selective_scan_fn(None, u, B, C) is selective_scan  # CPU: the associative scan
+    with pytest.raises(ValueError, match="unknown selective-scan implementation 'cuda'"):
+        selective_scan_fn("cuda", u, B, C)
