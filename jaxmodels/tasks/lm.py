@@ -44,6 +44,11 @@ class LanguageModeling:
 
     loss = staticmethod(next_token_loss)
 
+    def abstract_batch(self) -> jax.ShapeDtypeStruct:
+        """The global batch: (global_batch_size, seq_len + 1) int32 token ids."""
+        d = self.config.data
+        return jax.ShapeDtypeStruct((d.global_batch_size, d.seq_len + 1), jnp.int32)
+
     @property
     def tokens_per_example(self) -> int:
         return self.config.data.seq_len

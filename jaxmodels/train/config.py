@@ -16,13 +16,10 @@ from jaxmodels.train.optimizer import SCHEDULES
 NAN_POLICIES = ("skip", "halt")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
-# field path -> valid values (None stands for "pick automatically").
+# field path -> valid values (None stands for "pick automatically"), for every experiment.
 CHOICES = {
     "task": tuple(TASKS),
     "model.name": tuple(MODELS),
-    "model.mlp_kind": MLP.KINDS,
-    "model.norm_kind": tuple(NORMS),
-    "model.remat": tuple(REMAT_POLICIES),
     "model.dtype": tuple(DTYPES),
     "model.param_dtype": tuple(DTYPES),
     "optimizer.schedule": SCHEDULES,
@@ -33,9 +30,7 @@ CHOICES = {
 }
 
 POSITIVE = ("train.num_steps", "train.grad_accum_steps", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.log_every", "data.seq_len", "data.global_batch_size", "data.eval_batches",
-            "model.num_layers", "model.embed_dim", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-            "model.mlp_dim")
+            "train.log_every", "data.global_batch_size", "data.eval_batches")
 
 
 def _get(config, path):
@@ -45,16 +40,24 @@ def _get(config, path):
     return node
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ValueError naming the field (and the valid choices) for any invalid setting."""
-    for path, choices in CHOICES.items():
+def check_fields(config: ml_collections.ConfigDict, choices: dict, positive=()) -> None:
+    """Raise ValueError naming the field for a value outside `choices` (path -> valid values) or a
+    `positive` field (paths) below 1."""
+    for path, valid in choices.items():
         value = _get(config, path)
-        if value not in choices:
-            raise ValueError(f"config.{path}={value!r} is not valid; choose one of {list(choices)}")
-    for path in POSITIVE:
+        if value not in valid:
+            raise ValueError(f"config.{path}={value!r} is not valid; choose one of {list(valid)}")
+    for path in positive:
         value = _get(config, path)
         if value < 1:
             raise ValueError(f"config.{path} must be >= 1, got {value}")
+
+
+def _check_decoder_lm(config: ml_collections.ConfigDict) -> None:
+    check_fields(config, {"model.mlp_kind": MLP.KINDS, "model.norm_kind": tuple(NORMS),
+                          "model.remat": tuple(REMAT_POLICIES)},
+                 ("data.seq_len", "model.num_layers", "model.embed_dim", "model.num_heads", "model.num_kv_heads",
+                  "model.head_dim", "model.mlp_dim"))
     m = config.model
     try:
         attention = spec_from_config(m.attention)
@@ -66,6 +69,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                          f"config.model.num_kv_heads={m.num_kv_heads}")
+
+
+# model.name -> the checks of that model's fields (a model without an entry has only the generic ones).
+MODEL_CHECKS = {"decoder_lm": _check_decoder_lm}
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ValueError naming the field (and the valid choices) for any invalid setting."""
+    check_fields(config, CHOICES, POSITIVE)
+    if config.model.name in MODEL_CHECKS:
+        MODEL_CHECKS[config.model.name](config)
     if set(config.mesh) - set(MESH_AXES):
         raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "
                          f"valid: {list(MESH_AXES)}")

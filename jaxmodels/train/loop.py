@@ -97,8 +97,9 @@ class Trainer:
         specs = {"step": P(), "params": param_specs,
                  "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs)}
         self.state_shardings = sh.named(self.mesh, specs)
-        batch_spec = sh.batch_spec(rules, 2)
-        self.batch_sharding = NamedSharding(self.mesh, batch_spec)
+        self.abstract_batch = self.task.abstract_batch()  # pytree of global ShapeDtypeStructs
+        batch_spec = jax.tree.map(lambda b: sh.batch_spec(rules, b.ndim), self.abstract_batch)
+        self.batch_sharding = sh.named(self.mesh, batch_spec)
         replicated = NamedSharding(self.mesh, P())
         self.init = jax.jit(init, out_shardings=self.state_shardings)
         if is_zero:
@@ -122,8 +123,7 @@ class Trainer:
         return its per-device memory in GiB: the parameters and the optimizer state as stored (from
         their shardings), and from XLA's memory analysis the arguments (params, optimizer state,
         batch), temporaries (activations, gradients) and the peak where the backend reports it."""
-        d = self.config.data
-        batch = jax.ShapeDtypeStruct((d.global_batch_size, d.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+        batch = abstract_with_shardings(self.abstract_batch, self.batch_sharding)
         state = abstract_with_shardings(self.abstract_state, self.state_shardings)
         self.train_step = self.train_step.lower(state, batch).compile()
         stats = self.train_step.memory_analysis()
@@ -135,8 +135,9 @@ class Trainer:
             memory["peak_gib"] = stats.peak_memory_in_bytes / gib
         return memory
 
-    def global_batch(self, local_batch: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+    def global_batch(self, local_batch):
+        """This process's rows of a batch (a pytree of NumPy arrays) -> the global, sharded batch."""
+        return jax.tree.map(jax.make_array_from_process_local_data, self.batch_sharding, local_batch)
 
     def restore_or_init(self):
         """(start_step, state): the newest readable checkpoint, or a fresh sharded init."""
@@ -163,8 +164,10 @@ def _step_scalars(metrics, step_time: float | None, trainer: Trainer) -> dict[st
         return out
     cfg = trainer.config
     out["step_time_s"] = step_time
-    out["tokens_per_s"] = trainer.task.tokens_per_example * cfg.data.global_batch_size / step_time
-    if trainer.peak_flops_total:
+    out["examples_per_s"] = cfg.data.global_batch_size / step_time
+    if trainer.task.tokens_per_example:
+        out["tokens_per_s"] = trainer.task.tokens_per_example * cfg.data.global_batch_size / step_time
+    if trainer.peak_flops_total and trainer.task.flops_per_example:
         out["mfu"] = trainer.task.flops_per_example * cfg.data.global_batch_size / step_time / trainer.peak_flops_total
     return out
 

@@ -8,6 +8,7 @@ state's shardings); `make_zero_train_step` is the "zero" strategy's, with explic
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxmodels.parallel import zero
 from jaxmodels.train.optimizer import global_norm
 
-LossFn = Callable[[nnx.Module, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(model, batch) -> (loss, metrics); a batch is a pytree of arrays with the examples on axis 0.
+LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def _model(graphdef: nnx.GraphDef, params) -> nnx.Module:
@@ -38,12 +40,14 @@ def _loss_and_grad(graphdef: nnx.GraphDef, loss_fn: LossFn, grad_accum_steps: in
 
     def accumulated(params, batch):
         # Micro-batch m takes rows m, m + A, m + 2A, ...: each device's shard splits evenly.
-        micro = batch.reshape(batch.shape[0] // grad_accum_steps, grad_accum_steps, *batch.shape[1:]).swapaxes(0, 1)
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def body(acc, mb):
             return jax.tree.map(jnp.add, acc, loss_and_grad(params, mb)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, micro[0]))
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, first))
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
@@ -83,7 +87,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
 
 def make_zero_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                          schedule: optax.Schedule, grad_accum_steps: int, *, mesh: Mesh, state_specs,
-                         batch_spec: P, axis_name: str = "data", collectives: str = "ring"):
+                         batch_spec, axis_name: str = "data", collectives: str = "ring"):
     """The "zero" strategy's step(state, batch) -> (state, metrics): ZeRO stages 1-2 (Rajbhandari
     et al. 2020) as a `jax.shard_map` over `axis_name` (D devices) with explicit collectives.
 
