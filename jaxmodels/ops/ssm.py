@@ -15,7 +15,8 @@ Spaces" (S4), eq. 4-5), so an SSM layer can be trained in convolution mode (`s4d
   HiPPO initialisers          hippo_legs, hippo_legt, hippo_lagt, hippo_fout  -> float64 NumPy (A, B)
   S4 structure                nplr_legs: A = V Λ V* - P Pᵀ (normal plus low rank)
   discretisation              discretize_zoh, discretize_bilinear (dense (N, N) or diagonal (N,) A)
-  convolution mode            s4d_kernel (diagonal SSM kernel, Vandermonde product), causal_conv (FFT)
+  convolution mode            s4d_kernel (diagonal SSM kernel, Vandermonde product), s4_kernel (DPLR
+                              kernel: Cauchy + Woodbury at the roots of unity, inverse FFT), causal_conv (FFT)
   recurrent mode              ssm_step, ssm_scan_reference
   linear recurrences (scan.py) linear_recurrence, chunked_linear_recurrence (associative scan);
                               selective_scan, selective_scan_step (Mamba, Gu & Dao 2023), re-exported here
@@ -26,6 +27,7 @@ NumPy float64 (they run once, at initialisation); everything else is jnp and jit
 Argument checks on `step` (> 0) happen only when it is concrete (not traced under jit).
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -278,8 +280,11 @@ def discretize_bilinear(A, B, step):
 # ----------------------------------------------------------------------------------------------
 
 
-def s4d_kernel(Lambda, B, C, step, length):
-    """Convolution kernel of a ZOH-discretised diagonal SSM (S4D, Gu et al. 2022, "On the
+_DISCRETIZATIONS = ("zoh", "bilinear")
+
+
+def s4d_kernel(Lambda, B, C, step, length, *, discretization="zoh"):
+    """Convolution kernel of a ZOH- (or bilinear-) discretised diagonal SSM (S4D, Gu et al. 2022, "On the
     Parameterization and Initialization of Diagonal State Space Models", §3.1, eq. (6)-(7)).
 
     K_l = Re(Σ_n C_n B̄_n Ā_n^l),  Ā = exp(ΔΛ),  B̄ = (exp(ΔΛ) - 1)/Λ · B,  l = 0..length-1,
@@ -287,6 +292,8 @@ def s4d_kernel(Lambda, B, C, step, length):
     computed as the Vandermonde product (C ∘ B̄) · V with V_nl = exp(ΔΛ_n l) (an (N, L) matrix;
     exp of the product rather than powers, for accuracy). For a real-parameterised SSM with
     complex-conjugate eigenvalue pairs, keep one of each pair and multiply C by 2 (S4D's convention).
+    With discretization="bilinear" (S4, §2.3 eq. (3); S4D §3.1 offers both): Ā = (1 + ΔΛ/2)/(1 - ΔΛ/2),
+    B̄ = ΔB/(1 - ΔΛ/2), and V_nl = exp(l log Ā_n) (= Ā_n^l on any branch of the log).
 
     Args:
       Lambda: (N,) or (H, N) complex, Re(Λ) < 0 for a stable SSM, no zero entries.
@@ -294,10 +301,13 @@ def s4d_kernel(Lambda, B, C, step, length):
       C: same shape as Lambda, real or complex.
       step: Δ > 0: a scalar, or (H,) (one step per channel) when Lambda is (H, N).
       length: L >= 1, a Python int.
+      discretization: "zoh" (default) or "bilinear".
 
     Returns:
       (L,) or (H, L) real kernel (float64 if the inputs are complex128/float64, else float32).
     """
+    if discretization not in _DISCRETIZATIONS:
+        raise ValueError(f"s4d_kernel: unknown discretization {discretization!r}; valid: {list(_DISCRETIZATIONS)}")
     Lambda, B, C = jnp.asarray(Lambda), jnp.asarray(B), jnp.asarray(C)
     if Lambda.ndim not in (1, 2):
         raise ValueError(f"s4d_kernel: Lambda must be (N,) or (H, N), got shape {Lambda.shape}")
@@ -314,9 +324,93 @@ def s4d_kernel(Lambda, B, C, step, length):
     Lambda, B, C = Lambda.astype(ctype), B.astype(ctype), C.astype(ctype)
     step = step.astype(jnp.real(jnp.zeros((), ctype)).dtype)[..., None]  # (..., 1)
     dtA = step * Lambda                                                  # (..., N)
-    dB = (jnp.exp(dtA) - 1) / Lambda * B
-    vandermonde = jnp.exp(dtA[..., None] * jnp.arange(length, dtype=step.dtype))  # (..., N, L)
+    if discretization == "zoh":
+        dB = (jnp.exp(dtA) - 1) / Lambda * B
+        log_dA = dtA
+    else:
+        dB = step * B / (1 - dtA / 2)
+        log_dA = jnp.log((1 + dtA / 2) / (1 - dtA / 2))
+    vandermonde = jnp.exp(log_dA[..., None] * jnp.arange(length, dtype=step.dtype))  # (..., N, L)
     return jnp.einsum("...n,...nl->...l", C * dB, vandermonde).real
+
+
+def s4_kernel(Lambda, P, Q, B, C, step, length, *, c_tilde=False):
+    """Convolution kernel of a bilinear-discretised DPLR SSM (S4, Gu et al. 2022, §3.3 and Algorithm 1).
+
+    A = diag(Λ) - Σ_r P_r Q_r* (diagonal plus low rank; the NPLR form of HiPPO in the eigenbasis,
+    `nplr_legs`, has Q = P and rank 1), discretised bilinearly (eq. (3)), K_l = Re(C Ā^l B̄),
+    l = 0..L-1. Instead of powers of Ā, Algorithm 1 evaluates the truncated generating function
+    K̂(z) = Σ_{l<L} K_l z^l = C̃ (I - Ā z)⁻¹ B̄ at the L roots of unity z_k = exp(-2πik/L), with
+    C̃ = C (I - Ā^L) (z^L = 1 there; S4 Appendix C.3), then inverts the FFT. With the bilinear Ā,
+
+        C̃ (I - Āz)⁻¹ B̄ = 2/(1+z) · C̃ R(g) B,  R(g) = (g - A)⁻¹,  g = (2/Δ)(1-z)/(1+z)
+
+    and the Woodbury identity reduces R(g) to the diagonal resolvent D = (g - Λ)⁻¹:
+    C̃ R B = k_00 - k_01 (I + k_11)⁻¹ k_10 with the Cauchy sums k_ab = Σ_n a_n b_n D_n over
+    (a, b) ∈ {C̃, Q*} × {B, P} (the Cauchy kernel). Here D_n = (1+z)/d_n with d_n = (2/Δ)(1-z) - Λ_n(1+z),
+    so the factor 2/(1+z) cancels analytically: K̂ = 2 (ĉ_00 - (1+z) ĉ_01 (I + (1+z) ĉ_11)⁻¹ ĉ_10),
+    ĉ_ab = Σ_n a_n b_n / d_n, which stays finite at z = -1 (even L). The kernel is Re(ifft(K̂)), so a
+    complex system needs no conjugate-pair symmetry (for a real system kept as one of each
+    conjugate pair, multiply C by 2, as in `s4d_kernel`).
+
+    Args:
+      Lambda: (N,) or (H, N) complex diagonal, Re(Λ) < 0 for a stable SSM.
+      P, Q: Lambda's shape (rank 1) or Lambda.shape[:-1] + (r, N) (rank r), the low-rank factors.
+      B, C: Lambda's shape. C is the output vector; with c_tilde=True it is already C̃ (Algorithm 1
+        learns C̃ directly), else C̃ = C (I - Ā^L) is formed from the dense Ā (O(N³ log L) per channel).
+      step: Δ > 0: a scalar, or (H,) for (H, N) Lambda.
+      length: L >= 1, a Python int.
+      c_tilde: whether C is C̃.
+
+    Returns:
+      (L,) or (H, L) real kernel (float64 for complex128/float64 inputs, else float32). With P = 0 it
+      equals `s4d_kernel(..., discretization="bilinear")`.
+    """
+    Lambda, P, Q, B, C = (jnp.asarray(x) for x in (Lambda, P, Q, B, C))
+    if Lambda.ndim not in (1, 2):
+        raise ValueError(f"s4_kernel: Lambda must be (N,) or (H, N), got shape {Lambda.shape}")
+    if B.shape != Lambda.shape or C.shape != Lambda.shape:
+        raise ValueError(f"s4_kernel: Lambda, B, C must have the same shape, got {Lambda.shape}, {B.shape}, "
+                         f"{C.shape}")
+    low_rank_shapes = (Lambda.shape, Lambda.shape[:-1] + (None, Lambda.shape[-1]))
+    if P.shape != Q.shape or not (P.shape == Lambda.shape or (
+            P.ndim == Lambda.ndim + 1 and P.shape[:-2] == Lambda.shape[:-1] and P.shape[-1] == Lambda.shape[-1])):
+        raise ValueError(f"s4_kernel: P and Q must both have shape {low_rank_shapes[0]} (rank 1) or "
+                         f"{low_rank_shapes[1]} (rank r), got {P.shape} and {Q.shape}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"s4_kernel: length must be a positive int, got {length!r}")
+    step = _check_step(step)
+    if step.ndim > 1 or (step.ndim == 1 and (Lambda.ndim != 2 or step.shape[0] != Lambda.shape[0])):
+        raise ValueError(f"s4_kernel: step must be a scalar or (H,) = ({Lambda.shape[0]},) for (H, N) Lambda, "
+                         f"got shape {step.shape} with Lambda {Lambda.shape}")
+    if P.shape == Lambda.shape:
+        P, Q = P[..., None, :], Q[..., None, :]
+    ctype = jnp.result_type(Lambda, P, Q, B, C, jnp.complex64)
+    Lambda, P, Q, B, C = (x.astype(ctype) for x in (Lambda, P, Q, B, C))
+    step = step.astype(jnp.real(jnp.zeros((), ctype)).dtype)
+    kernel = functools.partial(_s4_kernel_single, length=int(length), c_tilde=c_tilde)
+    if Lambda.ndim == 1:
+        return kernel(Lambda, P, Q, B, C, step)
+    return jax.vmap(kernel)(Lambda, P, Q, B, C, jnp.broadcast_to(step, Lambda.shape[:1]))
+
+
+def _s4_kernel_single(Lambda, P, Q, B, C, step, *, length, c_tilde):
+    """`s4_kernel` for one channel: Lambda, B, C (N,), P, Q (r, N), scalar step."""
+    if not c_tilde:
+        A = jnp.diag(Lambda) - P.T @ Q.conj()
+        dA, _ = discretize_bilinear(A, B, step)
+        C = C - C @ jnp.linalg.matrix_power(dA, length)
+    z = jnp.exp(-2j * jnp.pi * jnp.arange(length) / length).astype(Lambda.dtype)     # (L,)
+    inv_d = 1 / ((2 / step) * (1 - z)[:, None] - Lambda * (1 + z)[:, None])           # (L, N)
+    c00 = inv_d @ (C * B)                                                             # (L,)
+    c01 = inv_d @ (C * P).T                                                           # (L, r)
+    c10 = inv_d @ (Q.conj() * B).T                                                    # (L, r)
+    c11 = jnp.einsum("ln,an,bn->lab", inv_d, Q.conj(), P)                             # (L, r, r)
+    s = (1 + z)[:, None]
+    eye = jnp.eye(P.shape[0], dtype=Lambda.dtype)
+    solved = jnp.linalg.solve(eye + s[..., None] * c11, c10[..., None])[..., 0]       # (L, r)
+    k_hat = 2 * (c00 - s[:, 0] * jnp.sum(c01 * solved, axis=-1))
+    return jnp.fft.ifft(k_hat).real
 
 
 def causal_conv(u, kernel):

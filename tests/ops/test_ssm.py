@@ -16,6 +16,7 @@ from jaxmodels.ops.ssm import (
     hippo_legs,
     hippo_legt,
     nplr_legs,
+    s4_kernel,
     s4d_kernel,
     ssm_scan_reference,
     ssm_step,
@@ -312,3 +313,131 @@ def test_kernel_and_conv_errors():
         ssm_scan_reference(np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((1, 4, 2)))
     with pytest.raises(ValueError, match="x must be"):
         ssm_step(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((1, 2, 4)), np.zeros((1, 2)))
+
+
+# ------------------------------------------------------------------------------ S4 (DPLR) kernel
+
+
+def _np_dense_bilinear_kernel(A, B, C, step, L):
+    """float64: K_l = Re(C Ā^l B̄) with the dense bilinear Ā, B̄, by explicit powers."""
+    eye = np.eye(A.shape[0])
+    back = eye - step / 2 * A
+    dA = np.linalg.solve(back, eye + step / 2 * A)
+    dB = np.linalg.solve(back, step * B)
+    return np.array([np.real(C @ np.linalg.matrix_power(dA, l) @ dB) for l in range(L)])
+
+
+def _dplr_params(seed, H, N, r):
+    rng = np.random.default_rng(seed)
+    Lambda, B, C, step = _s4d_params(seed, H, N)
+    P = (rng.standard_normal((H, r, N)) + 1j * rng.standard_normal((H, r, N))) * 0.3
+    Q = (rng.standard_normal((H, r, N)) + 1j * rng.standard_normal((H, r, N))) * 0.3
+    return Lambda, P, Q, B, C, step
+
+
+@pytest.mark.parametrize("L", [16, 13])
+def test_s4_kernel_legs_equals_dense_unrolled_kernel(L):
+    """NPLR-LegS: A = Λ - P P* materialised densely, discretised, powered == Algorithm 1 (even and odd L)."""
+    nplr = nplr_legs(6)
+    C = np.random.default_rng(L).standard_normal(6) + 1j * np.random.default_rng(L + 1).standard_normal(6)
+    with jax.enable_x64(True):
+        K = jax.jit(s4_kernel, static_argnums=6)(nplr.Lambda, nplr.P, nplr.P, nplr.B, C, 0.1, L)
+    assert K.shape == (L,) and K.dtype == jnp.float64
+    A = np.diag(nplr.Lambda) - np.outer(nplr.P, nplr.P.conj())
+    np.testing.assert_allclose(np.asarray(K), _np_dense_bilinear_kernel(A, nplr.B, C, 0.1, L), rtol=1e-9,
+                               atol=1e-12)
+    # In the original (real) basis, A V-rotates back to HiPPO-LegS: same kernel from the real system.
+    A_legs, B_legs = hippo_legs(6)
+    C_real = C @ nplr.V.conj().T
+    np.testing.assert_allclose(np.asarray(K), _np_dense_bilinear_kernel(A_legs, B_legs, C_real, 0.1, L),
+                               rtol=1e-8, atol=1e-11)
+
+
+def test_s4_kernel_rank_r_per_channel_and_c_tilde():
+    H, N, r, L = 3, 5, 2, 12
+    Lambda, P, Q, B, C, step = _dplr_params(11, H, N, r)
+    A = np.stack([np.diag(Lambda[h]) - P[h].T @ Q[h].conj() for h in range(H)])
+    C_tilde = []
+    for h in range(H):
+        back = np.eye(N) - step[h] / 2 * A[h]
+        dA = np.linalg.solve(back, np.eye(N) + step[h] / 2 * A[h])
+        C_tilde.append(C[h] - C[h] @ np.linalg.matrix_power(dA, L))
+    kernel = jax.jit(s4_kernel, static_argnums=6, static_argnames="c_tilde")
+    with jax.enable_x64(True):
+        K = kernel(Lambda, P, Q, B, C, step, L)
+        K_tilde = kernel(Lambda, P, Q, B, np.stack(C_tilde), step, L, c_tilde=True)
+    assert K.shape == (H, L)
+    for h in range(H):
+        ref = _np_dense_bilinear_kernel(A[h], B[h], C[h], step[h], L)
+        np.testing.assert_allclose(np.asarray(K[h]), ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(K_tilde), np.asarray(K), rtol=1e-9, atol=1e-12)
+
+
+def test_s4_kernel_without_low_rank_equals_s4d_bilinear_and_recurrence():
+    """S4 kernel (P = 0) == S4D bilinear Vandermonde kernel == the unrolled recurrence, same system."""
+    Lambda, B, C, step = _s4d_params(12, H=2, N=4)
+    L = 20
+    u = np.random.default_rng(12).standard_normal((2, L, 2))
+    @jax.jit
+    def all_three(Lambda, B, C, step, u):
+        K_s4 = s4_kernel(Lambda, jnp.zeros_like(Lambda), jnp.zeros_like(Lambda), B, C, step, L)
+        K_s4d = s4d_kernel(Lambda, B, C, step, L, discretization="bilinear")
+        dA, dB = jax.vmap(discretize_bilinear)(Lambda, B, step)
+        return K_s4, K_s4d, ssm_scan_reference(dA, dB, C, u)[0], causal_conv(u, K_s4)
+
+    with jax.enable_x64(True):
+        K_s4, K_s4d, y_rec, y_conv = all_three(Lambda, B, C, step, u)
+    np.testing.assert_allclose(np.asarray(K_s4), np.asarray(K_s4d), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(K_s4d), np.stack(
+        [_np_dense_bilinear_kernel(np.diag(Lambda[h]), B[h], C[h], step[h], L) for h in range(2)]),
+        rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(y_conv), np.asarray(y_rec), rtol=1e-9, atol=1e-10)
+
+
+def test_s4_kernel_dense_recurrence_equals_conv_float32_jit():
+    nplr = nplr_legs(8)
+    H, L = 2, 32
+    rng = np.random.default_rng(13)
+    C = (rng.standard_normal((H, 8)) + 1j * rng.standard_normal((H, 8))).astype(np.complex64)
+    tile = lambda x: np.broadcast_to(x, (H, 8)).astype(np.complex64)  # noqa: E731
+    step = np.array([0.05, 0.2], np.float32)
+    K = jax.jit(s4_kernel, static_argnums=6)(tile(nplr.Lambda), tile(nplr.P), tile(nplr.P), tile(nplr.B), C,
+                                             step, L)
+    assert K.dtype == jnp.float32
+    u = rng.standard_normal((1, L, H)).astype(np.float32)
+    A = np.diag(nplr.Lambda) - np.outer(nplr.P, nplr.P.conj())
+    ref = np.stack([_np_dense_bilinear_kernel(A, nplr.B, C[h].astype(complex), float(step[h]), L)
+                    for h in range(H)])
+    np.testing.assert_allclose(np.asarray(K), ref, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(causal_conv(u, K)), _np_causal_conv(u.astype(float), ref),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_s4_kernel_gradients():
+    """Gradients through Cauchy + Woodbury + FFT (and the C̃ correction) vs finite differences."""
+    Lambda, P, Q, B, C, step = _dplr_params(14, H=1, N=3, r=1)
+
+    def f(lam_re, p_re, c_im, step):
+        return s4_kernel(lam_re + 1j * Lambda.imag, p_re + 1j * P.imag, Q, B, C.real + 1j * c_im, step, 6)
+
+    with jax.enable_x64(True):
+        check_grads(jax.jit(f), (Lambda.real, P.real, C.imag, step), order=1, modes=("rev",), atol=1e-5,
+                    rtol=1e-5)
+
+
+def test_s4d_bilinear_and_s4_kernel_errors():
+    Lambda, P, Q, B, C, step = _dplr_params(15, H=2, N=3, r=1)
+    with pytest.raises(ValueError, match="discretization"):
+        s4d_kernel(Lambda, B, C, step, 4, discretization="euler")
+    with pytest.raises(ValueError, match="P and Q"):
+        s4_kernel(Lambda, P, Q[:, :, :2], B, C, step, 4)
+    with pytest.raises(ValueError, match="P and Q"):
+        s4_kernel(Lambda, P[0], Q[0], B, C, step, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        s4_kernel(Lambda, P, Q, B[:, :2], C, step, 4)
+    with pytest.raises(ValueError, match="length"):
+        s4_kernel(Lambda, P, Q, B, C, step, 0)
+    with pytest.raises(ValueError, match="step"):
+        s4_kernel(Lambda, P, Q, B, C, step[:1], 4)
+    with pytest.raises(ValueError, match="> 0"):
+        s4_kernel(Lambda, P, Q, B, C, -step, 4)

@@ -1,0 +1,94 @@
+"""Mamba language model (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", §3.4 and the reference `MambaLMHeadModel`): embedding -> residual RMSNorm Mamba blocks ->
+final norm -> output head. Same calling convention as `jaxmodels.models.lm.DecoderLM`, so
+`jaxmodels.models.lm.generate` decodes it (with the recurrent state as its cache)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.nn.layers import Embed, RMSNorm, dense
+from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.ssm import MambaBlock, ResidualBlock, mamba_dt_rank
+
+
+class MambaLM(nnx.Module):
+    """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
+
+    Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> untied output head.
+    d_inner = expand · embed_dim; dt_rank "auto" = ceil(embed_dim / 16). The "cache" of a layer is
+    its recurrent state ({"conv", "ssm"}, O(1) in the sequence length), so positions, cache_index and
+    max_length are accepted for interface compatibility and not needed.
+    """
+
+    def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, dt_rank: int | str = "auto", chunk_size: int | None = None,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.embed = Embed(vocab_size, embed_dim, **kw)
+        self.blocks = nnx.List([
+            ResidualBlock(MambaBlock(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                                     chunk_size=chunk_size, **kw), embed_dim, norm_kind="rms", **kw)
+            for _ in range(num_layers)])
+        self.final_norm = RMSNorm(embed_dim, **kw)
+        self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: list[dict] | None = None,
+                 cache_index: jax.Array | None = None):
+        """Without `cache`: the parallel (selective-scan) forward, returns logits (batch, length, vocab).
+        With `cache` (from `init_cache`, or returned by a previous call): continues the recurrence over
+        `tokens` (one token: the recurrent step; several: the parallel scan from the cached state) and
+        returns (logits, new_cache). `positions` and `cache_index` are unused (the state carries them)."""
+        del positions, cache_index
+        if tokens.ndim != 2:
+            raise ValueError(f"MambaLM: tokens must be (batch, length) ids, got shape {tokens.shape}")
+        x = self.embed(tokens)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x)
+            return self._logits(x)
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"MambaLM: cache has {len(cache)} layers, the model {len(self.blocks)}")
+        new_cache = []
+        for block, state in zip(self.blocks, cache):
+            if tokens.shape[1] == 1:
+                h, state = block.step(state, x[:, 0])
+                x = h[:, None]
+            else:
+                x, state = block(x, state)
+            new_cache.append(state)
+        return self._logits(x), new_cache
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
+
+    @property
+    def has_cache(self) -> bool:
+        """Always True: every layer decodes recurrently."""
+        return True
+
+    def init_cache(self, batch: int, max_length: int) -> list[dict]:
+        """One zero recurrent state per layer; its size does not depend on max_length."""
+        del max_length
+        return [block.init_state(batch) for block in self.blocks]
+
+
+def train_flops_per_token(*, vocab_size: int, num_layers: int, embed_dim: int, d_state: int = 16, d_conv: int = 4,
+                          expand: int = 2, dt_rank: int | str = "auto") -> float:
+    """Model FLOPs of one training token of MambaLM (forward + backward = 3 x forward), analytically.
+
+    Matmuls: 6 * (parameters in matmuls): in_proj (d, 2 d_in), x_proj (d_in, R + 2N), dt_proj (R, d_in),
+    out_proj (d_in, d) per layer and the output head (d, V); the embedding lookup excluded (as in
+    `jaxmodels.models.lm.train_flops_per_token`). Per layer forward, elementwise work that scales with the
+    model: the depthwise conv, 2 d_conv d_in, and the selective scan, 7 d_in N (Δ·A, Δ·B·u (2),
+    Ā·h + B̄u (2), C·h (2); the exp and softplus are not counted). Sequence-length independent.
+    """
+    d_inner, rank = expand * embed_dim, mamba_dt_rank(embed_dim, dt_rank)
+    layer_params = embed_dim * 2 * d_inner + d_inner * (rank + 2 * d_state) + rank * d_inner + d_inner * embed_dim
+    matmul_params = num_layers * layer_params + embed_dim * vocab_size
+    elementwise_fwd = num_layers * (2 * d_conv * d_inner + 7 * d_inner * d_state)
+    return 6.0 * matmul_params + 3.0 * elementwise_fwd

@@ -1,0 +1,209 @@
+"""SSM layers: shapes, dtypes, parameter counts, inits, parallel/conv mode == recurrent mode, and a
+float64 NumPy reference of the Mamba mixer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmodels.nn.ssm import LRULayer, MambaBlock, ResidualBlock, S4DLayer, S4Layer
+
+
+def _n_params(module):
+    return sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _make(factory):
+    """Builds a module under `nnx.jit` (one compilation instead of many eager ones)."""
+    return nnx.jit(factory)()
+
+
+def _apply(module, fn, *args):
+    """fn(module, *args) jitted (the module split into graphdef and state)."""
+    graphdef, params = nnx.split(module)
+    return jax.jit(lambda p, *a: fn(nnx.merge(graphdef, p), *a))(params, *args)
+
+
+def _call(module, *args):
+    return _apply(module, lambda m, *a: m(*a), *args)
+
+
+def _run_steps(layer, x, state=None):
+    """The layer's recurrent form over x (batch, L, ...) by `lax.scan` of `step`, jitted once."""
+    graphdef, params = nnx.split(layer)
+
+    @jax.jit
+    def run(params, x, state):
+        model = nnx.merge(graphdef, params)
+
+        def body(s, x_t):
+            y, s = model.step(s, x_t)
+            return s, y
+
+        state, ys = jax.lax.scan(body, state, jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), state
+
+    return run(params, x, layer.init_state(x.shape[0]) if state is None else state)
+
+
+def _x(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("init,discretization", [("lin", "zoh"), ("inv", "bilinear")])
+def test_s4d_layer_conv_equals_recurrent_and_shapes(init, discretization):
+    H, N, L = 3, 4, 12
+    layer = _make(lambda: S4DLayer(H, N, init=init, discretization=discretization, rngs=nnx.Rngs(0)))
+    x = _x(1, (2, L, H))
+    y = _call(layer, x)
+    assert y.shape == (2, L, H) and y.dtype == jnp.float32
+    assert _n_params(layer) == H + 2 * H * N + H + H * H + 2 * H * N   # log_step, C, D, W_out, Λ
+    np.testing.assert_allclose(_run_steps(layer, x)[0], y, rtol=2e-4, atol=2e-5)
+    n = np.arange(N)
+    expected = np.pi * n if init == "lin" else 2 * N / np.pi * (2 * N / (2 * n + 1) - 1)   # paper's N = 2 modes
+    np.testing.assert_allclose(layer.A_imag.value[0], expected, rtol=1e-6)
+    step = np.exp(layer.log_step.value)
+    assert np.all((step >= 1e-3) & (step <= 0.1))
+
+
+def test_s4d_bidirectional_sums_forward_and_reversed_kernels():
+    H, N, L = 2, 3, 9
+    layer = _make(lambda: S4DLayer(H, N, bidirectional=True, rngs=nnx.Rngs(2)))
+    x = _x(3, (1, L, H))
+    K = np.asarray(_apply(layer, lambda m: m.kernel(L)), np.float64)
+    assert K.shape == (2, H, L)
+    u = np.asarray(x, np.float64)
+    # Non-causal conv: y_t = Σ_{s<=t} K0_{t-s} u_s + Σ_{s>=t} K1_{s-t} u_s.
+    y = np.zeros_like(u)
+    for t in range(L):
+        for s in range(L):
+            if s <= t:
+                y[:, t] += K[0, :, t - s] * u[:, s]
+            if s >= t:
+                y[:, t] += K[1, :, s - t] * u[:, s]
+    y = y + np.asarray(layer.D.value) * u
+    y = np.asarray(jax.nn.gelu(y)) @ np.asarray(layer.w_out.value)
+    np.testing.assert_allclose(_call(layer, x), y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no recurrent"):
+        layer.step(layer.init_state(1), x[:, 0])
+
+
+def test_s4_layer_conv_equals_recurrent():
+    H, N, L = 2, 4, 10
+    layer = _make(lambda: S4Layer(H, N, rngs=nnx.Rngs(4)))
+    x = _x(5, (2, L, H))
+    y = _call(layer, x)
+    assert y.shape == (2, L, H) and y.dtype == jnp.float32
+    assert _n_params(layer) == H + 2 * H * N + H + H * H + 6 * H * N   # + Λ, P, B (re, im)
+    np.testing.assert_allclose(_run_steps(layer, x)[0], y, rtol=1e-3, atol=1e-4)
+
+
+def test_lru_layer_parallel_chunked_recurrent():
+    H, N, L = 3, 5, 11
+    layer = _make(lambda: LRULayer(H, N, r_min=0.5, r_max=0.95, rngs=nnx.Rngs(6)))
+    x = _x(7, (2, L, H))
+    y = _call(layer, x)
+    assert y.shape == (2, L, H) and _n_params(layer) == 3 * N + 4 * N * H + H
+    layer.chunk_size = 4
+    np.testing.assert_allclose(_call(layer, x), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run_steps(layer, x)[0], y, rtol=1e-5, atol=1e-5)
+    radius = np.exp(-np.exp(np.asarray(layer.nu_log.value)))
+    assert np.all((radius >= 0.5 - 1e-6) & (radius <= 0.95 + 1e-6))
+
+
+def _np_mamba(block, x):
+    """float64 NumPy loop of the Mamba mixer (Gu & Dao 2023, mamba_simple.Mamba, step by step)."""
+    p = {k: np.asarray(v.value, np.float64) for k, v in nnx.state(block, nnx.Param).items()}
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    x = np.asarray(x, np.float64)
+    b, L, _ = x.shape
+    xz = x @ p["in_proj"]
+    x_in, z = xz[..., :block.d_inner], xz[..., block.d_inner:]
+    A = -np.exp(p["A_log"])
+    h = np.zeros((b, block.d_inner, block.d_state))
+    R, N = block.dt_rank, block.d_state
+    out = np.zeros((b, L, block.d_inner))
+    for t in range(L):
+        xc = p["conv_bias"].copy()
+        for k in range(block.d_conv):       # weight k = d_conv - 1 multiplies the current input
+            s = t - (block.d_conv - 1) + k
+            if s >= 0:
+                xc = xc + p["conv_weight"][k] * x_in[:, s]
+        xc = silu(xc)
+        dbl = xc @ p["x_proj"]
+        delta = softplus(dbl[:, :R] @ p["dt_proj"] + p["dt_bias"])
+        B, C = dbl[:, R:R + N], dbl[:, R + N:]
+        h = np.exp(delta[..., None] * A) * h + delta[..., None] * B[:, None] * xc[..., None]
+        y = np.einsum("bdn,bn->bd", h, C) + p["D"] * xc
+        out[:, t] = y * silu(z[:, t])
+    return out @ p["out_proj"]
+
+
+def test_mamba_block_matches_numpy_reference_and_recurrent_form():
+    d, N, L = 8, 4, 10
+    block = _make(lambda: MambaBlock(d, d_state=N, d_conv=3, expand=2, rngs=nnx.Rngs(8)))
+    assert block.dt_rank == 1 and block.d_inner == 16
+    x = _x(9, (2, L, d))
+    y = _call(block, x)
+    assert y.shape == (2, L, d) and y.dtype == jnp.float32
+    ref = _np_mamba(block, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    y_steps, state = _run_steps(block, x)
+    np.testing.assert_allclose(y_steps, ref, rtol=1e-4, atol=1e-5)
+    # Prefill from a non-zero state (first 4 tokens by steps, the rest in parallel) == all by steps.
+    _, mid = _run_steps(block, x[:, :4])
+    y_rest, end = _call(block, x[:, 4:], mid)
+    np.testing.assert_allclose(y_rest, ref[:, 4:], rtol=1e-4, atol=1e-5)
+    for key in ("conv", "ssm"):
+        np.testing.assert_allclose(end[key], state[key], rtol=1e-4, atol=1e-5)
+    block.chunk_size = 3
+    np.testing.assert_allclose(_call(block, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_mamba_block_init_and_parameter_count():
+    d, N, conv, di, R = 32, 8, 4, 64, 2
+    block = _make(lambda: MambaBlock(d, d_state=N, d_conv=conv, dt_min=0.002, dt_max=0.05, rngs=nnx.Rngs(10)))
+    assert block.dt_rank == R
+    expected = d * 2 * di + conv * di + di + di * (R + 2 * N) + R * di + di + di * N + di + di * d
+    assert _n_params(block) == expected
+    dt = np.asarray(jax.nn.softplus(block.dt_bias.value))
+    assert np.all((dt >= 0.002 * 0.999) & (dt <= 0.05 * 1.001))
+    np.testing.assert_allclose(np.exp(block.A_log.value), np.tile(np.arange(1, N + 1), (di, 1)), rtol=1e-6)
+    np.testing.assert_array_equal(block.D.value, np.ones(di))
+    assert np.abs(block.dt_proj.value).max() <= R ** -0.5
+
+
+def test_bfloat16_compute_float32_params_and_residual_block():
+    block = _make(lambda: MambaBlock(8, d_state=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(11)))
+    x = _x(12, (1, 6, 8)).astype(jnp.bfloat16)
+    assert _call(block, x).dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(block, nnx.Param)))
+    res = _make(lambda: ResidualBlock(S4DLayer(8, 4, rngs=nnx.Rngs(13)), 8, mlp_dim=16, rngs=nnx.Rngs(14)))
+    x = _x(15, (2, 7, 8))
+
+    def by_hand(m, x):
+        h = x + m.mixer(m.norm(x))
+        return h + m.mlp(m.mlp_norm(h))
+
+    y = _call(res, x)
+    np.testing.assert_allclose(y, _apply(res, by_hand, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_run_steps(res, x)[0], y, rtol=2e-4, atol=2e-5)
+
+
+def test_bad_shapes_and_options_raise():
+    s4d = _make(lambda: S4DLayer(3, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"input must be \(batch, length, 3\)"):
+        _call(s4d, jnp.zeros((1, 5, 2)))
+    with pytest.raises(ValueError, match="x_t must be"):
+        _apply(s4d, lambda m, x: m.step(m.init_state(1), x), jnp.zeros((1, 2)))
+    mamba = _make(lambda: MambaBlock(8, d_state=2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="input must be"):
+        _call(mamba, jnp.zeros((2, 8)))
+    with pytest.raises(ValueError, match="unknown S4D init"):
+        S4DLayer(3, 4, init="legs", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dt_min"):
+        S4DLayer(3, 4, dt_min=0.1, dt_max=0.01, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dt_rank"):
+        MambaBlock(8, dt_rank=0, rngs=nnx.Rngs(0))
