@@ -45,9 +45,13 @@ IMPLEMENTATIONS = {
     "associative": selective_scan,
     "sequential": sequential_scan,
     "chunked_256": lambda *a, **k: selective_scan(*a, **k, chunk_size=256),
-    "fused": fused_selective_scan,
-    "fused_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
-    "fused_unroll8": lambda *a, **k: fused_selective_scan(*a, **k, unroll=8),
+    # The fused kernel by (channels per program, warps per program).
+    "fused": fused_selective_scan,  # defaults: block_d 16, 1 warp
+    "fused_d8_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=8, num_warps=1),
+    "fused_d32_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=1),
+    "fused_d32_w2": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=2),
+    "fused_d64_w4": lambda *a, **k: fused_selective_scan(*a, **k, block_d=64, num_warps=4),
+    "fused_d16_w1_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
 }
 
 
@@ -83,7 +87,7 @@ def inputs(batch, length, d_inner, n_state, seed=0):
     )
 
 
-def bench_case(name, fn, args, iters):
+def bench_case(name, fn, args, iters, backward):
     keys = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     flat = tuple(args[k] for k in keys)
     fwd = jax.jit(lambda *a: fn(*a, delta_softplus=True))
@@ -94,7 +98,7 @@ def bench_case(name, fn, args, iters):
 
     fwd_bwd = jax.jit(jax.grad(loss, argnums=diff))
     row = {"implementation": name}
-    for label, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+    for label, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd))[:2 if backward else 1]:
         try:
             compiled = f.lower(*flat).compile()
             mem = compiled.memory_analysis()
@@ -113,11 +117,13 @@ def main():
     p.add_argument("--n_state", type=int, default=16)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    p.add_argument("--backward", default="associative,fused",
+                   help="implementations whose forward+backward is timed too")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any backend (checks the script runs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ssm_scan.json"))
     args = p.parse_args()
     if args.smoke:
-        args.lengths, args.batch, args.d_inner, args.n_state, args.iters = "32", 1, 32, 4, 2
+        args.lengths, args.batch, args.d_inner, args.n_state, args.iters = "32", 1, 64, 4, 2
     device = jax.devices()[0]
     bandwidth = copy_bandwidth() if not args.smoke else None
     result = {"device": device.device_kind, "jax": jax.__version__, "baseline": "associative",
@@ -128,7 +134,7 @@ def main():
         reference = None
         must_move = 2 * (4 * args.batch * length * args.d_inner + 2 * args.batch * length * args.n_state)
         for name in args.implementations.split(","):
-            row = bench_case(name, IMPLEMENTATIONS[name], data, args.iters)
+            row = bench_case(name, IMPLEMENTATIONS[name], data, args.iters, name in args.backward.split(","))
             row.update(length=length, must_move_bytes=must_move)
             y = jax.jit(lambda *a, fn=IMPLEMENTATIONS[name]: fn(*a, delta_softplus=True))(
                 *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))

@@ -5,8 +5,10 @@ import ml_collections
 from flax import nnx
 
 from jaxmodels.models.lm import DecoderLM
+from jaxmodels.models.mamba import MambaLM
+from jaxmodels.models.sequence_classifier import SequenceClassifier
 
-MODELS = {"decoder_lm": DecoderLM}
+MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

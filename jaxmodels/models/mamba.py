@@ -25,13 +25,15 @@ class MambaLM(nnx.Module):
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | str = "auto", chunk_size: int | None = None,
+                 scan_implementation: str | None = None,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             ResidualBlock(MambaBlock(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
-                                     chunk_size=chunk_size, **kw), embed_dim, norm_kind="rms", **kw)
+                                     chunk_size=chunk_size, scan_implementation=scan_implementation, **kw),
+                          embed_dim, norm_kind="rms", **kw)
             for _ in range(num_layers)])
         self.final_norm = RMSNorm(embed_dim, **kw)
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)

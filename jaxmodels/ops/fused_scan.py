@@ -13,8 +13,8 @@ h (block_d, N) in registers and read each input and write each output once (Gu &
       y_t = h · C_t (+ D·u_t), then y_t *= silu(z_t)
 
 Bytes moved: u, delta, z and y (batch·L·d each) plus B and C (batch·L·N, read once per program).
-The gradient is the chunked XLA scan's (`custom_vjp`: the backward pass recomputes the states chunk by
-chunk with `chunked_linear_recurrence`, so training memory stays O(chunk), not O(L)).
+The gradient is the associative scan's (`custom_vjp`: the backward pass recomputes the states with
+`selective_scan`), so training is not yet fused.
 
 On CPU the kernel runs through the Pallas interpreter (`interpret=True`): slow, used by the tests.
 """
@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from jaxmodels.ops import scan
 
-BACKWARD_CHUNK = 256  # positions per chunk of the recomputing backward pass
+CHUNK = 256  # positions per chunk of the "chunked" implementation
 
 
 def supports(u, B, C) -> str | None:
@@ -45,9 +46,9 @@ def supports(u, B, C) -> str | None:
     return None
 
 
-def _block_d(d_inner: int) -> int:
-    """Channels per program: the largest of 64, 32, 16 that divides d_inner (a power of two for Triton)."""
-    return next(block for block in (64, 32, 16) if d_inner % block == 0)
+def _check_block_d(block_d: int, d_inner: int) -> None:
+    if block_d < 1 or block_d & (block_d - 1) or d_inner % block_d:
+        raise ValueError(f"block_d={block_d} must be a power of two dividing d_inner={d_inner}")
 
 
 def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z, length,
@@ -75,15 +76,21 @@ def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta
         y_ref[t, :] = y_t.astype(y_ref.dtype)
         return h
 
-    h = lax.fori_loop(0, length, step, jnp.zeros(a.shape, jnp.float32), unroll=unroll)
-    last_ref[...] = h
+    def unrolled(i, h):  # `unroll` steps per iteration, written out (Pallas on Triton has no scan unroll)
+        for k in range(unroll):
+            h = step(i * unroll + k, h)
+        return h
+
+    whole = length // unroll * unroll
+    h = lax.fori_loop(0, length // unroll, unrolled, jnp.zeros(a.shape, jnp.float32))
+    last_ref[...] = lax.fori_loop(whole, length, step, h)
 
 
-@functools.partial(jax.jit, static_argnames=("delta_softplus", "interpret", "unroll"))
-def _fused_forward(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, interpret, unroll):
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "interpret", "options"))
+def _fused_forward(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, interpret, options):
     batch, length, d_inner = u.shape
     n_state = A.shape[1]
-    block_d = _block_d(d_inner)
+    block_d, num_warps, unroll = options
     grid = (batch, d_inner // block_d)
     seq = pl.BlockSpec((None, length, block_d), lambda b, j: (b, 0, j))
     state = pl.BlockSpec((None, length, n_state), lambda b, j: (b, 0, 0))
@@ -101,28 +108,28 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, inter
         out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype),
                    jax.ShapeDtypeStruct((batch, d_inner, n_state), jnp.float32)],
         interpret=interpret, name="fused_selective_scan",
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps),
     )(*args)
 
 
 def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True,
-                               chunk_size=min(BACKWARD_CHUNK, u.shape[1]))
+    return scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, unroll):
+def _fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, options):
     return _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, interpret=interpret,
-                          unroll=unroll)
+                          options=options)
 
 
-def _fused_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, unroll):
+def _fused_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, options):
     out = _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus, interpret=interpret,
-                         unroll=unroll)
+                         options=options)
     return out, (u, delta, A, B, C, D, z, delta_bias)
 
 
-def _fused_bwd(delta_softplus, interpret, unroll, residuals, cotangents):
-    del interpret, unroll
+def _fused_bwd(delta_softplus, interpret, options, residuals, cotangents):
+    del interpret, options
     _, vjp = jax.vjp(lambda *args: _reference(*args, delta_softplus), *residuals)
     return vjp(cotangents)
 
@@ -131,12 +138,14 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, *, interpret=None, unroll=1):
+                         return_last_state=False, *, interpret=None, block_d=16, num_warps=1, unroll=1):
     """`selective_scan` (same arguments, same results) through the fused Pallas kernel.
 
     Args as `jaxmodels.ops.scan.selective_scan` with ungrouped B, C (batch, L, N); N a power of two and
     d_inner a multiple of 16. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
-    `unroll`: time steps per loop iteration (more loads in flight; same result).
+    `block_d`: channels per program (a power of two dividing d_inner; small blocks give the GPU more
+    programs to overlap the latency of each step); `num_warps`: Triton warps per program;
+    `unroll`: time steps per loop iteration (same result).
 
     Returns:
       y (batch, L, d_inner) in u's dtype; with `return_last_state`, (y, last_state (batch, d_inner, N) f32).
@@ -155,8 +164,9 @@ def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     delta_bias = jnp.zeros((d_inner,), jnp.float32) if delta_bias is None else jnp.asarray(delta_bias, jnp.float32)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    _check_block_d(block_d, d_inner)
     y, last = _fused(u, delta, A.astype(jnp.float32), B, C, D, z, delta_bias, bool(delta_softplus), interpret,
-                     int(unroll))
+                     (int(block_d), int(num_warps), int(unroll)))
     return (y, last) if return_last_state else y
 
 
@@ -166,7 +176,7 @@ IMPLEMENTATIONS = ("associative", "chunked", "fused")
 def selective_scan_fn(implementation: str | None, u, B, C):
     """The selective-scan function (signature of `selective_scan`) for an implementation name.
 
-    "associative": `selective_scan`; "chunked": `selective_scan` in chunks of BACKWARD_CHUNK positions;
+    "associative": `selective_scan`; "chunked": `selective_scan` in chunks of CHUNK positions;
     "fused": this module's kernel; None: "fused" on GPU where `supports` the inputs, else "associative".
     """
     if implementation not in (None, *IMPLEMENTATIONS):
@@ -177,5 +187,5 @@ def selective_scan_fn(implementation: str | None, u, B, C):
     if implementation == "fused":
         return fused_selective_scan
     if implementation == "chunked":
-        return functools.partial(scan.selective_scan, chunk_size=min(BACKWARD_CHUNK, u.shape[1]))
+        return functools.partial(scan.selective_scan, chunk_size=min(CHUNK, u.shape[1]))
     return scan.selective_scan

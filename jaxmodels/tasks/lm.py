@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxmodels.data import lm as lm_data
 from jaxmodels.models import make_model
+from jaxmodels.models import mamba
 from jaxmodels.models.lm import generate, train_flops_per_token
 from jaxmodels.ops.losses import softmax_cross_entropy
 
@@ -56,6 +57,10 @@ class LanguageModeling:
     @property
     def flops_per_example(self) -> float:
         m = self.config.model
+        if m.name == "mamba_lm":
+            return self.config.data.seq_len * mamba.train_flops_per_token(
+                vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, d_state=m.d_state,
+                d_conv=m.d_conv, expand=m.expand, dt_rank=m.dt_rank)
         per_token = train_flops_per_token(
             vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, mlp_kind=m.mlp_kind,

@@ -7,6 +7,7 @@ from jaxmodels.models import DTYPES, MODELS
 from jaxmodels.models.lm import REMAT_POLICIES
 from jaxmodels.nn.layers import MLP, NORMS
 from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
+from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES, strategy_error
 from jaxmodels.parallel.zero import COLLECTIVES
@@ -71,8 +72,14 @@ def _check_decoder_lm(config: ml_collections.ConfigDict) -> None:
                          f"config.model.num_kv_heads={m.num_kv_heads}")
 
 
+def _check_mamba_lm(config: ml_collections.ConfigDict) -> None:
+    check_fields(config, {"model.scan_implementation": (None, *SCAN_IMPLEMENTATIONS)},
+                 ("data.seq_len", "model.num_layers", "model.embed_dim", "model.d_state", "model.d_conv",
+                  "model.expand"))
+
+
 # model.name -> the checks of that model's fields (a model without an entry has only the generic ones).
-MODEL_CHECKS = {"decoder_lm": _check_decoder_lm}
+MODEL_CHECKS = {"decoder_lm": _check_decoder_lm, "mamba_lm": _check_mamba_lm}
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

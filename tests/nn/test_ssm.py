@@ -207,3 +207,15 @@ def test_bad_shapes_and_options_raise():
         S4DLayer(3, 4, dt_min=0.1, dt_max=0.01, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="dt_rank"):
         MambaBlock(8, dt_rank=0, rngs=nnx.Rngs(0))
+
+
+def test_mamba_block_scan_implementations_agree():
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((2, 6, 8)), jnp.float32)
+    outputs = {}
+    for impl in ("associative", "chunked", "fused"):  # fused: the Pallas kernel, interpreted on CPU
+        block = MambaBlock(8, d_state=4, scan_implementation=impl, rngs=nnx.Rngs(13))
+        outputs[impl] = block(x)
+    for impl in ("chunked", "fused"):
+        np.testing.assert_allclose(outputs[impl], outputs["associative"], rtol=1e-5, atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="unknown scan_implementation 'cuda'"):
+        MambaBlock(8, scan_implementation="cuda", rngs=nnx.Rngs(0))

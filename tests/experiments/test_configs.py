@@ -1,0 +1,37 @@
+"""Every experiment config trains end to end for a few steps on the CPU (shrunk by SMOKE overrides)."""
+
+import importlib
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxmodels.train.loop import train_and_evaluate
+from tests.tiny import apply_overrides
+
+CONFIG_DIR = pathlib.Path(__file__).parents[2] / "experiments" / "configs"
+ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+RUN = {"train.num_steps": 4, "train.log_every": 2, "train.eval_every": 0, "train.checkpoint_every": 4,
+       "optimizer.warmup_steps": 1, "data.eval_batches": 1}
+# Config name -> overrides that shrink it to seconds; configs not listed here are covered by
+# tests/models/test_attention_kinds.py (the attention kinds) or tests/train (lm_tiny).
+SMOKE = {
+    "lm_mamba": {"model.num_layers": 1, "model.embed_dim": 32, "data.seq_len": 32, "data.global_batch_size": 8,
+                 "sample.max_new_tokens": 8},
+}
+
+
+def test_every_non_attention_config_has_a_smoke_test():
+    covered = {"lm_tiny"} | {n for n in ALL_CONFIGS
+                             if importlib.import_module(f"experiments.configs.{n}").get_config().model.name
+                             == "decoder_lm" and n.startswith("lm_")}
+    assert set(ALL_CONFIGS) - covered <= set(SMOKE), sorted(set(ALL_CONFIGS) - covered - set(SMOKE))
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_config_trains_a_few_steps(name, tmp_path):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    apply_overrides(config, {**RUN, **SMOKE[name]})
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["final_step"] == 4
+    assert all(np.isfinite(v) for v in summary["eval_end"].values())
