@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.configs import lm_tiny  # noqa: E402
+from experiments.configs import lm_mamba, lm_tiny  # noqa: E402
 from jaxmodels.train.loop import Trainer  # noqa: E402
 from jaxmodels.train.metrics import device_peak_flops  # noqa: E402
 
@@ -41,6 +41,8 @@ SIZES = {
     # ~1.0B: 16 x 2048, 16 heads of 128, SwiGLU 5632 (LLaMA-style proportions).
     "1b": dict(num_layers=16, embed_dim=2048, num_heads=16, num_kv_heads=16, head_dim=128, mlp_dim=5632,
                batch=16, remat="save_dots"),
+    # Mamba-130m's shape (Gu & Dao 2023, Table 12): 24 layers, d_model 768, d_inner 1536, N 16.
+    "mamba130m": dict(num_layers=24, embed_dim=768, d_state=16, expand=2, batch=32, remat=None),
 }
 
 
@@ -97,11 +99,14 @@ def device_time_breakdown(trace_dir: str, num_steps: int, top: int = 15) -> dict
             "top_kernels_ms_per_step": per_kernel.most_common(top)}
 
 
-def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None) -> dict:
+def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None, batch: int | None = None) -> dict:
     spec = dict(SIZES[size])
-    batch, remat = spec.pop("batch"), spec.pop("remat")
-    config = lm_tiny.get_config()
-    config.model.update(spec, remat=remat, dtype="bfloat16", param_dtype="float32")
+    default_batch, remat = spec.pop("batch"), spec.pop("remat")
+    batch = batch or default_batch
+    config = (lm_mamba if size.startswith("mamba") else lm_tiny).get_config()
+    if remat is not None:
+        spec["remat"] = remat
+    config.model.update(spec, dtype="bfloat16", param_dtype="float32")
     config.data.update(seq_len=seq_len, global_batch_size=batch)
     config.train.num_steps = 10_000
     trainer = Trainer(config, tempfile.mkdtemp())
@@ -148,6 +153,7 @@ def main():
     p.add_argument("--sizes", default="125m,1b")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the size's)")
     p.add_argument("--profile", default=None, help="directory for jax.profiler traces (off by default)")
     p.add_argument("--prng_impl", default=None, help="jax_default_prng_impl for this run (threefry2x32, rbg)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lm_step.json"))
@@ -163,7 +169,7 @@ def main():
               "results": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for size in args.sizes.split(","):
-        r = bench(size, args.steps, args.seq_len, args.profile)
+        r = bench(size, args.steps, args.seq_len, args.profile, args.batch)
         r["mfu_vs_peak"] = r["model_tflops_per_s"] * 1e12 / peak if peak else None
         r["mfu_vs_measured_matmul"] = r["model_tflops_per_s"] * 1e12 / ceiling
         rows.append(r)
