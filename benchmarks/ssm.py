@@ -46,12 +46,12 @@ IMPLEMENTATIONS = {
     "sequential": sequential_scan,
     "chunked_256": lambda *a, **k: selective_scan(*a, **k, chunk_size=256),
     # The fused kernel by (channels per program, warps per program).
-    "fused": fused_selective_scan,  # defaults: block_d 16, 1 warp
-    "fused_d8_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=8, num_warps=1),
+    "fused": fused_selective_scan,  # defaults: block_d 8, 1 warp (the fastest measured)
+    "fused_d16_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=16, num_warps=1),
     "fused_d32_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=1),
     "fused_d32_w2": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=2),
     "fused_d64_w4": lambda *a, **k: fused_selective_scan(*a, **k, block_d=64, num_warps=4),
-    "fused_d16_w1_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
+    "fused_d8_w1_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
 }
 
 

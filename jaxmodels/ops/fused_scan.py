@@ -39,8 +39,8 @@ def supports(u, B, C) -> str | None:
     if B.ndim != 3 or C.ndim != 3:
         return "grouped B/C (the kernel takes B, C of shape (batch, L, N))"
     d_inner, n_state = u.shape[-1], B.shape[-1]
-    if d_inner % 16:
-        return f"d_inner={d_inner} is not a multiple of 16"
+    if d_inner % 8:
+        return f"d_inner={d_inner} is not a multiple of 8"
     if n_state & (n_state - 1):
         return f"N={n_state} is not a power of two"
     return None
@@ -138,11 +138,11 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, *, interpret=None, block_d=16, num_warps=1, unroll=1):
+                         return_last_state=False, *, interpret=None, block_d=8, num_warps=1, unroll=1):
     """`selective_scan` (same arguments, same results) through the fused Pallas kernel.
 
     Args as `jaxmodels.ops.scan.selective_scan` with ungrouped B, C (batch, L, N); N a power of two and
-    d_inner a multiple of 16. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
+    d_inner a multiple of 8. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
     `block_d`: channels per program (a power of two dividing d_inner; small blocks give the GPU more
     programs to overlap the latency of each step); `num_warps`: Triton warps per program;
     `unroll`: time steps per loop iteration (same result).
@@ -152,7 +152,7 @@ def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
     Raises:
       ValueError / TypeError as selective_scan, and ValueError naming the reason when the kernel does not
-      cover the inputs (float64, grouped B/C, d_inner not a multiple of 16, N not a power of two).
+      cover the inputs (float64, grouped B/C, d_inner not a multiple of 8, N not a power of two).
     """
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
     scan._prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, step=False)  # validation only

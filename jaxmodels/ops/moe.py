@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-GROUPED_MATMUL_IMPLEMENTATIONS = (None, "ragged_dot", "reference")
+from jaxmodels.ops import grouped_matmul as pallas_gmm
+
+GROUPED_MATMUL_IMPLEMENTATIONS = (None, "pallas", "ragged_dot", "reference")
 PRIORITIES = ("slot", "gate")
 
 
@@ -312,8 +314,10 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     Args:
       x_sorted: (M, d) rows grouped by expert. w: (E, d, f). group_sizes: (E,) int32, sum <= M; rows
         past the sum give zeros.
-      implementation: None or "ragged_dot" (`jax.lax.ragged_dot`), or "reference" (per-group masked
-        einsum, the test oracle).
+      implementation: "pallas" (`jaxmodels.ops.grouped_matmul.pallas_grouped_matmul`, tiled Pallas
+        kernels; interpreted off the GPU), "ragged_dot" (`jax.lax.ragged_dot`), "reference" (per-group
+        masked einsum, the test oracle), or None: "ragged_dot" (the Pallas kernels are not yet
+        measured on a GPU).
 
     Returns:
       (M, f) in x_sorted's dtype.
@@ -326,6 +330,10 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                          f"{w.shape}, {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    if implementation is None:  # "pallas" becomes the GPU default once measured there (benchmarks/grouped_matmul.py)
+        implementation = "ragged_dot"
+    if implementation == "pallas":
+        return pallas_gmm.pallas_grouped_matmul(x_sorted, w, group_sizes)
     if implementation == "reference":
         return _grouped_matmul_reference(x_sorted, w, group_sizes)
     return lax.ragged_dot(x_sorted, w, group_sizes.astype(jnp.int32))

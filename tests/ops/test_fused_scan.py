@@ -64,8 +64,8 @@ def test_unsupported_inputs_are_named():
     grouped = dict(args, B=args["B"][:, :, None, :])
     with pytest.raises(ValueError, match="grouped B/C"):
         fused_selective_scan(**grouped)
-    narrow = _ssm_inputs(26, batch=1, length=3, d_inner=24, n_state=4)
-    with pytest.raises(ValueError, match="d_inner=24 is not a multiple of 16"):
+    narrow = _ssm_inputs(26, batch=1, length=3, d_inner=12, n_state=4)
+    with pytest.raises(ValueError, match="d_inner=12 is not a multiple of 8"):
         fused_selective_scan(**narrow)
     with pytest.raises(ValueError, match="delta must have u's shape"):
         fused_selective_scan(**dict(args, delta=args["delta"][:, :-1]))
