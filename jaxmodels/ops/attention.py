@@ -90,9 +90,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
     if implementation is None:
         implementation = _select_implementation(
-            _platform(), query.dtype, head_dim, q_len, kv_len,
-            masked_or_biased=bias is not None or mask is not None or segment_ids is not None,
-            is_causal=is_causal, local_window=local_window)
+            _platform(), query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     scale = head_dim**-0.5 if scale is None else scale
@@ -459,7 +457,7 @@ _FLASH_MIN_SCORES = 2048 * 2048
 
 
 def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_len: int, *,
-                           masked_or_biased: bool, is_causal: bool, local_window: tuple[int, int] | None) -> str:
+                           is_causal: bool, local_window: tuple[int, int] | None) -> str:
     """"cudnn" where jax.nn's cuDNN flash attention accepts these inputs, else "flash" when
     q_len · kv_len >= _FLASH_MIN_SCORES, else "xla".
 
@@ -468,15 +466,16 @@ def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_l
     `jax.nn.dot_product_attention`:
       - fp16 or bf16 inputs;
       - head_dim a multiple of 8 and <= 128 (256 is allowed on Hopper and later; not assumed here);
-      - with a bias or mask (masks become an additive bias), the backward pass needs even T and S;
-        we cannot know at trace time whether a gradient follows, so we ask for it always;
+      - even T and S: with a bias or mask the backward pass needs them (jax 0.10), and jax 0.11.2's
+        cuDNN rejects odd lengths even without (measured on an H100: "Unsupported sequence length
+        Q 256, KV 7"); we cannot know at trace time whether a gradient follows, so we ask for it always;
       - a local window with a right side only together with is_causal (which discards it).
     """
     supported = (
         platform == "cuda"
         and jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
         and head_dim % 8 == 0 and head_dim <= 128
-        and (not masked_or_biased or (q_len % 2 == 0 and kv_len % 2 == 0))
+        and q_len % 2 == 0 and kv_len % 2 == 0
         and (local_window is None or is_causal or local_window[1] == 0)
     )
     if supported:
