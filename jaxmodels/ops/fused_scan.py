@@ -13,8 +13,10 @@ h (block_d, N) in registers and read each input and write each output once (Gu &
       y_t = h · C_t (+ D·u_t), then y_t *= silu(z_t)
 
 Bytes moved: u, delta, z and y (batch·L·d each) plus B and C (batch·L·N, read once per program).
-The gradient is the associative scan's (`custom_vjp`: the backward pass recomputes the states with
-`selective_scan`), so training is not yet fused.
+The gradient is a second kernel (`custom_vjp`): per program, a forward pass saves the state before
+each chunk of ≤ 64 positions; then, chunk by chunk from the end, it recomputes the chunk's states into
+a small scratch buffer and walks them backwards (Mamba's CUDA kernel recomputes the same way). dB and
+dC come out as per-program partial sums, added up by XLA.
 
 On CPU the kernel runs through the Pallas interpreter (`interpret=True`): slow, used by the tests.
 """
@@ -51,6 +53,18 @@ def _check_block_d(block_d: int, d_inner: int) -> None:
         raise ValueError(f"block_d={block_d} must be a power of two dividing d_inner={d_inner}")
 
 
+def _inputs_at(u_ref, delta_ref, b_ref, c_ref, t, bias, delta_softplus):
+    """Position t of a program's inputs in float32: u (block_d,), Δ (block_d,), dΔ/d(delta) (block_d,), B, C (N,)."""
+    u_t = u_ref[t, :].astype(jnp.float32)
+    pre = delta_ref[t, :].astype(jnp.float32) + bias
+    if delta_softplus:
+        delta_t = jnp.where(pre > 20.0, pre, jnp.log1p(jnp.exp(jnp.minimum(pre, 20.0))))
+        ddelta_dpre = jax.nn.sigmoid(pre)
+    else:
+        delta_t, ddelta_dpre = pre, jnp.ones_like(pre)
+    return u_t, delta_t, ddelta_dpre, b_ref[t, :].astype(jnp.float32), c_ref[t, :].astype(jnp.float32)
+
+
 def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z, length,
             unroll):
     if has_z:
@@ -62,12 +76,7 @@ def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta
     bias = bias_ref[...].astype(jnp.float32)
 
     def step(t, h):
-        u_t = u_ref[t, :].astype(jnp.float32)                # (block_d,)
-        delta_t = delta_ref[t, :].astype(jnp.float32) + bias
-        if delta_softplus:
-            delta_t = jnp.where(delta_t > 20.0, delta_t, jnp.log1p(jnp.exp(jnp.minimum(delta_t, 20.0))))
-        b_t = b_ref[t, :].astype(jnp.float32)                # (N,)
-        c_t = c_ref[t, :].astype(jnp.float32)
+        u_t, delta_t, _, b_t, c_t = _inputs_at(u_ref, delta_ref, b_ref, c_ref, t, bias, delta_softplus)
         h = jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
         y_t = jnp.sum(h * c_t[None, :], axis=1) + skip * u_t
         if has_z:
@@ -84,6 +93,86 @@ def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta
     whole = length // unroll * unroll
     h = lax.fori_loop(0, length // unroll, unrolled, jnp.zeros(a.shape, jnp.float32))
     last_ref[...] = lax.fori_loop(whole, length, step, h)
+
+
+def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z,
+                     length, chunk):
+    """Reverse-mode of `_kernel` for one program, never holding more than `chunk` states.
+
+    1. Forward over the sequence, saving the state before each chunk (ckpt).
+    2. Chunks last to first: recompute the chunk's states into `hist` from its checkpoint, then walk it
+       backwards with S = dL/dh_t from the future (S ← dlast at the end):
+         G = S + g_t ⊗ C_t (g = dy, times silu(z) when gated),  S ← G ⊙ Ā_t
+         dB_t = Σ_c G x_t, dC_t = Σ_c g h_t, dx = G·B_t (x = Δu), dΔ = dx u + Σ_n G h_{t-1} Ā_t A,
+         dA += G h_{t-1} Ā_t Δ, du = dx Δ + g D, dD += g u.
+    dB, dC are this program's partial sums over its channels; dA, dD, dbias are per batch element.
+    """
+    if has_z:
+        z_ref, dy_ref, dlast_ref, du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, \
+            ckpt_ref, hist_ref = rest
+    else:
+        dy_ref, dlast_ref, du_ref, ddelta_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, ckpt_ref, hist_ref = rest
+        z_ref = dz_ref = None
+    a = a_ref[...].astype(jnp.float32)
+    skip = d_ref[...].astype(jnp.float32)
+    bias = bias_ref[...].astype(jnp.float32)
+    inputs_at = functools.partial(_inputs_at, u_ref, delta_ref, b_ref, c_ref, bias=bias,
+                                  delta_softplus=delta_softplus)
+    num_chunks = length // chunk
+
+    def advance(t, h):
+        u_t, delta_t, _, b_t, _ = inputs_at(t=t)
+        return jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
+
+    def save(k, h):
+        ckpt_ref[k] = h
+        return lax.fori_loop(k * chunk, (k + 1) * chunk, advance, h)
+
+    lax.fori_loop(0, num_chunks, save, jnp.zeros(a.shape, jnp.float32))
+
+    def chunk_backward(i, carry):
+        start = (num_chunks - 1 - i) * chunk
+        h0 = ckpt_ref[num_chunks - 1 - i]
+
+        def record(t, h):
+            h = advance(t, h)
+            hist_ref[t - start] = h
+            return h
+
+        lax.fori_loop(start, start + chunk, record, h0)
+
+        def back(j, carry):
+            s, da_acc, dd_acc, dbias_acc = carry
+            t = start + chunk - 1 - j
+            u_t, delta_t, ddelta_dpre, b_t, c_t = inputs_at(t=t)
+            h_t = hist_ref[t - start]
+            h_prev = jnp.where(t > start, hist_ref[jnp.maximum(t - start - 1, 0)], h0)
+            g = dy_ref[t, :].astype(jnp.float32)
+            if has_z:
+                z_t = z_ref[t, :].astype(jnp.float32)
+                sig = jax.nn.sigmoid(z_t)
+                y_scan = jnp.sum(h_t * c_t[None, :], axis=1) + skip * u_t
+                dz_ref[t, :] = g * y_scan * sig * (1.0 + z_t * (1.0 - sig))
+                g = g * z_t * sig
+            dc_ref[t, :] = jnp.sum(g[:, None] * h_t, axis=0)
+            G = s + g[:, None] * c_t[None, :]
+            db_ref[t, :] = jnp.sum(G * (delta_t * u_t)[:, None], axis=0)
+            dx = jnp.sum(G * b_t[None, :], axis=1)
+            a_t = jnp.exp(delta_t[:, None] * a)
+            d_exponent = G * h_prev * a_t                                   # dL/d(Δ·A)
+            dpre = (dx * u_t + jnp.sum(d_exponent * a, axis=1)) * ddelta_dpre
+            du_ref[t, :] = dx * delta_t + g * skip
+            ddelta_ref[t, :] = dpre
+            return G * a_t, da_acc + d_exponent * delta_t[:, None], dd_acc + g * u_t, dbias_acc + dpre
+
+        return lax.fori_loop(0, chunk, back, carry)
+
+    zeros_d = jnp.zeros(skip.shape, jnp.float32)
+    init = (dlast_ref[...].astype(jnp.float32), jnp.zeros(a.shape, jnp.float32), zeros_d, zeros_d)
+    _, da, dd, dbias = lax.fori_loop(0, num_chunks, chunk_backward, init)
+    da_ref[...] = da
+    dd_ref[...] = dd
+    dbias_ref[...] = dbias
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus", "interpret", "options"))
@@ -112,8 +201,55 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, *, delta_softplus, inter
     )(*args)
 
 
-def _reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+def _backward_chunk(length: int) -> int:
+    """Positions per recomputed chunk of the backward kernel: the largest power of two <= 64 dividing L."""
+    return next(c for c in (64, 32, 16, 8, 4, 2, 1) if length % c == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "interpret", "options"))
+def _fused_backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, *, delta_softplus, interpret, options):
+    batch, length, d_inner = u.shape
+    n_state = A.shape[1]
+    block_d, num_warps, _ = options
+    nblk, chunk = d_inner // block_d, _backward_chunk(length)
+    grid = (batch, nblk)
+    seq = pl.BlockSpec((None, length, block_d), lambda b, j: (b, 0, j))
+    state = pl.BlockSpec((None, length, n_state), lambda b, j: (b, 0, 0))
+    channel = pl.BlockSpec((block_d,), lambda b, j: (j,))
+    per_state = pl.BlockSpec((None, block_d, n_state), lambda b, j: (b, j, 0))
+    in_specs = [seq, seq, pl.BlockSpec((block_d, n_state), lambda b, j: (j, 0)), state, state, channel, channel]
+    args = [u, delta, A, B, C, D, delta_bias]
+    if z is not None:
+        in_specs.append(seq)
+        args.append(z)
+    in_specs += [seq, per_state]
+    args += [dy, dlast]
+    f32 = jnp.float32
+    partial_bc = pl.BlockSpec((None, None, length, n_state), lambda b, j: (b, j, 0, 0))
+    per_channel = pl.BlockSpec((None, block_d), lambda b, j: (b, j))
+
+    def stack(n):  # per-program scratch of n states
+        return pl.BlockSpec((None, None, n, block_d, n_state), lambda b, j: (b, j, 0, 0, 0))
+
+    out = [(seq, u.shape), (seq, u.shape)] + ([(seq, u.shape)] if z is not None else []) + [
+        (partial_bc, (batch, nblk, length, n_state)), (partial_bc, (batch, nblk, length, n_state)),
+        (per_state, (batch, d_inner, n_state)), (per_channel, (batch, d_inner)), (per_channel, (batch, d_inner)),
+        (stack(length // chunk), (batch, nblk, length // chunk, block_d, n_state)),
+        (stack(chunk), (batch, nblk, chunk, block_d, n_state))]
+    kernel = functools.partial(_backward_kernel, delta_softplus=delta_softplus, has_z=z is not None, length=length,
+                               chunk=chunk)
+    results = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=[spec for spec, _ in out],
+        out_shape=[jax.ShapeDtypeStruct(shape, f32) for _, shape in out],
+        interpret=interpret, name="fused_selective_scan_backward",
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps),
+    )(*args)
+    du, ddelta = results[0], results[1]
+    dz = results[2] if z is not None else None
+    db, dc, da, dd, dbias = results[3 if z is not None else 2:-2]
+    return (du.astype(u.dtype), ddelta.astype(delta.dtype), da.sum(0).astype(A.dtype), db.sum(1).astype(B.dtype),
+            dc.sum(1).astype(C.dtype), dd.sum(0).astype(D.dtype), None if z is None else dz.astype(z.dtype),
+            dbias.sum(0).astype(delta_bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -129,9 +265,9 @@ def _fused_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, interpret, o
 
 
 def _fused_bwd(delta_softplus, interpret, options, residuals, cotangents):
-    del interpret, options
-    _, vjp = jax.vjp(lambda *args: _reference(*args, delta_softplus), *residuals)
-    return vjp(cotangents)
+    dy, dlast = cotangents
+    return _fused_backward(*residuals, dy, dlast, delta_softplus=delta_softplus, interpret=interpret,
+                           options=options)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
