@@ -96,7 +96,7 @@ def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta
 
 
 def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z,
-                     length, chunk):
+                     length, chunk, barrier):
     """Reverse-mode of `_kernel` for one program, never holding more than `chunk` states.
 
     1. Forward over the sequence, saving the state before each chunk (ckpt).
@@ -106,6 +106,8 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
          dB_t = Σ_c G x_t, dC_t = Σ_c g h_t, dx = G·B_t (x = Δu), dΔ = dx u + Σ_n G h_{t-1} Ā_t A,
          dA += G h_{t-1} Ā_t Δ, du = dx Δ + g D, dD += g u.
     dB, dC are this program's partial sums over its channels; dA, dD, dbias are per batch element.
+    `barrier`: synchronise the program's threads after writing scratch that other threads may read back
+    (on the GPU; the interpreter has no barrier and needs none).
     """
     if has_z:
         z_ref, dy_ref, dlast_ref, du_ref, ddelta_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref, \
@@ -129,6 +131,8 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
         return lax.fori_loop(k * chunk, (k + 1) * chunk, advance, h)
 
     lax.fori_loop(0, num_chunks, save, jnp.zeros(a.shape, jnp.float32))
+    if barrier:
+        pl_triton.debug_barrier()
 
     def chunk_backward(i, carry):
         start = (num_chunks - 1 - i) * chunk
@@ -139,7 +143,11 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
             hist_ref[t - start] = h
             return h
 
+        if barrier:  # the previous chunk's backward walk has read all of hist
+            pl_triton.debug_barrier()
         lax.fori_loop(start, start + chunk, record, h0)
+        if barrier:  # hist is written before any thread reads it
+            pl_triton.debug_barrier()
 
         def back(j, carry):
             s, da_acc, dd_acc, dbias_acc = carry
@@ -237,7 +245,7 @@ def _fused_backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, *, delta_sof
         (stack(length // chunk), (batch, nblk, length // chunk, block_d, n_state)),
         (stack(chunk), (batch, nblk, chunk, block_d, n_state))]
     kernel = functools.partial(_backward_kernel, delta_softplus=delta_softplus, has_z=z is not None, length=length,
-                               chunk=chunk)
+                               chunk=chunk, barrier=not interpret)
     results = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=[spec for spec, _ in out],
         out_shape=[jax.ShapeDtypeStruct(shape, f32) for _, shape in out],
