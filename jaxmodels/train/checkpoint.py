@@ -40,11 +40,12 @@ class Checkpointer:
             self.save(step, state, force=True)
         self.wait()
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, hint: str = ""):
         """Restore the newest readable checkpoint into `abstract_state`'s structure and shardings.
 
         Returns (step, state), or (None, None) when there is none. A checkpoint that fails to
-        read is reported with its step and skipped for the one before it.
+        read is reported with its step and skipped for the one before it. `hint` (e.g. how this
+        run's config differs from the one that wrote the checkpoints) ends the error's message.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
@@ -56,7 +57,7 @@ class Checkpointer:
                             step, type(e).__name__, str(e).splitlines()[0][:200])
         if steps:
             raise CheckpointError(f"none of the checkpoints at steps {steps} in {self.manager.directory} "
-                                  "could be restored; move the directory away to start afresh")
+                                  f"could be restored; move the directory away to start afresh{hint}")
         return None, None
 
     def wait(self):

@@ -21,7 +21,7 @@ from jaxmodels.parallel import zero
 from jaxmodels.parallel.distributed import check_processes_agree
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.tasks import make_task
-from jaxmodels.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxmodels.train.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
 from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
@@ -49,6 +49,28 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
     finally:
         for s in signums:
             signal.signal(s, previous[s])
+
+
+# Config sections that decide the layout of the saved train state.
+STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules")
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(previous_config_json: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: old -> new' for the STATE_SECTIONS fields where `config` differs from the config.json
+    a previous run left in the workdir (empty when there is none)."""
+    if not os.path.exists(previous_config_json):
+        return []
+    with open(previous_config_json) as f:
+        previous = json.load(f)
+    current = json.loads(config.to_json_best_effort())
+    old, new = (_flat({k: c.get(k) for k in STATE_SECTIONS}) for c in (previous, current))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def init_rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
@@ -141,8 +163,16 @@ class Trainer:
 
     def restore_or_init(self):
         """(start_step, state): the newest readable checkpoint, or a fresh sharded init."""
+        changes = config_changes(os.path.join(self.workdir, "config.json"), self.config)
+        strategy = [c for c in changes if c.startswith("parallel.strategy:")]
+        if strategy and "'zero'" in strategy[0]:  # zero stores the optimiser state flat and padded
+            raise CheckpointError(f"{self.workdir} holds checkpoints of another data-parallel strategy "
+                                  f"({strategy[0]}); zero's optimiser state has another layout. Resume with "
+                                  "the same parallel.strategy or use a new workdir")
+        hint = (". The checkpoints were written with a different config (state layout): " + "; ".join(changes)
+                if changes else "")
         step, state = self.checkpointer.restore_latest(
-            abstract_with_shardings(self.abstract_state, self.state_shardings))
+            abstract_with_shardings(self.abstract_state, self.state_shardings), hint)
         return (0, self.init()) if step is None else (step, state)
 
     def evaluate(self, params, batches) -> dict[str, float]:

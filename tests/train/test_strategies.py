@@ -76,3 +76,21 @@ def test_inconsistent_strategy_and_mesh_are_rejected(overrides, match):
 def test_degenerate_sizes_are_accepted():
     validate_config(tiny_config(mesh__data=1, mesh__fsdp=-1, parallel__strategy="fsdp"), num_devices=1)
     validate_config(tiny_config(parallel__strategy="zero"), num_devices=1)
+
+
+def test_resuming_with_another_strategy_names_the_change(tmp_path):
+    from jaxmodels.train.checkpoint import CheckpointError
+    from jaxmodels.train.loop import train_and_evaluate
+    run = dict(train__num_steps=2, train__checkpoint_every=2, data__global_batch_size=16, mesh__data=8)
+    train_and_evaluate(tiny_config(**run, parallel__strategy="zero"), str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"parallel.strategy: 'zero' -> 'replicated'"):
+        train_and_evaluate(tiny_config(**run, parallel__strategy="replicated"), str(tmp_path))
+
+
+def test_a_failed_restore_names_the_config_change(tmp_path):
+    from jaxmodels.train.checkpoint import CheckpointError
+    from jaxmodels.train.loop import train_and_evaluate
+    run = dict(train__num_steps=2, train__checkpoint_every=2)
+    train_and_evaluate(tiny_config(**run), str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"model.embed_dim: 32 -> 48"):
+        train_and_evaluate(tiny_config(**run, model__embed_dim=48), str(tmp_path))
