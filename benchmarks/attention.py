@@ -23,15 +23,14 @@ whole fwd+bwd program (`compiled.memory_analysis().temp_size_in_bytes`).
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import median_time  # noqa: E402
 from jaxmodels.ops.attention import dot_product_attention  # noqa: E402
 from jaxmodels.ops.gau import mixed_chunk_attention  # noqa: E402
 from jaxmodels.ops.linear_attention import (  # noqa: E402
@@ -39,17 +38,6 @@ from jaxmodels.ops.linear_attention import (  # noqa: E402
 
 TOKENS = int(os.environ.get("ATTN_TOKENS", 32 * 1024))  # B·T per case
 WIDTH = 2048  # N·H
-
-
-def median_time(fn, args, *, warmup: int = 2, iters: int = 10) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def fwd_bwd(attention):
@@ -66,7 +54,7 @@ def measure(attention, shapes, flops: float | None, **info) -> dict:
     try:
         compiled = fwd_bwd(attention).lower(*args).compile()
         row["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
-        row["time_s"] = median_time(compiled, args, iters=10 if info["T"] <= 8192 else 5)
+        row["time_s"] = median_time(compiled, *args, iters=10 if info["T"] <= 8192 else 5)
         if flops:
             row["tflops_per_s"] = flops / row["time_s"] / 1e12
     except Exception as e:  # noqa: BLE001 -- out of memory is a result here, recorded as such

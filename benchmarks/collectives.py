@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.lm_step import SIZES, median_time  # noqa: E402
+from benchmarks.lm_step import SIZES  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 from experiments.configs import lm_tiny  # noqa: E402
 from jaxmodels.ops.collectives import ring_all_reduce  # noqa: E402
 from jaxmodels.train.loop import Trainer  # noqa: E402

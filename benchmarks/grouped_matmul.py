@@ -22,9 +22,7 @@ has rel_err, the relative Frobenius error of y (and of dw when timed) against ra
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import median_time  # noqa: E402
 from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul  # noqa: E402
 
 DEFAULT_CONFIGS = "128,128,64,4,4;128,128,64,8,3;128,256,64,8,3;64,128,64,4,4;128,128,32,4,4;256,128,64,8,3"
-
-
-def median_time(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def group_sizes(kind, num_tokens, k, num_experts, seed=0):
@@ -82,7 +70,7 @@ def bench_case(fn, x, w, gs, dy, iters):
     for label, f, args in (("fwd", fwd, (x, w, gs)), ("fwd_bwd", fwd_bwd, (x, w, gs, dy))):
         try:
             compiled = f.lower(*args).compile()
-            row[f"{label}_s"] = median_time(compiled, args, iters)
+            row[f"{label}_s"] = median_time(compiled, *args, iters=iters)
             outputs[label] = compiled(*args)
         except Exception as e:  # a config that does not fit (shared memory, registers) is a result
             row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

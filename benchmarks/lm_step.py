@@ -19,7 +19,6 @@ import glob
 import gzip
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import median_time  # noqa: E402
 from experiments.configs import lm_mamba, lm_tiny  # noqa: E402
 from jaxmodels.train.loop import Trainer  # noqa: E402
 from jaxmodels.train.metrics import device_peak_flops  # noqa: E402
@@ -44,17 +44,6 @@ SIZES = {
     # Mamba-130m's shape (Gu & Dao 2023, Table 12): 24 layers, d_model 768, d_inner 1536, N 16.
     "mamba130m": dict(num_layers=24, embed_dim=768, d_state=16, expand=2, batch=32, remat=None),
 }
-
-
-def median_time(fn, *, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def matmul_ceiling(n: int = 8192) -> float:

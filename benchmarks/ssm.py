@@ -14,9 +14,7 @@ column is the associative scan (`jaxmodels.ops.scan.selective_scan`).
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import median_time  # noqa: E402
 from jaxmodels.ops.fused_scan import fused_selective_scan  # noqa: E402
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step  # noqa: E402
 
@@ -55,21 +54,10 @@ IMPLEMENTATIONS = {
 }
 
 
-def median_time(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def copy_bandwidth(n_bytes=2 ** 30):
     x = jax.random.normal(jax.random.key(1), (n_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda x: x * 1.0001)
-    return 2 * n_bytes / median_time(copy, (x,), 20)
+    return 2 * n_bytes / median_time(copy, x, iters=20)
 
 
 def inputs(batch, length, d_inner, n_state, seed=0):
@@ -103,7 +91,7 @@ def bench_case(name, fn, args, iters, backward):
             compiled = f.lower(*flat).compile()
             mem = compiled.memory_analysis()
             row[f"{label}_temp_bytes"] = getattr(mem, "temp_size_in_bytes", None)
-            row[f"{label}_s"] = median_time(compiled, flat, iters)
+            row[f"{label}_s"] = median_time(compiled, *flat, iters=iters)
         except Exception as e:  # out of memory at long lengths is a result, not a crash
             row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return row
