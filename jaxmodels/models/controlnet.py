@@ -91,7 +91,7 @@ class ControlNet(nnx.Module):
                       hint_downsample=hint_downsample, dtype=unet.encoder.dtype if dtype is None else dtype,
                       param_dtype=param_dtype, rngs=rngs)
         source = nnx.state(unet.encoder, nnx.Param)
-        nnx.update(control.encoder, jax.tree.map(lambda p: jnp.asarray(p, param_dtype), source))
+        nnx.update(control.encoder, jax.tree.map(lambda p: jnp.array(p, param_dtype, copy=True), source))
         return control
 
     def __call__(self, x: jax.Array, t: jax.Array, hint: jax.Array, labels: jax.Array | None = None,

@@ -29,6 +29,10 @@ def test_from_unet_copies_the_encoder(unet, controlled):
     for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(source)):
         np.testing.assert_array_equal(a, b)
     assert controlled.controlnet.encoder.config == unet.encoder.config
+    # Copies, not shared buffers: a train step that donates the ControlNet must not free the frozen UNet's.
+    eager = ControlNet.from_unet(unet, hint_channels=3, rngs=nnx.Rngs(1))
+    for a, b in zip(jax.tree.leaves(nnx.state(eager.encoder, nnx.Param)), jax.tree.leaves(source)):
+        assert a is not b
 
 
 def test_output_equals_the_plain_unet_at_init(unet, controlled):
