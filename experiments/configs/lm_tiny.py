@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxmodels.nn.attention import AttentionSpec, spec_from_config
+from jaxmodels.nn.transformer import MoESpec, moe_spec_from_config
 from jaxmodels.parallel.sharding import DEFAULT_RULES
 
 
@@ -27,6 +28,15 @@ def attention_config(**overrides) -> dict:
     spec_from_config(overrides)  # unknown fields and invalid values fail here, naming the field
     fields = {f.name: f.default for f in dataclasses.fields(AttentionSpec)}
     fields["implementation"] = config_dict.placeholder(str)  # None: fastest correct kernel for the device
+    return {**fields, **overrides}
+
+
+def moe_config(**overrides) -> dict:
+    """The `model.moe` section: every field of jaxmodels.nn.transformer.MoESpec (num_experts=0: dense),
+    each overridable from the command line (e.g. --config.model.moe.num_experts=8)."""
+    moe_spec_from_config(overrides)  # unknown fields and invalid values fail here, naming the field
+    fields = {f.name: f.default for f in dataclasses.fields(MoESpec)}
+    fields["implementation"] = config_dict.placeholder(str)  # None: jax.lax.ragged_dot
     return {**fields, **overrides}
 
 
@@ -46,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_kind="swiglu",
         norm_kind="rms",
         attention=attention_config(),
+        moe=moe_config(),       # mixture-of-experts MLPs; num_experts=0 (default) is the dense model
         remat="none",
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
         param_dtype="float32",
@@ -88,8 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
         prng_impl="threefry2x32",
     )
 
-    # Axes data / fsdp / tensor; -1 takes the remaining devices.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over
+    # data x fsdp x expert; MoE experts are sharded over expert.
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     # Logical axis name -> mesh axes (see jaxmodels/parallel/sharding.py).
     c.sharding_rules = DEFAULT_RULES
     # Data-parallel strategy: "replicated", "zero" or "fsdp" (README "Data-parallel strategies",

@@ -8,12 +8,15 @@ from jaxmodels.models.autoencoder import KLAutoencoder
 from jaxmodels.models.dit import DiT
 from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
+from jaxmodels.models.mlp_denoiser import MLPDenoiser
 from jaxmodels.models.mmdit import MMDiT
 from jaxmodels.models.sequence_classifier import SequenceClassifier
+from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
 
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
-          "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder}
+          "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
+          "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

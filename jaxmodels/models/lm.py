@@ -1,4 +1,5 @@
-"""Decoder-only Transformer language model (GPT-style, with RoPE, RMSNorm, SwiGLU, GQA)."""
+"""Decoder-only Transformer language model (GPT-style, with RoPE, RMSNorm, SwiGLU, GQA; optionally
+mixture-of-experts MLPs in every k-th block)."""
 
 import functools
 from collections.abc import Mapping
@@ -11,7 +12,8 @@ from flax import nnx
 from jaxmodels.nn.attention import AttentionSpec, Cache, spec_from_config
 from jaxmodels.nn.layers import Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
-from jaxmodels.nn.transformer import TransformerBlock
+from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
+from jaxmodels.ops.moe import moe_flops_per_token
 from jaxmodels.ops.position import sinusoidal_embedding
 
 REMAT_POLICIES = {
@@ -28,23 +30,30 @@ class DecoderLM(nnx.Module):
     `attention` (an AttentionSpec or its config section) selects the attention kind and positions.
     `remat` selects activation rematerialisation per block (REMAT_POLICIES); it trades compute
     for memory and does not change results.
+    `moe` (a MoESpec or its config section; None or num_experts=0: dense) makes the MLP of every
+    moe.every-th block a mixture of experts. `model(tokens, return_aux=True)` then also returns
+    the routers' statistics combined over the MoE blocks (`combine_moe_aux`), whose "moe_loss" the
+    objective adds (`jaxmodels.tasks.lm.next_token_loss`).
     """
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms",
-                 attention: AttentionSpec | Mapping | None = None, remat: str = "none",
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 attention: AttentionSpec | Mapping | None = None, moe: MoESpec | Mapping | None = None,
+                 remat: str = "none", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
         if not isinstance(attention, AttentionSpec):
             attention = spec_from_config(attention)
-        self.attention, self.dtype, self.remat = attention, dtype, remat
+        if not isinstance(moe, MoESpec):
+            moe = moe_spec_from_config(moe)
+        self.attention, self.moe, self.dtype, self.remat = attention, moe, dtype, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             TransformerBlock(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              mlp_dim=mlp_dim, num_layers=num_layers, mlp_kind=mlp_kind, norm_kind=norm_kind,
-                             attention=attention, kind=attention.layer_kind(layer, num_layers), layer=layer, **kw)
+                             attention=attention, kind=attention.layer_kind(layer, num_layers), layer=layer,
+                             moe=moe, **kw)
             for layer in range(num_layers)])
         self.final_norm = make_norm(norm_kind, embed_dim, **kw)
         if attention.position == "learned":  # GPT-2's learned absolute positions, N(0, 0.02²)
@@ -53,9 +62,11 @@ class DecoderLM(nnx.Module):
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: list[Cache] | None = None, cache_index: jax.Array | None = None):
+                 cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False):
         """Without `cache`: causal forward over the whole sequence, returns logits.
-        With `cache` (from `init_cache`): tokens are at positions cache_index.., returns (logits, cache)."""
+        With `cache` (from `init_cache`): tokens are at positions cache_index.., returns (logits, cache).
+        With `return_aux`, the MoE statistics (`combine_moe_aux`; {} for a dense model) come last:
+        (logits, aux) or (logits, cache, aux)."""
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
@@ -64,18 +75,25 @@ class DecoderLM(nnx.Module):
             x = x + sinusoidal_embedding(positions, x.shape[-1]).astype(x.dtype)
         elif self.attention.position == "learned":
             x = x + self._learned_positions(positions, tokens.shape[1] + (0 if cache is None else cache_index))
+        layer_aux = []
         if cache is None:
             block_fn = _block_forward
             if REMAT_POLICIES[self.remat] is not None:
                 block_fn = nnx.remat(_block_forward, policy=REMAT_POLICIES[self.remat])
             for block in self.blocks:
-                x = block_fn(block, x, positions)
-            return self._logits(x)
-        new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block(x, positions, layer_cache, cache_index)
-            new_cache.append(layer_cache)
-        return self._logits(x), new_cache
+                x, aux = block_fn(block, x, positions)
+                layer_aux.append(aux)
+            out = (self._logits(x),)
+        else:
+            new_cache = []
+            for block, layer_cache in zip(self.blocks, cache):
+                x, layer_cache, aux = block(x, positions, layer_cache, cache_index)
+                new_cache.append(layer_cache)
+                layer_aux.append(aux)
+            out = (self._logits(x), new_cache)
+        if return_aux:
+            out += (combine_moe_aux([a for a in layer_aux if a is not None], self.moe),)
+        return out[0] if len(out) == 1 else out
 
     def _learned_positions(self, positions, length):
         """Rows `positions` of the learned table; `length` (static when it can be) is checked against its size."""
@@ -102,23 +120,56 @@ class DecoderLM(nnx.Module):
 
 
 def _block_forward(block, x, positions):
-    return block(x, positions)[0]
+    x, _, aux = block(x, positions)
+    return x, aux
+
+
+def combine_moe_aux(layer_aux: list[dict[str, jax.Array]], moe: MoESpec) -> dict[str, jax.Array]:
+    """The statistics of the MoE blocks (`MoEFeedForward`'s aux dicts, one per MoE block) as one
+    dict of float32 values; {} when there are none.
+
+    load_balancing_loss, router_z_loss, dropped_fraction, routing_entropy: means over the blocks.
+    max_expert_load: max over blocks and experts of E * (fraction of assignments to the expert):
+      1 when perfectly balanced, E when one expert takes everything.
+    expert_load: (num_moe_blocks, E) the fractions themselves.
+    moe_loss: the auxiliary objective moe.load_balancing_weight * load_balancing_loss +
+      moe.router_z_weight * router_z_loss (Switch's α = 1e-2, ST-MoE's 1e-3), averaged over blocks
+      so that the weights do not depend on the number of MoE blocks.
+    """
+    if not layer_aux:
+        return {}
+    out = {name: jnp.mean(jnp.stack([a[name] for a in layer_aux]))
+           for name in ("load_balancing_loss", "router_z_loss", "dropped_fraction", "routing_entropy")}
+    out["expert_load"] = jnp.stack([a["expert_load"] for a in layer_aux])
+    out["max_expert_load"] = moe.num_experts * jnp.max(out["expert_load"])
+    out["moe_loss"] = (moe.load_balancing_weight * out["load_balancing_loss"]
+                       + moe.router_z_weight * out["router_z_loss"])
+    return out
 
 
 def train_flops_per_token(*, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
-                          head_dim: int, mlp_dim: int, mlp_kind: str, seq_len: int, causal: bool = True) -> float:
+                          head_dim: int, mlp_dim: int, mlp_kind: str, seq_len: int, causal: bool = True,
+                          moe: MoESpec | Mapping | None = None) -> float:
     """Model FLOPs of one training token (forward + backward = 3 x forward), counted analytically.
 
     Matmuls: 6 * (parameters in matmuls), the embedding lookup excluded, the output head included
     (Kaplan et al. 2020, C = 6N). Attention scores and values: 2 matmuls of 2 * heads * head_dim
     * seq_len FLOPs per token per layer forward; causal attention counted at half the full score
     matrix. Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
+    MoE blocks (`moe`) count their ACTIVE parameters only: the router (embed_dim x E) and the k
+    routed + num_shared shared SwiGLU experts a token uses (`ops.moe.moe_flops_per_token`), not the
+    E - k idle experts, nor capacity padding or dropped slots.
     """
+    if not isinstance(moe, MoESpec):
+        moe = moe_spec_from_config(moe)
     attn_params = embed_dim * head_dim * (2 * num_heads + 2 * num_kv_heads)
     mlp_params = embed_dim * mlp_dim * (3 if mlp_kind == "swiglu" else 2)
-    matmul_params = num_layers * (attn_params + mlp_params) + embed_dim * vocab_size
+    num_moe = moe.num_moe_layers(num_layers)
+    matmul_params = num_layers * attn_params + (num_layers - num_moe) * mlp_params + embed_dim * vocab_size
+    moe_fwd = num_moe * (moe_flops_per_token(embed_dim, mlp_dim, moe.k, moe.num_shared)
+                         + 2 * embed_dim * moe.num_experts)
     attn_fwd = num_layers * 2 * 2 * num_heads * head_dim * seq_len * (0.5 if causal else 1.0)
-    return 6.0 * matmul_params + 3.0 * attn_fwd
+    return 6.0 * matmul_params + 3.0 * (attn_fwd + moe_fwd)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:

@@ -1,4 +1,8 @@
-"""Device mesh from a config section: axes data / fsdp / tensor, -1 for "the rest"."""
+"""Device mesh from a config section: axes data / fsdp / expert / tensor, -1 for "the rest".
+
+`expert` is the expert-parallel axis (GShard, Lepikhin et al. 2020): mixture-of-experts weights
+are sharded over it (logical axis "expert") and the batch is split over it too, so with no MoE
+layer it acts as one more data-parallel axis. `tensor` is last: it varies fastest over the devices."""
 
 import math
 
@@ -6,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def mesh_shape(axis_sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:

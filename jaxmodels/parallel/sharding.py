@@ -10,9 +10,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
-# Parameters: FSDP shards the embedding dimension, tensor parallelism the heads/MLP/vocab dims.
+# Parameters: FSDP shards the embedding dimension, tensor parallelism the heads/MLP/vocab dims,
+# expert parallelism the experts of MoE layers. Batches are split over data, fsdp and expert.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    ("expert", "expert"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -77,7 +79,7 @@ def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state,
 
 
 def batch_spec(rules: Rules, ndim: int) -> P:
-    """Batches are sharded on their leading dim by the rule for "batch" (data + fsdp by default)."""
+    """Batches are sharded on their leading dim by the rule for "batch" (data + fsdp + expert by default)."""
     axes = _as_tuple(dict(rules).get("batch"))
     return P(axes if axes else None, *([None] * (ndim - 1)))
 

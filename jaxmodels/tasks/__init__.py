@@ -2,9 +2,11 @@
 
 import ml_collections
 
+from jaxmodels.tasks.diffusion import Diffusion
 from jaxmodels.tasks.lm import LanguageModeling
+from jaxmodels.tasks.sequence import SequenceClassification, SequenceTokens
 
-TASKS = {"lm": LanguageModeling}
+TASKS = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens, "sequence_classification": SequenceClassification}
 
 
 def make_task(config: ml_collections.ConfigDict):

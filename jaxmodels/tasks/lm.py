@@ -11,16 +11,29 @@ from flax import nnx
 from jaxmodels.data import lm as lm_data
 from jaxmodels.models import make_model
 from jaxmodels.models import mamba
-from jaxmodels.models.lm import generate, train_flops_per_token
+from jaxmodels.models.lm import DecoderLM, generate, train_flops_per_token
 from jaxmodels.ops.losses import softmax_cross_entropy
 
 
 def next_token_loss(model: nnx.Module, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross entropy. batch: (batch, length + 1) int32 token ids;
-    inputs batch[:, :-1] predict targets batch[:, 1:]. Returns (loss nats/token f32, metrics)."""
-    logits = model(batch[:, :-1])
-    loss = jnp.mean(softmax_cross_entropy(logits, batch[:, 1:]))
-    return loss, {"loss": loss, "bits_per_byte": loss / math.log(2.0)}
+    inputs batch[:, :-1] predict targets batch[:, 1:]. Returns (loss nats/token f32, metrics).
+
+    For a DecoderLM with MoE blocks the loss is cross entropy + the weighted router losses
+    (`jaxmodels.models.lm.combine_moe_aux`'s moe_loss: Switch load balancing, ST-MoE z-loss);
+    metrics then also hold cross_entropy, moe_loss, load_balancing_loss, router_z_loss,
+    dropped_fraction, routing_entropy and max_expert_load. bits_per_byte is always cross entropy's."""
+    if isinstance(model, DecoderLM) and model.moe.num_experts:
+        logits, aux = model(batch[:, :-1], return_aux=True)
+    else:
+        logits, aux = model(batch[:, :-1]), {}
+    cross_entropy = jnp.mean(softmax_cross_entropy(logits, batch[:, 1:]))
+    metrics = {"bits_per_byte": cross_entropy / math.log(2.0)}
+    loss = cross_entropy
+    if aux:
+        loss = cross_entropy + aux["moe_loss"]
+        metrics |= {"cross_entropy": cross_entropy} | {k: v for k, v in aux.items() if k != "expert_load"}
+    return loss, {"loss": loss, **metrics}
 
 
 def decode_bytes(tokens) -> str:
@@ -64,7 +77,7 @@ class LanguageModeling:
         per_token = train_flops_per_token(
             vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, mlp_kind=m.mlp_kind,
-            seq_len=self.config.data.seq_len)
+            seq_len=self.config.data.seq_len, moe=m.get("moe"))
         return per_token * self.config.data.seq_len
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):

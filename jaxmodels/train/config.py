@@ -5,8 +5,10 @@ import ml_collections
 
 from jaxmodels.models import DTYPES, MODELS
 from jaxmodels.models.lm import REMAT_POLICIES
+from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.nn.layers import MLP, NORMS
-from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
+from jaxmodels.nn.attention import GAU_KINDS, SPARSE_KINDS, spec_from_config
+from jaxmodels.nn.transformer import moe_spec_from_config
 from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES, strategy_error
@@ -70,6 +72,13 @@ def _check_decoder_lm(config: ml_collections.ConfigDict) -> None:
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                          f"config.model.num_kv_heads={m.num_kv_heads}")
+    try:
+        moe = moe_spec_from_config(m.get("moe"))
+    except ValueError as e:
+        raise ValueError(f"config.model.{e}") from None
+    if moe.num_experts and attention.kind in GAU_KINDS:
+        raise ValueError(f"config.model.moe.num_experts={moe.num_experts} needs blocks with an MLP, but "
+                         f"config.model.attention.kind={attention.kind!r} has none; set config.model.moe.num_experts=0")
 
 
 def _check_mamba_lm(config: ml_collections.ConfigDict) -> None:
@@ -78,8 +87,22 @@ def _check_mamba_lm(config: ml_collections.ConfigDict) -> None:
                   "model.expand"))
 
 
+def _check_ssm_stack(config: ml_collections.ConfigDict) -> None:
+    """SequenceClassifier and its per-position variant SequenceTagger (which has no pooling)."""
+    choices = {"model.mixer": SequenceClassifier.MIXERS, "model.norm_kind": tuple(NORMS)}
+    if config.model.name == "sequence_classifier":
+        choices["model.pooling"] = SequenceClassifier.POOLINGS
+    check_fields(config, choices, ("model.num_classes", "model.d_model", "model.num_layers", "model.d_state"))
+
+
+def _check_mlp_denoiser(config: ml_collections.ConfigDict) -> None:
+    check_fields(config, {}, ("model.in_features", "model.hidden_dim", "model.num_layers", "model.frequency_dim"))
+
+
 # model.name -> the checks of that model's fields (a model without an entry has only the generic ones).
-MODEL_CHECKS = {"decoder_lm": _check_decoder_lm, "mamba_lm": _check_mamba_lm}
+MODEL_CHECKS = {"decoder_lm": _check_decoder_lm, "mamba_lm": _check_mamba_lm,
+                "sequence_classifier": _check_ssm_stack,
+                "sequence_tagger": _check_ssm_stack, "mlp_denoiser": _check_mlp_denoiser}
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -94,9 +117,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     error = strategy_error(config.parallel.strategy, dict(config.mesh), sizes, config.sharding_rules)
     if error:
         raise ValueError(error)
-    shards = sizes["data"] * sizes["fsdp"] * config.train.grad_accum_steps
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"] * config.train.grad_accum_steps
     if config.data.global_batch_size % shards:
         raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be divisible by "
-                         f"data x fsdp x train.grad_accum_steps = {shards}")
+                         f"data x fsdp x expert x train.grad_accum_steps = {shards}")
     if config.data.global_batch_size % jax.process_count():
         raise ValueError(f"config.data.global_batch_size must be divisible by the {jax.process_count()} processes")

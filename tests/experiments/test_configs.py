@@ -18,6 +18,19 @@ RUN = {"train.num_steps": 4, "train.log_every": 2, "train.eval_every": 0, "train
 SMOKE = {
     "lm_mamba": {"model.num_layers": 1, "model.embed_dim": 32, "data.seq_len": 32, "data.global_batch_size": 8,
                  "sample.max_new_tokens": 8},
+    "lm_moe": {"model.num_layers": 2, "model.embed_dim": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
+               "model.head_dim": 16, "model.mlp_dim": 32, "model.moe.num_experts": 4, "data.seq_len": 32,
+               "data.global_batch_size": 8, "sample.max_new_tokens": 8},
+    "ssm_selective_copying": {"model.num_layers": 1, "model.embed_dim": 16, "data.seq_len": 40,
+                              "data.num_tokens": 4, "data.global_batch_size": 8},
+    "ssm_induction_heads": {"model.num_layers": 1, "model.embed_dim": 16, "data.seq_len": 24,
+                            "data.global_batch_size": 8},
+    "ssm_digits": {"model.num_layers": 1, "model.d_model": 16, "model.d_state": 8, "model.mlp_dim": 32,
+                   "data.global_batch_size": 16},
+    "diffusion_toy2d": {"model.hidden_dim": 16, "model.num_layers": 1, "data.global_batch_size": 16,
+                        "sample.num_samples": 32, "sample.num_steps": 2},
+    "diffusion_digits": {"model.base_channels": 8, "model.num_groups": 4, "data.global_batch_size": 8,
+                         "sample.num_samples": 10, "sample.num_steps": 1},
 }
 
 

@@ -261,7 +261,7 @@ def test_automatic_choice_is_flash_for_long_sequences_on_cpu():
 
 
 def test_select_implementation_flash():
-    select = functools.partial(_select_implementation, masked_or_biased=False, is_causal=False, local_window=None)
+    select = functools.partial(_select_implementation, is_causal=False, local_window=None)
     long = 2048
     for platform in ("cpu", "tpu", "rocm"):
         assert select(platform, jnp.float32, 64, long, long) == "flash"

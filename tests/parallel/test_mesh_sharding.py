@@ -10,9 +10,10 @@ from jaxmodels.parallel.sharding import DEFAULT_RULES, batch_spec, logical_to_sp
 
 
 def test_mesh_shape_fills_the_rest():
-    assert mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1)
-    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
-    assert mesh_shape({"tensor": 4}, 4) == (1, 1, 4)
+    assert mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == (8, 1, 1, 1)
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 1, 2)
+    assert mesh_shape({"tensor": 4}, 4) == (1, 1, 1, 4)
+    assert mesh_shape({"data": 2, "expert": -1}, 8) == (2, 1, 4, 1)
 
 
 @pytest.mark.parametrize("sizes,match", [
@@ -35,7 +36,7 @@ def test_logical_to_spec_divisibility_and_reuse():
     assert logical_to_spec(("heads", "mlp"), (4, 8), mesh, DEFAULT_RULES) == P("tensor", None)
     with pytest.raises(ValueError, match="no sharding rule"):
         logical_to_spec(("nonsense",), (4,), mesh, DEFAULT_RULES)
-    assert batch_spec(DEFAULT_RULES, 2) == P(("data", "fsdp"), None)
+    assert batch_spec(DEFAULT_RULES, 2) == P(("data", "fsdp", "expert"), None)
 
 
 def test_param_specs_follow_logical_axes():
