@@ -3,6 +3,7 @@
 import importlib
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -45,6 +46,7 @@ def test_every_non_attention_config_has_a_smoke_test():
 def test_config_trains_a_few_steps(name, tmp_path):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     apply_overrides(config, {**RUN, **SMOKE[name]})
-    summary = train_and_evaluate(config, str(tmp_path))
+    # One device: the meshes are tested in tests/train; here a config's model, task and data are.
+    summary = train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert summary["final_step"] == 4
     assert all(np.isfinite(v) for v in summary["eval_end"].values())
