@@ -24,9 +24,7 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import median_time  # noqa: E402
 from jaxmodels.nn.layers import MLP  # noqa: E402
 from jaxmodels.nn.moe import MoEFeedForward  # noqa: E402
 from jaxmodels.ops.moe import moe_flops_per_token  # noqa: E402
@@ -45,17 +44,6 @@ IMPLEMENTATIONS = {
     "dropless_pallas": dict(dispatch="dropless", implementation="pallas"),
 }
 AUX_WEIGHTS = {"load_balancing_loss": 1e-2, "router_z_loss": 1e-3}
-
-
-def median_time(fn, args, iters: int) -> float:
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(name: str, d_model: int, mlp_dim: int, num_experts: int, k: int, dtype) -> nnx.Module:
@@ -86,7 +74,7 @@ def measure(name, d_model, mlp_dim, num_experts, k, tokens, iters, dtype) -> dic
         x = jax.random.normal(jax.random.key(1), (8, tokens // 8, d_model), dtype)
         compiled = fwd_bwd(graphdef).lower(params, x).compile()
         row["temp_bytes"] = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
-        row["fwd_bwd_s"] = median_time(compiled, (params, x), iters)
+        row["fwd_bwd_s"] = median_time(compiled, params, x, iters=iters)
         _, aux = compiled(params, x)
         if "dropped_fraction" in aux:
             row["dropped_fraction"] = float(aux["dropped_fraction"])

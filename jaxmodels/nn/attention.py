@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxmodels.nn.layers import RMSNorm, dense
 from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxmodels.ops.linear_attention import (
@@ -119,12 +120,7 @@ class AttentionSpec:
 
 def spec_from_config(attention: dict | None) -> AttentionSpec:
     """AttentionSpec from a config section (a dict / ConfigDict of its fields); None gives the defaults."""
-    fields = {f.name for f in dataclasses.fields(AttentionSpec)}
-    attention = dict(attention or {})
-    unknown = sorted(set(attention) - fields)
-    if unknown:
-        raise ValueError(f"attention has unknown fields {unknown}; valid: {sorted(fields)}")
-    return AttentionSpec(**attention)
+    return spec_from_section(AttentionSpec, attention, "attention")
 
 
 Cache = dict  # {"k", "v"} (B, max_length, K, H) for KV-cached kinds; {"state"} for RECURRENT_KINDS

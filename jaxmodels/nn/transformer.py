@@ -12,6 +12,7 @@ from jaxmodels.nn.attention import GAU_KINDS, Attention, AttentionSpec, Cache
 from jaxmodels.nn.gau import GAU
 from jaxmodels.nn.layers import MLP, make_norm
 from jaxmodels.nn.moe import MoEFeedForward
+from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import moe as moe_ops
 
 
@@ -85,12 +86,7 @@ class MoESpec:
 
 def moe_spec_from_config(moe: dict | None) -> MoESpec:
     """MoESpec from a config section (a dict / ConfigDict of its fields); None gives a dense model."""
-    fields = {f.name for f in dataclasses.fields(MoESpec)}
-    moe = dict(moe or {})
-    unknown = sorted(set(moe) - fields)
-    if unknown:
-        raise ValueError(f"moe has unknown fields {unknown}; valid: {sorted(fields)}")
-    return MoESpec(**moe)
+    return spec_from_section(MoESpec, moe, "moe")
 
 
 class TransformerBlock(nnx.Module):
