@@ -48,9 +48,12 @@ def token_run(config_name: str, kind: str, args):
     config = importlib.import_module(f"experiments.configs.{config_name}").get_config()
     config.model = mamba_model() if kind == "mamba" else ssm_selective_copying.token_model(kind)
     config.data.global_batch_size = args.batch_size
+    config.data.seq_len = 64 if args.quick else args.seq_len
+    if config.data.name == "selective_copying":
+        config.data.num_tokens = args.num_tokens
+    if args.learning_rate:
+        config.optimizer.learning_rate = args.learning_rate
     config.train.update(num_steps=args.steps, eval_every=0, checkpoint_every=args.steps)
-    if args.quick:
-        config.data.seq_len = 64
     return config
 
 
@@ -138,17 +141,19 @@ def plot(results: dict, path: str) -> None:
                                       ("accuracy", "accuracy", "bits_per_byte")):
         rows = {k: v for k, v in results.items() if v["experiment"] == experiment}
         ax.bar([k.split("_", 1)[1] for k in rows], [v["eval"][metric] for v in rows.values()], color="tab:blue")
-        ax.set_title({"copying": "selective copying (L=256)", "digits": "sequential digits (test)",
+        length = next((v["seq_len"] for v in rows.values()), "?")
+        ax.set_title({"copying": f"selective copying (L={length})", "digits": "sequential digits (test)",
                       "lm": "byte LM, equal params"}[experiment])
         ax.set_ylabel(metric)
     ax = axes[1]
+    trained_at = next((v["seq_len"] for v in results.values() if v["experiment"] == "induction"), 256)
     for name, v in results.items():
         if v["experiment"] == "induction":
             lengths = sorted(int(n) for n in v["lengths"])
             ax.plot(lengths, [v["lengths"][str(n)]["accuracy"] for n in lengths], "o-", label=name.split("_", 1)[1])
     ax.set_xscale("log", base=2)
-    ax.axvline(256, color="gray", ls=":")
-    ax.set_title("induction heads (trained at 256)")
+    ax.axvline(trained_at, color="gray", ls=":")
+    ax.set_title(f"induction heads (trained at {trained_at})")
     ax.set_xlabel("test length")
     ax.set_ylabel("accuracy")
     ax.legend()
@@ -166,7 +171,8 @@ def table(results: dict) -> str:
     induction = {k: v for k, v in results.items() if v["experiment"] == "induction"}
     if induction:
         lengths = sorted({int(n) for v in induction.values() for n in [*v["lengths"], *v["lengths_skipped"]]})
-        lines += ["", "Induction heads accuracy by test length (trained at 256; '-' = not run):", "",
+        trained_at = next(iter(induction.values()))["seq_len"]
+        lines += ["", f"Induction heads accuracy by test length (trained at {trained_at}; '-' = not run):", "",
                   "| model | " + " | ".join(map(str, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
         for name, v in induction.items():
             cells = [f"{v['lengths'][str(n)]['accuracy']:.3f}" if str(n) in v["lengths"] else "-" for n in lengths]
@@ -182,6 +188,9 @@ def main():
     p.add_argument("--digits_steps", type=int, default=400)
     p.add_argument("--lm_steps", type=int, default=150)
     p.add_argument("--batch_size", type=int, default=16, help="copying, induction and LM batch size")
+    p.add_argument("--seq_len", type=int, default=256, help="training length of copying and induction (the paper's: 256)")
+    p.add_argument("--num_tokens", type=int, default=16, help="selective copying: data tokens to copy")
+    p.add_argument("--learning_rate", type=float, default=None, help="copying and induction (default: the config's)")
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192", help="induction heads test lengths")
     p.add_argument("--max_attention_length", type=int, default=4096)
     p.add_argument("--eval_batch_size", type=int, default=8, help="batch of the length-generalisation evals")
