@@ -136,27 +136,31 @@ def run_one(experiment: str, name: str, config, args) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for ax, experiment, metric in zip(axes[[0, 2, 3]], ("copying", "digits", "lm"),
-                                      ("accuracy", "accuracy", "bits_per_byte")):
+    """One panel per experiment present in `results`: bars of the final metric, or for induction heads
+    accuracy against test length."""
+    present = [e for e in EXPERIMENTS if any(v["experiment"] == e for v in results.values())]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.8), squeeze=False)
+    for ax, experiment in zip(axes[0], present):
         rows = {k: v for k, v in results.items() if v["experiment"] == experiment}
+        length = next(iter(rows.values()))["seq_len"]
+        if experiment == "induction":
+            for name, v in rows.items():
+                lengths = sorted(int(n) for n in v["lengths"])
+                ax.plot(lengths, [v["lengths"][str(n)]["accuracy"] for n in lengths], "o-", label=name.split("_", 1)[1])
+            ax.set_xscale("log", base=2)
+            ax.axvline(length, color="gray", ls=":")
+            ax.set_title(f"induction heads (trained at {length})")
+            ax.set_xlabel("test length")
+            ax.set_ylabel("accuracy")
+            ax.legend()
+            continue
+        metric = "bits_per_byte" if experiment == "lm" else "accuracy"
         ax.bar([k.split("_", 1)[1] for k in rows], [v["eval"][metric] for v in rows.values()], color="tab:blue")
-        length = next((v["seq_len"] for v in rows.values()), "?")
         ax.set_title({"copying": f"selective copying (L={length})", "digits": "sequential digits (test)",
                       "lm": "byte LM, equal params"}[experiment])
         ax.set_ylabel(metric)
-    ax = axes[1]
-    trained_at = next((v["seq_len"] for v in results.values() if v["experiment"] == "induction"), 256)
-    for name, v in results.items():
-        if v["experiment"] == "induction":
-            lengths = sorted(int(n) for n in v["lengths"])
-            ax.plot(lengths, [v["lengths"][str(n)]["accuracy"] for n in lengths], "o-", label=name.split("_", 1)[1])
-    ax.set_xscale("log", base=2)
-    ax.axvline(trained_at, color="gray", ls=":")
-    ax.set_title(f"induction heads (trained at {trained_at})")
-    ax.set_xlabel("test length")
-    ax.set_ylabel("accuracy")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
