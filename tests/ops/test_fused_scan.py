@@ -44,7 +44,7 @@ def test_fused_bfloat16_inputs_give_bfloat16_outputs():
                                rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("length,gated", [(9, True), (24, False), (16, True)])  # chunks of 1, 8 (x3), 16 (x1)
+@pytest.mark.parametrize("length,gated", [(9, True), (24, False)])  # chunks of 1 and 8 (x3)
 def test_fused_gradients_match_selective_scan(length, gated):
     args = _ssm_inputs(22 + length, **dict(SHAPE, length=length), D=True, delta_bias=True, z=gated)
     rng = np.random.default_rng(24)
