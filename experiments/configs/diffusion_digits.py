@@ -16,30 +16,19 @@ generated digits are classified as their conditioning label by the repo's digit 
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import diffusion_toy2d
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.task = "diffusion"
+    """diffusion_toy2d's objective, optimiser, mesh and sampler sections with a UNet on the digits."""
+    c = diffusion_toy2d.get_config()
     c.model = dict(name="unet", in_channels=1, out_channels=1, base_channels=16, channel_mult=(1, 2),
                    num_res_blocks=1, attention_levels=(), num_heads=4, num_groups=8, num_classes=10,
                    context_dim=0, frequency_dim=128, upsample="nearest_conv", downsample="conv",
                    dtype="float32", param_dtype="float32")
-    c.data = dict(name="digits", global_batch_size=64, seed=0, eval_seed=1, eval_batches=2,
-                  data_dir=config_dict.placeholder(str), pairs_path=config_dict.placeholder(str))
-    c.diffusion = dict(objective="flow", prediction="v", min_snr_gamma=0.0, num_timesteps=1000,
-                       beta_schedule="cosine", sigma_data=0.5, P_mean=-1.2, P_std=1.2, t_sampling="logit_normal",
-                       logit_mean=0.0, logit_std=1.0, shift=1.0, time_scale=1000.0, label_dropout=0.1)
-    c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05, b1=0.9,
-                       b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
-    c.train = dict(num_steps=800, seed=0, grad_accum_steps=1, log_every=200, eval_every=400,
-                   checkpoint_every=800, keep_checkpoints=1, nan_policy="skip", peak_flops=0.0,
-                   prng_impl="threefry2x32")
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
-    c.sample = dict(sampler="euler", num_steps=32, num_samples=200, guidance_scale=1.0)
+    c.data.update(name="digits", global_batch_size=64, eval_batches=2)
+    c.diffusion.sigma_data = 0.5
+    c.train.update(num_steps=800, log_every=200, eval_every=400, checkpoint_every=800)
+    c.sample.num_samples = 200
     return c
