@@ -85,16 +85,22 @@ def bench_case(name, fn, args, iters, backward):
         return jnp.sum(fn(*a, delta_softplus=True).astype(jnp.float32) ** 2)
 
     fwd_bwd = jax.jit(jax.grad(loss, argnums=diff))
-    row = {"implementation": name}
+    row, grads = {"implementation": name}, None
     for label, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd))[:2 if backward else 1]:
         try:
             compiled = f.lower(*flat).compile()
             mem = compiled.memory_analysis()
             row[f"{label}_temp_bytes"] = getattr(mem, "temp_size_in_bytes", None)
             row[f"{label}_s"] = median_time(compiled, *flat, iters=iters)
+            if label == "fwd_bwd":
+                grads = [np.asarray(g, np.float32) for g in compiled(*flat)]
         except Exception as e:  # out of memory at long lengths is a result, not a crash
             row[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return row
+    return row, grads
+
+
+def rel_err(x, reference):
+    return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
 
 
 def main():
@@ -119,17 +125,20 @@ def main():
               "n_state": args.n_state, "dtype": "bfloat16 inputs, float32 scan", "results": []}
     for length in (int(x) for x in args.lengths.split(",")):
         data = inputs(args.batch, length, args.d_inner, args.n_state)
-        reference = None
+        reference = grads_reference = None
         must_move = 2 * (4 * args.batch * length * args.d_inner + 2 * args.batch * length * args.n_state)
         for name in args.implementations.split(","):
-            row = bench_case(name, IMPLEMENTATIONS[name], data, args.iters, name in args.backward.split(","))
+            row, grads = bench_case(name, IMPLEMENTATIONS[name], data, args.iters, name in args.backward.split(","))
             row.update(length=length, must_move_bytes=must_move)
             y = jax.jit(lambda *a, fn=IMPLEMENTATIONS[name]: fn(*a, delta_softplus=True))(
                 *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
             y = np.asarray(y, np.float32)
             if reference is None:
                 reference = y
-            row["rel_err_vs_first"] = float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+            row["rel_err_vs_first"] = rel_err(y, reference)
+            if grads is not None:  # gradients of u, delta, A, B, C, D, z against the first timed backward
+                grads_reference = grads_reference or grads
+                row["grad_rel_err_vs_first"] = [rel_err(g, r) for g, r in zip(grads, grads_reference)]
             if "fwd_s" in row and bandwidth:
                 row["fwd_bandwidth_fraction"] = must_move / row["fwd_s"] / bandwidth
             result["results"].append(row)

@@ -298,6 +298,34 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax
     return order, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
 
 
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    """(n,) int32 inverse of the permutation `order`: inverse[order[i]] = i."""
+    n = order.shape[0]
+    return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x[order] for a permutation `order` of x's rows (inverse = `inverse_permutation(order)`).
+
+    The gradient is the gather g[inverse], not the scatter-add autodiff would make of the gather
+    (scatters are several times slower than gathers on the GPU).
+    """
+    return x[order]
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return x[order], (order, inverse)
+
+
+def _permute_rows_bwd(residuals, g):
+    order, inverse = residuals
+    return g[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _grouped_matmul_reference(x_sorted, w, group_sizes):
     """Per-group masked einsum: row m uses w[g(m)], g(m) the group whose range holds m; rows past
     sum(group_sizes) are zero. O(M E d f): a test oracle, not for speed."""
@@ -316,8 +344,8 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
         past the sum give zeros.
       implementation: "pallas" (`jaxmodels.ops.grouped_matmul.pallas_grouped_matmul`, tiled Pallas
         kernels; interpreted off the GPU), "ragged_dot" (`jax.lax.ragged_dot`), "reference" (per-group
-        masked einsum, the test oracle), or None: "ragged_dot" (the Pallas kernels are not yet
-        measured on a GPU).
+        masked einsum, the test oracle), or None: "pallas" on the GPU where `pallas_gmm.supports` the
+        shapes (26-36x ragged_dot there forward + backward, benchmarks/results/grouped_matmul.json), else "ragged_dot".
 
     Returns:
       (M, f) in x_sorted's dtype.
@@ -330,8 +358,9 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                          f"{w.shape}, {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
-    if implementation is None:  # "pallas" becomes the GPU default once measured there (benchmarks/grouped_matmul.py)
-        implementation = "ragged_dot"
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "pallas" if on_gpu and pallas_gmm.supports(x_sorted, w) is None else "ragged_dot"
     if implementation == "pallas":
         return pallas_gmm.pallas_grouped_matmul(x_sorted, w, group_sizes)
     if implementation == "reference":
@@ -361,11 +390,12 @@ def moe_dropless(x: jax.Array, gates: jax.Array, experts: jax.Array, w_gate: jax
         raise ValueError(f"x must be (T, d) with T = gates.shape[0] = {gates.shape[0]}, got {x.shape}")
     T, k = gates.shape
     order, group_sizes = sort_by_expert(experts, E)
-    xs = x[order // k]
+    inverse = inverse_permutation(order)
+    x_assignments = jnp.broadcast_to(x[:, None], (T, k, x.shape[1])).reshape(T * k, -1)  # row t * k + j = x_t
+    xs = permute_rows(x_assignments, order, inverse)
     gmm = lambda a, w: grouped_matmul(a, w, group_sizes, implementation=implementation)  # noqa: E731
     h = jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
-    ys = gmm(h, w_down)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)
+    y = permute_rows(gmm(h, w_down), inverse, order).reshape(T, k, -1)
     return jnp.einsum("tkd,tk->td", y, gates.astype(x.dtype))
 
 

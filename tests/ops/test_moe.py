@@ -400,3 +400,15 @@ def test_clear_errors():
         moe.moe_dropless(jnp.zeros((4, 6)), gates, experts, *w3)
     with pytest.raises(ValueError, match=r"dispatch and combine must be \(T, E, C\)"):
         moe.moe_einsum(jnp.zeros((4, 4)), jnp.zeros((4, 2, 2), bool), jnp.zeros((4, 2, 2)), *w3)
+
+
+def test_permute_rows_values_and_gather_gradient():
+    rng = np.random.default_rng(7)
+    order = jnp.asarray(rng.permutation(12), jnp.int32)
+    inverse = moe.inverse_permutation(order)
+    np.testing.assert_array_equal(np.asarray(inverse)[np.asarray(order)], np.arange(12))
+    x = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
+    np.testing.assert_array_equal(moe.permute_rows(x, order, inverse), np.asarray(x)[np.asarray(order)])
+    ct = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(moe.permute_rows(x, order, inverse) * ct))(x)
+    np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(x[order] * ct))(x))
