@@ -22,7 +22,7 @@ from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_paralle
 from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS, selective_scan_fn
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 from jaxmodels.ops.ssm import (
-    causal_conv, discretize_bilinear, discretize_zoh, nplr_legs, s4_kernel, s4d_kernel, ssm_step)
+    c_tilde_to_c, causal_conv, discretize_bilinear, discretize_zoh, nplr_legs, s4_kernel, s4d_kernel, ssm_step)
 
 
 def _constant(value):
@@ -64,7 +64,7 @@ def _check_token(name, x, features):
 
 class _ConvSSMLayer(nnx.Module):
     """Shared parts of the S4 / S4D layers (S4 code's `S4Block`): y = SSM(u) + D u, then GELU and a
-    position-wise output linear. Holds log Δ (H,), complex C (K, H, N) (K = 2 kernels when
+    position-wise output linear. Holds log Δ (H,), complex C (K, H, N) (S4: C̃; K = 2 kernels when
     bidirectional), D (H,) and the output projection."""
 
     c_scale = 1.0  # S4D keeps one of each conjugate pair of eigenvalues and doubles C
@@ -105,9 +105,9 @@ class _ConvSSMLayer(nnx.Module):
         if self.bidirectional:
             raise ValueError(f"{type(self).__name__}: a bidirectional layer has no recurrent (step) mode")
         _check_token(type(self).__name__, x, self.features)
-        A_bar, B_bar = self._discrete_system()
+        A_bar, B_bar, C = self._recurrent_system()
         u = x.astype(jnp.float32)
-        state, y = ssm_step(A_bar, B_bar, self._C()[0], state, u)
+        state, y = ssm_step(A_bar, B_bar, C, state, u)
         return self._output(y, u), state
 
 
@@ -149,10 +149,11 @@ class S4DLayer(_ConvSSMLayer):
         return jax.lax.complex(-jnp.exp(self.log_A_real.value.astype(jnp.float32)),
                                self.A_imag.value.astype(jnp.float32))
 
-    def _discrete_system(self):
+    def _recurrent_system(self):
+        """(Ā, B̄, C), each (H, N) complex64, of the recurrent mode."""
         discretize = discretize_zoh if self.discretization == "zoh" else discretize_bilinear
         Lambda = self._Lambda()
-        return jax.vmap(discretize)(Lambda, jnp.ones_like(Lambda), self._step_size())
+        return *jax.vmap(discretize)(Lambda, jnp.ones_like(Lambda), self._step_size()), self._C()[0]
 
     def kernel(self, length: int) -> jax.Array:
         """(K, H, length) float32 convolution kernels (K = 2 when bidirectional), C doubled for the conjugate pairs."""
@@ -175,16 +176,21 @@ class S4Layer(_ConvSSMLayer):
     x (batch, L, H) -> (batch, L, H).
 
     Per channel, the DPLR system A = Λ - P P* with NPLR-LegS init (`nplr_legs(N)`: all N eigenvalues
-    kept, complex C, K_l = Re(C Ā^l B̄)), learned Λ (Re Λ = -exp(log_A_real)), P, B, C and
-    log Δ ~ U[log dt_min, log dt_max], bilinear discretisation. Convolution mode: `s4_kernel`
-    (Cauchy + Woodbury, Algorithm 1; C̃ = C (I - Ā^L) formed from the dense Ā, O(N³ log L) per channel)
-    + `causal_conv`. Recurrent mode (`step`): the dense discretised (H, N, N) Ā. Output:
+    kept, complex output vector, K_l = Re(C Ā^l B̄)), learned Λ (Re Λ = -exp(log_A_real)), P, B, C̃ and
+    log Δ ~ U[log dt_min, log dt_max], bilinear discretisation. As in the paper's Algorithm 1, the
+    parameter (`C_re`, `C_im`, init CN(0, 1)) is C̃ = C (I - Ā^{L_k}) for the kernel length L_k, so the
+    convolution mode, `s4_kernel(..., c_tilde=True)` (Cauchy + Woodbury, O(N L_k) per channel) +
+    `causal_conv`, never forms Ā or its powers. L_k is `l_max` (the kernel is computed at l_max and
+    truncated to the input length L <= l_max, as in the S4 code), or L itself when l_max is None.
+    Recurrent mode (`step`, needs l_max): the dense discretised (H, N, N) Ā and C = C̃ (I - Ā^{l_max})⁻¹
+    (`c_tilde_to_c`); it equals the convolution mode at every position t < l_max. Output:
     gelu(SSM(u) + D u) W_out.
     """
 
-    def __init__(self, features: int, state_size: int = 64, *, dt_min: float = 0.001, dt_max: float = 0.1,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, features: int, state_size: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.bidirectional = False
+        self.l_max = None if l_max is None else _check_positive_int("l_max", l_max)
         self._init_common(features, state_size, 1, dt_min, dt_max, dtype, param_dtype, rngs)
         nplr = nplr_legs(state_size)
         H, N = features, state_size
@@ -203,15 +209,25 @@ class S4Layer(_ConvSSMLayer):
         B = jax.lax.complex(self.B_re.value.astype(f32), self.B_im.value.astype(f32))
         return Lambda, P, B
 
-    def _discrete_system(self):
+    def _recurrent_system(self):
+        """(Ā (H, N, N), B̄ (H, N), C (H, N)) complex64 of the recurrent mode, C from C̃ at l_max."""
+        if self.l_max is None:
+            raise ValueError("S4Layer: the recurrent (step) mode needs l_max, the kernel length the learned C̃ "
+                             "belongs to (C = C̃ (I - Ā^l_max)⁻¹); build the layer with l_max=...")
         Lambda, P, B = self._system()
         A = jax.vmap(lambda lam, p: jnp.diag(lam) - jnp.outer(p, p.conj()))(Lambda, P)
-        return jax.vmap(discretize_bilinear)(A, B, self._step_size())
+        A_bar, B_bar = jax.vmap(discretize_bilinear)(A, B, self._step_size())
+        return A_bar, B_bar, c_tilde_to_c(A_bar, self._C()[0], self.l_max)
 
     def kernel(self, length: int) -> jax.Array:
-        """(H, length) float32 convolution kernel."""
+        """(H, length) float32 convolution kernel: Algorithm 1 at l_max (or at `length` if l_max is None),
+        truncated to `length` <= l_max."""
+        if self.l_max is not None and length > self.l_max:
+            raise ValueError(f"S4Layer: sequence length {length} exceeds l_max = {self.l_max}, the kernel length "
+                             f"the learned C̃ belongs to")
         Lambda, P, B = self._system()
-        return s4_kernel(Lambda, P, P, B, self._C()[0], self._step_size(), length)
+        L_k = length if self.l_max is None else self.l_max
+        return s4_kernel(Lambda, P, P, B, self._C()[0], self._step_size(), L_k, c_tilde=True)[:, :length]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_sequence("S4Layer", x, self.features)

@@ -17,7 +17,7 @@ Spaces" (S4), eq. 4-5), so an SSM layer can be trained in convolution mode (`s4d
   discretisation              discretize_zoh, discretize_bilinear (dense (N, N) or diagonal (N,) A)
   convolution mode            s4d_kernel (diagonal SSM kernel, Vandermonde product), s4_kernel (DPLR
                               kernel: Cauchy + Woodbury at the roots of unity, inverse FFT), causal_conv (FFT)
-  recurrent mode              ssm_step, ssm_scan_reference
+  recurrent mode              ssm_step, ssm_scan_reference; c_tilde_to_c (S4's learned C̃ -> C)
   linear recurrences (scan.py) linear_recurrence, chunked_linear_recurrence (associative scan);
                               selective_scan, selective_scan_step (Mamba, Gu & Dao 2023), re-exported here
 
@@ -357,10 +357,17 @@ def s4_kernel(Lambda, P, Q, B, C, step, length, *, c_tilde=False):
       Lambda: (N,) or (H, N) complex diagonal, Re(Λ) < 0 for a stable SSM.
       P, Q: Lambda's shape (rank 1) or Lambda.shape[:-1] + (r, N) (rank r), the low-rank factors.
       B, C: Lambda's shape. C is the output vector; with c_tilde=True it is already C̃ (Algorithm 1
-        learns C̃ directly), else C̃ = C (I - Ā^L) is formed from the dense Ā (O(N³ log L) per channel).
+        learns C̃ directly, so training never forms Ā), else C̃ = C (I - Ā^L) is formed from the dense
+        bilinear Ā (a dense solve and ⌈log₂ L⌉ squarings, O(N³ log L) per channel).
       step: Δ > 0: a scalar, or (H,) for (H, N) Lambda.
       length: L >= 1, a Python int.
-      c_tilde: whether C is C̃.
+      c_tilde: whether C is C̃ (for the recurrent mode, C = `c_tilde_to_c`(Ā, C̃, L)).
+
+    With c_tilde=True and rank 1 (S4's NPLR) the kernel calls no LAPACK routine: the Woodbury
+    capacitance is a scalar and is divided by. (jaxlib 0.10's batched CPU LAPACK kernels wait on the
+    XLA CPU thread pool they run on, so independent large batched solves, e.g. those of stacked
+    layers, can deadlock it: two solves of 64 complex64 64 x 64 systems each do on a 2-core CPU.
+    Rank r > 1 still solves its r x r systems with `jnp.linalg.solve`.)
 
     Returns:
       (L,) or (H, L) real kernel (float64 for complex128/float64 inputs, else float32). With P = 0 it
@@ -407,10 +414,42 @@ def _s4_kernel_single(Lambda, P, Q, B, C, step, *, length, c_tilde):
     c10 = inv_d @ (Q.conj() * B).T                                                    # (L, r)
     c11 = jnp.einsum("ln,an,bn->lab", inv_d, Q.conj(), P)                             # (L, r, r)
     s = (1 + z)[:, None]
-    eye = jnp.eye(P.shape[0], dtype=Lambda.dtype)
-    solved = jnp.linalg.solve(eye + s[..., None] * c11, c10[..., None])[..., 0]       # (L, r)
+    capacitance = jnp.eye(P.shape[0], dtype=Lambda.dtype) + s[..., None] * c11      # (L, r, r)
+    if P.shape[0] == 1:
+        solved = c10 / capacitance[..., 0]                                            # (L, 1)
+    else:
+        solved = jnp.linalg.solve(capacitance, c10[..., None])[..., 0]                # (L, r)
     k_hat = 2 * (c00 - s[:, 0] * jnp.sum(c01 * solved, axis=-1))
     return jnp.fft.ifft(k_hat).real
+
+
+def c_tilde_to_c(A_bar, C_tilde, length):
+    """The output vector C of the SSM whose length-L kernel Algorithm 1 computes from C̃ (S4, Gu et al.
+    2022, §3.3 and Appendix C.3): C̃ = C (I - Ā^L), so C = C̃ (I - Ā^L)⁻¹.
+
+    `s4_kernel(..., C̃, L, c_tilde=True)` is the kernel K_l = Re(C Ā^l B̄), l < L, of this C, so the
+    recurrent mode (`ssm_step` with the dense Ā, B̄ and this C) reproduces the convolution mode at
+    positions t < L. Ā^L by ⌈log₂ L⌉ squarings, then one dense solve: O(N³ log L) per channel, meant
+    for setting up the recurrent mode, not for the training path.
+
+    Args:
+      A_bar: (N, N) or (H, N, N) dense discrete state matrix (e.g. `discretize_bilinear` of Λ - P Q*).
+      C_tilde: (N,) or (H, N) (A_bar.shape[:-1]).
+      length: L >= 1, the kernel length C̃ belongs to, a Python int.
+
+    Returns:
+      C with C_tilde's shape, in the common (at least complex64) dtype.
+    """
+    A_bar, C_tilde = jnp.asarray(A_bar), jnp.asarray(C_tilde)
+    if A_bar.ndim not in (2, 3) or A_bar.shape[-1] != A_bar.shape[-2] or C_tilde.shape != A_bar.shape[:-1]:
+        raise ValueError(f"c_tilde_to_c: A_bar must be (N, N) or (H, N, N) and C_tilde A_bar.shape[:-1], got "
+                         f"shapes {A_bar.shape} and {C_tilde.shape}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"c_tilde_to_c: length must be a positive int, got {length!r}")
+    dtype = jnp.result_type(A_bar, C_tilde, jnp.complex64)
+    A_bar, C_tilde = A_bar.astype(dtype), C_tilde.astype(dtype)
+    M = jnp.eye(A_bar.shape[-1], dtype=dtype) - jnp.linalg.matrix_power(A_bar, int(length))
+    return jnp.linalg.solve(jnp.swapaxes(M, -1, -2), C_tilde[..., None])[..., 0]   # Mᵀ Cᵀ = C̃ᵀ
 
 
 def causal_conv(u, kernel):

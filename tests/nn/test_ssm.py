@@ -1,6 +1,8 @@
 """SSM layers: shapes, dtypes, parameter counts, inits, parallel/conv mode == recurrent mode, and a
 float64 NumPy reference of the Mamba mixer."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,12 +93,68 @@ def test_s4d_bidirectional_sums_forward_and_reversed_kernels():
 
 def test_s4_layer_conv_equals_recurrent():
     H, N, L = 2, 4, 10
-    layer = _make(lambda: S4Layer(H, N, rngs=nnx.Rngs(4)))
+    layer = _make(lambda: S4Layer(H, N, l_max=L, rngs=nnx.Rngs(4)))
     x = _x(5, (2, L, H))
     y = _call(layer, x)
     assert y.shape == (2, L, H) and y.dtype == jnp.float32
     assert _n_params(layer) == H + 2 * H * N + H + H * H + 6 * H * N   # + Λ, P, B (re, im)
     np.testing.assert_allclose(_run_steps(layer, x)[0], y, rtol=1e-3, atol=1e-4)
+    # A shorter input uses the l_max kernel truncated (the layer is causal); a longer one has no C̃.
+    np.testing.assert_allclose(_call(layer, x[:, :6]), y[:, :6], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds l_max = 10"):
+        _call(layer, _x(5, (1, L + 1, H)))
+    # Without l_max, C̃ belongs to each input's length: the kernel is Algorithm 1 at L, and step needs l_max.
+    free = _make(lambda: S4Layer(H, N, rngs=nnx.Rngs(4)))
+    np.testing.assert_allclose(_call(free, x), y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs l_max"):
+        free.step(free.init_state(2), x[:, 0])
+
+
+def test_s4_layer_gradients_conv_mode_equal_recurrent_mode():
+    """d loss / d every parameter by the convolution mode (Cauchy + Woodbury, learned C̃) == by the
+    recurrent mode (dense Ā, powers and solves for C = C̃ (I - Ā^L)⁻¹, a scan), at a tiny size."""
+    H, N, L = 2, 4, 8
+    layer = _make(lambda: S4Layer(H, N, l_max=L, dt_min=0.05, dt_max=0.2, rngs=nnx.Rngs(16)))
+    x = _x(17, (2, L, H))
+    graphdef, params = nnx.split(layer)
+
+    def loss(p, recurrent):
+        model = nnx.merge(graphdef, p)
+        if recurrent:
+            def body(s, x_t):
+                y, s = model.step(s, x_t)
+                return s, y
+            y = jnp.swapaxes(jax.lax.scan(body, model.init_state(2), jnp.swapaxes(x, 0, 1))[1], 0, 1)
+        else:
+            y = model(x)
+        return jnp.sum(jnp.sin(y))
+
+    grads = jax.jit(jax.grad(loss), static_argnums=1)
+    conv, rec = grads(params, False), grads(params, True)
+    for (path, g), g_rec in zip(jax.tree_util.tree_leaves_with_path(conv), jax.tree.leaves(rec), strict=True):
+        np.testing.assert_allclose(g, g_rec, rtol=1e-4, atol=1e-4 * np.abs(g).max(), err_msg=str(path))
+
+
+def test_s4_stack_train_step_is_lapack_free_and_fast():
+    """Two S4 layers at the digits size (H = N = L = 64): the jitted gradient calls no LAPACK routine and
+    compiles and runs in seconds. (Before: a dense (H, N, N) LU per layer formed C̃; jaxlib 0.10's batched
+    CPU LU waits on the thread pool it runs on, and the two layers' LUs deadlocked a 2-core CPU.)"""
+    layers = _make(lambda: nnx.List([S4Layer(64, 64, l_max=64, rngs=nnx.Rngs(i)) for i in range(2)]))
+    graphdef, params = nnx.split(layers)
+    x = _x(18, (4, 64, 64))
+
+    def loss(p):
+        h = x
+        for layer in nnx.merge(graphdef, p):
+            h = h + layer(h)
+        return jnp.mean(h ** 2)
+
+    start = time.perf_counter()
+    lowered = jax.jit(jax.grad(loss)).lower(params)
+    assert "lapack" not in lowered.as_text()
+    grads = jax.block_until_ready(lowered.compile()(params))
+    assert time.perf_counter() - start < 60
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_lru_layer_parallel_chunked_recurrent():

@@ -8,6 +8,7 @@ import scipy.linalg
 from jax.test_util import check_grads
 
 from jaxmodels.ops.ssm import (
+    c_tilde_to_c,
     causal_conv,
     discretize_bilinear,
     discretize_zoh,
@@ -366,11 +367,15 @@ def test_s4_kernel_rank_r_per_channel_and_c_tilde():
     with jax.enable_x64(True):
         K = kernel(Lambda, P, Q, B, C, step, L)
         K_tilde = kernel(Lambda, P, Q, B, np.stack(C_tilde), step, L, c_tilde=True)
+        dA = jax.vmap(discretize_bilinear)(A, B, step)[0]
+        C_back = jax.jit(c_tilde_to_c, static_argnums=2)(dA, np.stack(C_tilde), L)
     assert K.shape == (H, L)
     for h in range(H):
         ref = _np_dense_bilinear_kernel(A[h], B[h], C[h], step[h], L)
         np.testing.assert_allclose(np.asarray(K[h]), ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.asarray(K_tilde), np.asarray(K), rtol=1e-9, atol=1e-12)
+    assert C_back.shape == (H, N) and C_back.dtype == jnp.complex128
+    np.testing.assert_allclose(np.asarray(C_back), C, rtol=1e-9, atol=1e-10)   # C = C̃ (I - Ā^L)⁻¹
 
 
 def test_s4_kernel_without_low_rank_equals_s4d_bilinear_and_recurrence():
@@ -413,12 +418,15 @@ def test_s4_kernel_dense_recurrence_equals_conv_float32_jit():
                                rtol=1e-3, atol=1e-3)
 
 
-def test_s4_kernel_gradients():
-    """Gradients through Cauchy + Woodbury + FFT (and the C̃ correction) vs finite differences."""
-    Lambda, P, Q, B, C, step = _dplr_params(14, H=1, N=3, r=1)
+@pytest.mark.parametrize("r,c_tilde", [(1, False), (1, True), (2, True)])
+def test_s4_kernel_gradients(r, c_tilde):
+    """Gradients through Cauchy + Woodbury (rank 1: a division; rank 2: a solve) + FFT, and the C̃
+    correction when C is not C̃, vs finite differences."""
+    Lambda, P, Q, B, C, step = _dplr_params(14, H=1, N=3, r=r)
 
     def f(lam_re, p_re, c_im, step):
-        return s4_kernel(lam_re + 1j * Lambda.imag, p_re + 1j * P.imag, Q, B, C.real + 1j * c_im, step, 6)
+        return s4_kernel(lam_re + 1j * Lambda.imag, p_re + 1j * P.imag, Q, B, C.real + 1j * c_im, step, 6,
+                         c_tilde=c_tilde)
 
     with jax.enable_x64(True):
         check_grads(jax.jit(f), (Lambda.real, P.real, C.imag, step), order=1, modes=("rev",), atol=1e-5,
@@ -441,3 +449,7 @@ def test_s4d_bilinear_and_s4_kernel_errors():
         s4_kernel(Lambda, P, Q, B, C, step[:1], 4)
     with pytest.raises(ValueError, match="> 0"):
         s4_kernel(Lambda, P, Q, B, C, -step, 4)
+    with pytest.raises(ValueError, match="c_tilde_to_c: A_bar"):
+        c_tilde_to_c(np.zeros((2, 3, 3)), C[:, :2], 4)
+    with pytest.raises(ValueError, match="c_tilde_to_c: length"):
+        c_tilde_to_c(np.zeros((2, 3, 3)), C, 0)
