@@ -12,8 +12,10 @@ column is the associative scan (`jaxmodels.ops.scan.selective_scan`).
 """
 
 import argparse
+import functools
 import json
 import os
+import re
 import sys
 
 import jax
@@ -44,14 +46,20 @@ IMPLEMENTATIONS = {
     "associative": selective_scan,
     "sequential": sequential_scan,
     "chunked_256": lambda *a, **k: selective_scan(*a, **k, chunk_size=256),
-    # The fused kernel by (channels per program, warps per program).
-    "fused": fused_selective_scan,  # defaults: block_d 8, 1 warp (the fastest measured)
-    "fused_d16_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=16, num_warps=1),
-    "fused_d32_w1": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=1),
-    "fused_d32_w2": lambda *a, **k: fused_selective_scan(*a, **k, block_d=32, num_warps=2),
-    "fused_d64_w4": lambda *a, **k: fused_selective_scan(*a, **k, block_d=64, num_warps=4),
-    "fused_d8_w1_unroll4": lambda *a, **k: fused_selective_scan(*a, **k, unroll=4),
+    "fused": fused_selective_scan,  # the kernel's default options
 }
+FUSED_VARIANT = re.compile(r"fused_d(\d+)_w(\d+)_u(\d+)")  # channels per program, warps, steps per iteration
+
+
+def implementation(name):
+    """The scan function for a name: a key of IMPLEMENTATIONS or fused_d{block_d}_w{num_warps}_u{unroll}."""
+    variant = FUSED_VARIANT.fullmatch(name)
+    if variant:
+        block_d, num_warps, unroll = map(int, variant.groups())
+        return functools.partial(fused_selective_scan, block_d=block_d, num_warps=num_warps, unroll=unroll)
+    if name not in IMPLEMENTATIONS:
+        raise SystemExit(f"unknown implementation {name!r}: one of {list(IMPLEMENTATIONS)} or fused_d8_w1_u4 etc.")
+    return IMPLEMENTATIONS[name]
 
 
 def copy_bandwidth(n_bytes=2 ** 30):
@@ -128,9 +136,9 @@ def main():
         reference = grads_reference = None
         must_move = 2 * (4 * args.batch * length * args.d_inner + 2 * args.batch * length * args.n_state)
         for name in args.implementations.split(","):
-            row, grads = bench_case(name, IMPLEMENTATIONS[name], data, args.iters, name in args.backward.split(","))
+            row, grads = bench_case(name, implementation(name), data, args.iters, name in args.backward.split(","))
             row.update(length=length, must_move_bytes=must_move)
-            y = jax.jit(lambda *a, fn=IMPLEMENTATIONS[name]: fn(*a, delta_softplus=True))(
+            y = jax.jit(lambda *a, fn=implementation(name): fn(*a, delta_softplus=True))(
                 *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
             y = np.asarray(y, np.float32)
             if reference is None:

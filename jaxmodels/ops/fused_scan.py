@@ -13,6 +13,8 @@ h (block_d, N) in registers and read each input and write each output once (Gu &
       y_t = h · C_t (+ D·u_t), then y_t *= silu(z_t)
 
 Bytes moved: u, delta, z and y (batch·L·d each) plus B and C (batch·L·N, read once per program).
+Each step is short, so the time goes in waiting for its loads: the loop runs `unroll` positions per
+iteration and loads the next iteration's rows before computing this one's (`_walk`).
 The gradient is a second kernel (`custom_vjp`): per program, a forward pass saves the state before
 each chunk of ≤ 64 positions; then, chunk by chunk from the end, it recomputes the chunk's states into
 a small scratch buffer and walks them backwards (Mamba's CUDA kernel recomputes the same way). dB and
@@ -53,16 +55,51 @@ def _check_block_d(block_d: int, d_inner: int) -> None:
         raise ValueError(f"block_d={block_d} must be a power of two dividing d_inner={d_inner}")
 
 
-def _inputs_at(u_ref, delta_ref, b_ref, c_ref, t, bias, delta_softplus):
-    """Position t of a program's inputs in float32: u (block_d,), Δ (block_d,), dΔ/d(delta) (block_d,), B, C (N,)."""
-    u_t = u_ref[t, :].astype(jnp.float32)
-    pre = delta_ref[t, :].astype(jnp.float32) + bias
+def _load(refs, t):
+    """Row t of each (L, ·) ref, as stored: the loads only, so loads issued ahead of use do not wait."""
+    return tuple(ref[t, :] for ref in refs)
+
+
+def _convert(u_t, delta_t, bias, delta_softplus):
+    """Loaded u, delta rows in float32: u (block_d,), Δ (block_d,) and dΔ/d(delta) (block_d,)."""
+    pre = delta_t.astype(jnp.float32) + bias
     if delta_softplus:
         delta_t = jnp.where(pre > 20.0, pre, jnp.log1p(jnp.exp(jnp.minimum(pre, 20.0))))
         ddelta_dpre = jax.nn.sigmoid(pre)
     else:
         delta_t, ddelta_dpre = pre, jnp.ones_like(pre)
-    return u_t, delta_t, ddelta_dpre, b_ref[t, :].astype(jnp.float32), c_ref[t, :].astype(jnp.float32)
+    return u_t.astype(jnp.float32), delta_t, ddelta_dpre
+
+
+def _update(a, h, u_t, delta_t, b_t):
+    """One step of the recurrence on float32 rows: h (block_d, N) ← exp(Δ ⊗ A) ⊙ h + (Δ·u) ⊗ B."""
+    return jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
+
+
+def _walk(start, count, refs, body, carry, *, unroll, reverse=False):
+    """carry ← body(t, rows of `refs` at t, carry) for t = start .. start+count-1 (backwards if `reverse`).
+
+    `unroll` positions per loop iteration, written out (Pallas on Triton has no scan unroll), whose rows
+    were loaded during the previous iteration: the loads' latency overlaps the recurrence instead of
+    adding to it. `start` may be traced; `count` is a Python int.
+    """
+    def position(k):
+        return start + count - 1 - k if reverse else start + k
+
+    whole = count // unroll * unroll
+
+    def iteration(i, state):
+        carry, loaded = state
+        ahead = jnp.minimum((i + 1) * unroll, whole - unroll)  # the last iteration reloads its own rows
+        upcoming = tuple(_load(refs, position(ahead + k)) for k in range(unroll))
+        for k in range(unroll):
+            carry = body(position(i * unroll + k), loaded[k], carry)
+        return carry, upcoming
+
+    if whole:
+        first = tuple(_load(refs, position(k)) for k in range(unroll))
+        carry, _ = lax.fori_loop(0, count // unroll, iteration, (carry, first))
+    return lax.fori_loop(whole, count, lambda k, carry: body(position(k), _load(refs, position(k)), carry), carry)
 
 
 def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z, length,
@@ -75,28 +112,24 @@ def _kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta
     skip = d_ref[...].astype(jnp.float32)                    # (block_d,)
     bias = bias_ref[...].astype(jnp.float32)
 
-    def step(t, h):
-        u_t, delta_t, _, b_t, c_t = _inputs_at(u_ref, delta_ref, b_ref, c_ref, t, bias, delta_softplus)
-        h = jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
+    refs = (u_ref, delta_ref, b_ref, c_ref) + ((z_ref,) if has_z else ())
+
+    def step(t, loaded, h):
+        u_t, delta_t, _ = _convert(*loaded[:2], bias, delta_softplus)
+        b_t, c_t = loaded[2].astype(jnp.float32), loaded[3].astype(jnp.float32)
+        h = _update(a, h, u_t, delta_t, b_t)
         y_t = jnp.sum(h * c_t[None, :], axis=1) + skip * u_t
         if has_z:
-            z_t = z_ref[t, :].astype(jnp.float32)
+            z_t = loaded[4].astype(jnp.float32)
             y_t = y_t * z_t * jax.nn.sigmoid(z_t)
         y_ref[t, :] = y_t.astype(y_ref.dtype)
         return h
 
-    def unrolled(i, h):  # `unroll` steps per iteration, written out (Pallas on Triton has no scan unroll)
-        for k in range(unroll):
-            h = step(i * unroll + k, h)
-        return h
-
-    whole = length // unroll * unroll
-    h = lax.fori_loop(0, length // unroll, unrolled, jnp.zeros(a.shape, jnp.float32))
-    last_ref[...] = lax.fori_loop(whole, length, step, h)
+    last_ref[...] = _walk(0, length, refs, step, jnp.zeros(a.shape, jnp.float32), unroll=unroll)
 
 
 def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *rest, delta_softplus, has_z,
-                     length, chunk, barrier):
+                     length, chunk, unroll, barrier):
     """Reverse-mode of `_kernel` for one program, never holding more than `chunk` states.
 
     1. Forward over the sequence, saving the state before each chunk (ckpt).
@@ -118,17 +151,18 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
     a = a_ref[...].astype(jnp.float32)
     skip = d_ref[...].astype(jnp.float32)
     bias = bias_ref[...].astype(jnp.float32)
-    inputs_at = functools.partial(_inputs_at, u_ref, delta_ref, b_ref, c_ref, bias=bias,
-                                  delta_softplus=delta_softplus)
     num_chunks = length // chunk
+    walk = functools.partial(_walk, unroll=unroll)
+    forward_refs = (u_ref, delta_ref, b_ref)
+    backward_refs = (u_ref, delta_ref, b_ref, c_ref, dy_ref) + ((z_ref,) if has_z else ())
 
-    def advance(t, h):
-        u_t, delta_t, _, b_t, _ = inputs_at(t=t)
-        return jnp.exp(delta_t[:, None] * a) * h + (delta_t * u_t)[:, None] * b_t[None, :]
+    def advance(t, loaded, h):
+        u_t, delta_t, _ = _convert(*loaded[:2], bias, delta_softplus)
+        return _update(a, h, u_t, delta_t, loaded[2].astype(jnp.float32))
 
     def save(k, h):
         ckpt_ref[k] = h
-        return lax.fori_loop(k * chunk, (k + 1) * chunk, advance, h)
+        return walk(k * chunk, chunk, forward_refs, advance, h)
 
     lax.fori_loop(0, num_chunks, save, jnp.zeros(a.shape, jnp.float32))
     if barrier:
@@ -138,26 +172,26 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
         start = (num_chunks - 1 - i) * chunk
         h0 = ckpt_ref[num_chunks - 1 - i]
 
-        def record(t, h):
-            h = advance(t, h)
+        def record(t, loaded, h):
+            h = advance(t, loaded, h)
             hist_ref[t - start] = h
             return h
 
         if barrier:  # the previous chunk's backward walk has read all of hist
             pl_triton.debug_barrier()
-        lax.fori_loop(start, start + chunk, record, h0)
+        walk(start, chunk, forward_refs, record, h0)
         if barrier:  # hist is written before any thread reads it
             pl_triton.debug_barrier()
 
-        def back(j, carry):
+        def back(t, loaded, carry):
             s, da_acc, dd_acc, dbias_acc = carry
-            t = start + chunk - 1 - j
-            u_t, delta_t, ddelta_dpre, b_t, c_t = inputs_at(t=t)
+            u_t, delta_t, ddelta_dpre = _convert(*loaded[:2], bias, delta_softplus)
+            b_t, c_t = loaded[2].astype(jnp.float32), loaded[3].astype(jnp.float32)
             h_t = hist_ref[t - start]
             h_prev = jnp.where(t > start, hist_ref[jnp.maximum(t - start - 1, 0)], h0)
-            g = dy_ref[t, :].astype(jnp.float32)
+            g = loaded[4].astype(jnp.float32)
             if has_z:
-                z_t = z_ref[t, :].astype(jnp.float32)
+                z_t = loaded[5].astype(jnp.float32)
                 sig = jax.nn.sigmoid(z_t)
                 y_scan = jnp.sum(h_t * c_t[None, :], axis=1) + skip * u_t
                 dz_ref[t, :] = g * y_scan * sig * (1.0 + z_t * (1.0 - sig))
@@ -173,7 +207,7 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, *re
             ddelta_ref[t, :] = dpre
             return G * a_t, da_acc + d_exponent * delta_t[:, None], dd_acc + g * u_t, dbias_acc + dpre
 
-        return lax.fori_loop(0, chunk, back, carry)
+        return walk(start, chunk, backward_refs, back, carry, reverse=True)
 
     zeros_d = jnp.zeros(skip.shape, jnp.float32)
     init = (dlast_ref[...].astype(jnp.float32), jnp.zeros(a.shape, jnp.float32), zeros_d, zeros_d)
@@ -218,7 +252,7 @@ def _backward_chunk(length: int) -> int:
 def _fused_backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, *, delta_softplus, interpret, options):
     batch, length, d_inner = u.shape
     n_state = A.shape[1]
-    block_d, num_warps, _ = options
+    block_d, num_warps, unroll = options
     nblk, chunk = d_inner // block_d, _backward_chunk(length)
     grid = (batch, nblk)
     seq = pl.BlockSpec((None, length, block_d), lambda b, j: (b, 0, j))
@@ -245,7 +279,7 @@ def _fused_backward(u, delta, A, B, C, D, z, delta_bias, dy, dlast, *, delta_sof
         (stack(length // chunk), (batch, nblk, length // chunk, block_d, n_state)),
         (stack(chunk), (batch, nblk, chunk, block_d, n_state))]
     kernel = functools.partial(_backward_kernel, delta_softplus=delta_softplus, has_z=z is not None, length=length,
-                               chunk=chunk, barrier=not interpret)
+                               chunk=chunk, unroll=unroll, barrier=not interpret)
     results = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=[spec for spec, _ in out],
         out_shape=[jax.ShapeDtypeStruct(shape, f32) for _, shape in out],
@@ -282,14 +316,14 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, *, interpret=None, block_d=8, num_warps=1, unroll=1):
+                         return_last_state=False, *, interpret=None, block_d=8, num_warps=1, unroll=4):
     """`selective_scan` (same arguments, same results) through the fused Pallas kernel.
 
     Args as `jaxmodels.ops.scan.selective_scan` with ungrouped B, C (batch, L, N); N a power of two and
     d_inner a multiple of 8. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
     `block_d`: channels per program (a power of two dividing d_inner; small blocks give the GPU more
     programs to overlap the latency of each step); `num_warps`: Triton warps per program;
-    `unroll`: time steps per loop iteration (same result).
+    `unroll`: positions per loop iteration, whose inputs are loaded during the previous one (same result).
 
     Returns:
       y (batch, L, d_inner) in u's dtype; with `return_last_state`, (y, last_state (batch, d_inner, N) f32).

@@ -1,5 +1,7 @@
 """The fused Pallas selective scan (interpreted on CPU) against the float64 loop and selective_scan."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,10 @@ def test_fused_matches_float64_loop(name):
     assert y.dtype == jnp.float32 and last.shape == (2, 32, 4)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last, h_ref, rtol=1e-5, atol=1e-5)
-    unrolled = fused_selective_scan(**args, delta_softplus=softplus, unroll=4)  # 9 steps: a remainder too
-    np.testing.assert_allclose(unrolled, y, rtol=1e-6, atol=1e-6)
+    # 9 steps: prefetched iterations and a remainder; unroll > L: the remainder loop only; one channel per program
+    for options in (dict(unroll=4), dict(unroll=16), dict(unroll=3, block_d=1)):
+        np.testing.assert_allclose(fused_selective_scan(**args, delta_softplus=softplus, **options), y,
+                                   rtol=1e-6, atol=1e-6, err_msg=str(options))
 
 
 def test_fused_bfloat16_inputs_give_bfloat16_outputs():
@@ -55,10 +59,12 @@ def test_fused_gradients_match_selective_scan(length, gated):
         y, last = fn(**kw, delta_softplus=True, return_last_state=True)
         return jnp.sum(y * cot) + jnp.sum(last * cot_last)
 
-    grads = jax.jit(jax.grad(lambda kw: loss(fused_selective_scan, **kw)))(args)
     expected = jax.grad(lambda kw: loss(selective_scan, **kw))(args)
-    for name in args:
-        np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    for unroll in (4, 3):  # the default, and one leaving a remainder in each chunk of 8
+        scan = functools.partial(fused_selective_scan, unroll=unroll)
+        grads = jax.jit(jax.grad(lambda kw: loss(scan, **kw)))(args)
+        for name in args:
+            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-4, atol=1e-4, err_msg=f"{name} {unroll}")
 
 
 def test_unsupported_inputs_are_named():
