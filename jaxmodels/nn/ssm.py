@@ -183,8 +183,8 @@ class S4Layer(_ConvSSMLayer):
     `causal_conv`, never forms Ā or its powers. L_k is `l_max` (the kernel is computed at l_max and
     truncated to the input length L <= l_max, as in the S4 code), or L itself when l_max is None.
     Recurrent mode (`step`, needs l_max): the dense discretised (H, N, N) Ā and C = C̃ (I - Ā^{l_max})⁻¹
-    (`c_tilde_to_c`); it equals the convolution mode at every position t < l_max. Output:
-    gelu(SSM(u) + D u) W_out.
+    (`c_tilde_to_c`); it equals the convolution mode at every position t < l_max. Each `step` recomputes
+    them from the parameters (O(H N³ log l_max)). Output: gelu(SSM(u) + D u) W_out.
     """
 
     def __init__(self, features: int, state_size: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
@@ -216,8 +216,15 @@ class S4Layer(_ConvSSMLayer):
                              "belongs to (C = C̃ (I - Ā^l_max)⁻¹); build the layer with l_max=...")
         Lambda, P, B = self._system()
         A = jax.vmap(lambda lam, p: jnp.diag(lam) - jnp.outer(p, p.conj()))(Lambda, P)
-        A_bar, B_bar = jax.vmap(discretize_bilinear)(A, B, self._step_size())
-        return A_bar, B_bar, c_tilde_to_c(A_bar, self._C()[0], self.l_max)
+        def channel(args):
+            A_bar, B_bar = discretize_bilinear(*args[:3])
+            return A_bar, B_bar, c_tilde_to_c(A_bar, args[3], self.l_max)
+
+        # On CPU one channel at a time: jaxlib 0.10's batched CPU LAPACK kernels wait on the thread pool
+        # they run on, and the batched solves of several layers stepped in one jitted program deadlock it;
+        # unbatched solves do not.
+        per_channel = jax.lax.map if jax.default_backend() == "cpu" else lambda f, xs: jax.vmap(f)(xs)
+        return per_channel(channel, (A, B, self._step_size(), self._C()[0]))
 
     def kernel(self, length: int) -> jax.Array:
         """(H, length) float32 convolution kernel: Algorithm 1 at l_max (or at `length` if l_max is None),

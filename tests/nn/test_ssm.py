@@ -157,6 +157,34 @@ def test_s4_stack_train_step_is_lapack_free_and_fast():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+def test_s4_stack_steps_under_jit_with_unbatched_lapack_calls():
+    """Four S4 layers stepped in one jitted program: on CPU every LAPACK call of the recurrent setup is
+    unbatched (one channel at a time), and it runs. (Before: each layer's batched (H, N, N) solves; with
+    a stack, jaxlib 0.10's batched CPU LAPACK kernels deadlocked the 2-core CPU.)"""
+    layers = _make(lambda: nnx.List([S4Layer(64, 64, l_max=64, rngs=nnx.Rngs(i)) for i in range(4)]))
+    graphdef, params = nnx.split(layers)
+
+    def step(p, states, x):
+        new_states = []
+        for layer, state in zip(nnx.merge(graphdef, p), states):
+            x, state = layer.step(state, x)
+            new_states.append(state)
+        return x, new_states
+
+    states = [layer.init_state(2) for layer in layers]
+    x = _x(19, (2, 64))
+    lowered = jax.jit(step).lower(params, states, x)
+    calls = [line for line in lowered.as_text().splitlines() if "@lapack_" in line]
+    assert calls and all('num_batch_dims = "0"' in line for line in calls)
+    start = time.perf_counter()
+    y, _ = jax.block_until_ready(lowered.compile()(params, states, x))
+    assert time.perf_counter() - start < 60 and np.isfinite(y).all()
+    expected = x
+    for layer, state in zip(layers, states):  # eagerly, layer by layer
+        expected, _ = layer.step(state, expected)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_lru_layer_parallel_chunked_recurrent():
     H, N, L = 3, 5, 11
     layer = _make(lambda: LRULayer(H, N, r_min=0.5, r_max=0.95, rngs=nnx.Rngs(6)))
