@@ -18,7 +18,8 @@ CONFIG = os.path.join(ROOT, "experiments", "configs", "lm_tiny.py")
 
 
 def _env(devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # optimisation level 0 as in conftest: compile time dominates
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
