@@ -513,11 +513,15 @@ def _checked_inputs(query, key, value, bias, mask, segment_ids, local_window_siz
     return query, key, value, bias, mask, segment_ids, _window(local_window_size)
 
 
-def _check_qkv(query, key, value):
+def _check_qkv(query, key, value, *, value_head_dim_free=False):
+    """Check query (B, T, N, H), key (B, S, K, H) and value (B, S, K, H), or (B, S, K, Hv) for any Hv with
+    `value_head_dim_free` (linear attention): ranks, batch, head_dim, N a multiple of K, one float dtype."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D (batch, length, heads, head_dim), got shape {x.shape}")
-    if key.shape != value.shape:
+    if value_head_dim_free and key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key and value must agree in (B, S, K), got {key.shape} and {value.shape}")
+    if not value_head_dim_free and key.shape != value.shape:
         raise ValueError(f"key and value must have the same shape (B, S, K, H), got {key.shape} and {value.shape}")
     if query.shape[0] != key.shape[0]:
         raise ValueError(f"query and key must have the same batch size, got {query.shape} and {key.shape}")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmodels.ops import attention
 from jaxmodels.ops.attention import dot_product_attention
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -407,28 +408,13 @@ def _features(feature_map, query, key):
 
 
 def _check_qkv(query, key, value, *, causal):
-    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv); return them as arrays.
-
-    Unlike `attention._check_qkv`, the value head dim may differ from the key's.
-    """
+    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv) (`attention._check_qkv`, any Hv) and,
+    when causal, T == S; return them as arrays."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (batch, length, heads, head_dim), got shape {x.shape}")
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key and value must agree in (B, S, K), got {key.shape} and {value.shape}")
-    if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
-        raise ValueError(f"query and key must have the same batch size and head_dim, got {query.shape} and {key.shape}")
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(f"number of query heads must be a multiple of key/value heads, "
-                         f"got {query.shape[2]} query heads and {key.shape[2]} key/value heads")
+    attention._check_qkv(query, key, value, value_head_dim_free=True)
     if causal and query.shape[1] != key.shape[1]:
         raise ValueError(f"causal attention needs query and key of one length, "
                          f"got T={query.shape[1]}, S={key.shape[1]}")
-    if not jnp.issubdtype(query.dtype, jnp.floating):
-        raise TypeError(f"query, key and value must be floating point, got {query.dtype}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     return query, key, value
 
 

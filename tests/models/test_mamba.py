@@ -11,6 +11,7 @@ from flax import nnx
 from jaxmodels.models.lm import generate
 from jaxmodels.models.mamba import MambaLM, train_flops_per_token
 from jaxmodels.models.sequence_classifier import SequenceClassifier
+from tests.fitting import adam_losses
 
 SMALL = dict(vocab_size=32, num_layers=2, embed_dim=16, d_state=4, d_conv=3, expand=2)
 
@@ -28,25 +29,6 @@ def _shape(module, fn, *args):
     """jax.ShapeDtypeStruct of fn(module, *args), traced but not compiled."""
     graphdef, params = nnx.split(module)
     return jax.eval_shape(lambda p, *a: fn(nnx.merge(graphdef, p), *a), params, *args)
-
-
-def _adam_losses(model, loss_fn, steps, lr=1e-2):
-    """Loss before each of `steps` Adam steps (functional nnx.split / jit pattern)."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    rest = nnx.state(model, nnx.Not(nnx.Param))
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = opt.init(params), []
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    return losses
 
 
 def test_shapes_dtype_parameter_count_and_flops():
@@ -107,7 +89,7 @@ def test_lm_adam_steps_reduce_loss_and_bad_inputs():
         logits = m(tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    losses = _adam_losses(model, loss_fn, 6)
+    losses = adam_losses(model, loss_fn, 6)
     assert losses[-1] < losses[0] - 0.1
     with pytest.raises(ValueError, match="cache has 2 layers"):
         _shape(model, lambda m, t: m(t, cache=m.init_cache(1, 4) * 2), jnp.zeros((1, 1), jnp.int32))
@@ -137,7 +119,7 @@ def test_sequence_classifier_shapes_and_training(mixer, extra):
     def loss_fn(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    losses = _adam_losses(model, loss_fn, 5, lr=2e-2)
+    losses = adam_losses(model, loss_fn, 5, learning_rate=2e-2)
     assert losses[-1] < losses[0]
 
 

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -9,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.nn.gau import GAU
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.sharding import DEFAULT_RULES, param_specs
+from tests.fitting import adam_losses
 from tests.ops.test_gau import _np_gau, _np_mixed_chunk
 
 
@@ -117,23 +117,7 @@ def test_flash_training_reduces_loss():
     model = GAU(D, shared_dim=16, causal=True, chunk_size=4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, T, D))
     target = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :T]
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = optax.adam(1e-2)
-
-    def loss_fn(params):
-        return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x, jnp.arange(T)) - target))
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    losses = []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = adam_losses(model, lambda m: jnp.mean(jnp.square(m(x, jnp.arange(T)) - target)), 30)
     assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
 
 

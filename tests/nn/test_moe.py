@@ -4,13 +4,13 @@ axes, noise keys, router gradients, training."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxmodels.nn.moe import MoEFeedForward
 from jaxmodels.parallel.sharding import DEFAULT_RULES, param_specs
+from tests.fitting import adam_losses
 from tests.ops.test_moe import _np_moe, _np_priority_positions, _np_swiglu
 
 
@@ -180,24 +180,11 @@ def test_training_reduces_loss(dispatch):
     x = jax.random.normal(jax.random.key(1), (4, 16, d))
     w1, w2 = jax.random.normal(jax.random.key(2), (2, d, d)) / np.sqrt(d)
     target = jnp.where(x[..., :1] > 0, x @ w1, jnp.tanh(x @ w2))
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = optax.adam(1e-2)
-
-    def loss_fn(params):
-        y, aux = nnx.merge(graphdef, params)(x)
+    def loss_fn(m):
+        y, aux = m(x)
         return jnp.mean(jnp.square(y - target)) + 1e-2 * aux["load_balancing_loss"] + 1e-3 * aux["router_z_loss"]
 
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    losses = []
-    for _ in range(25):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = adam_losses(model, loss_fn, 25)
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
 
 

@@ -361,7 +361,7 @@ _W = np.zeros((16, 8), np.float32)
 @pytest.mark.parametrize("fn,args,kwargs,error,match", [
     (linear_attention, (_Q[0], _K, _V), {}, ValueError, "query must be 4-D"),
     (linear_attention, (_Q, _K, _V[:, :3]), {}, ValueError, "key and value must agree"),
-    (linear_attention, (_Q, _K[..., :4], _V), {}, ValueError, "same batch size and head_dim"),
+    (linear_attention, (_Q, _K[..., :4], _V), {}, ValueError, "same head_dim"),
     (linear_attention, (_Q[:, :, :3], _K, _V), {}, ValueError, "multiple of key/value heads"),
     (linear_attention, (_Q[:, :3], _K, _V), {"causal": True}, ValueError, "T=3, S=4"),
     (linear_attention, (_Q, _K, _V), {"feature_map": "softmax"}, ValueError, r"\['elu', 'relu'\]"),

@@ -1,10 +1,8 @@
 """Sequence tasks: masked token loss and weighted classification loss against NumPy, batch shapes,
 length-generalisation evaluation, a few training steps, and the config errors."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -12,6 +10,7 @@ from experiments.configs import ssm_digits, ssm_induction_heads, ssm_selective_c
 from jaxmodels.tasks import make_task
 from jaxmodels.tasks.sequence import masked_token_loss, weighted_classification_loss
 from jaxmodels.train.config import validate_config
+from tests.fitting import adam_losses
 
 
 def _log_softmax64(logits):
@@ -83,29 +82,15 @@ def test_digits_eval_batches_give_the_exact_test_mean():
 
 
 def _train(task, num_steps, learning_rate=1e-2):
-    model = task.build_model(nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        (loss, _), grads = jax.value_and_grad(lambda p: task.loss(nnx.merge(graphdef, p), batch), has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    """Losses of `num_steps` Adam steps on one training batch."""
     batch = next(task.train_batches(0, 0, 1))
-    losses = []
-    for _ in range(num_steps):
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss))
-    return nnx.merge(graphdef, params), losses
+    return adam_losses(task.build_model(nnx.Rngs(0)), lambda m: task.loss(m, batch)[0], num_steps, learning_rate)
 
 
 @pytest.mark.parametrize("kind", ["s4d", "mamba", "attention"])
 def test_a_few_steps_reduce_the_induction_loss(kind):
     task = make_task(_tiny_token_config(ssm_induction_heads, kind, seq_len=16))
-    _, losses = _train(task, 8)
+    losses = _train(task, 8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -113,7 +98,7 @@ def test_a_few_steps_reduce_the_digits_loss():
     config = ssm_digits.get_config()
     config.model.update(num_layers=1, d_model=16, d_state=8, mlp_dim=32)
     config.data.global_batch_size = 16
-    _, losses = _train(make_task(config), 8)
+    losses = _train(make_task(config), 8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
