@@ -136,9 +136,10 @@ def main():
         reference = grads_reference = None
         must_move = 2 * (4 * args.batch * length * args.d_inner + 2 * args.batch * length * args.n_state)
         for name in args.implementations.split(","):
-            row, grads = bench_case(name, implementation(name), data, args.iters, name in args.backward.split(","))
+            fn = implementation(name)
+            row, grads = bench_case(name, fn, data, args.iters, name in args.backward.split(","))
             row.update(length=length, must_move_bytes=must_move)
-            y = jax.jit(lambda *a, fn=implementation(name): fn(*a, delta_softplus=True))(
+            y = jax.jit(lambda *a: fn(*a, delta_softplus=True))(
                 *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
             y = np.asarray(y, np.float32)
             if reference is None:

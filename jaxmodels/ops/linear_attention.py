@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels.ops import attention
-from jaxmodels.ops.attention import dot_product_attention
+from jaxmodels.ops.attention import _check_qkv as _check_attention_qkv, dot_product_attention
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Katharopoulos et al. 2020, §3.2.1: elu(x) + 1 > 0, so every denominator is positive.
@@ -408,10 +407,10 @@ def _features(feature_map, query, key):
 
 
 def _check_qkv(query, key, value, *, causal):
-    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv) (`attention._check_qkv`, any Hv) and,
+    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv) (`attention._check_qkv` with any Hv) and,
     when causal, T == S; return them as arrays."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    attention._check_qkv(query, key, value, value_head_dim_free=True)
+    _check_attention_qkv(query, key, value, value_head_dim_free=True)
     if causal and query.shape[1] != key.shape[1]:
         raise ValueError(f"causal attention needs query and key of one length, "
                          f"got T={query.shape[1]}, S={key.shape[1]}")

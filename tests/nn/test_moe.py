@@ -180,6 +180,7 @@ def test_training_reduces_loss(dispatch):
     x = jax.random.normal(jax.random.key(1), (4, 16, d))
     w1, w2 = jax.random.normal(jax.random.key(2), (2, d, d)) / np.sqrt(d)
     target = jnp.where(x[..., :1] > 0, x @ w1, jnp.tanh(x @ w2))
+
     def loss_fn(m):
         y, aux = m(x)
         return jnp.mean(jnp.square(y - target)) + 1e-2 * aux["load_balancing_loss"] + 1e-3 * aux["router_z_loss"]
