@@ -14,14 +14,12 @@ from typing import NamedTuple
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "flash")
 
-# Score given to masked (query, key) pairs: finite, so that exp(masked - row_max) underflows to
-# exactly 0 without inf - inf = nan; the same value jax.nn uses.
-_MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -186,10 +184,10 @@ def _reference_attention(query, key, value, bias, mask, scale):
         scores = scores + _group_heads(bias, num_kv_heads).astype(acc_dtype)
     if mask is not None:
         mask = _group_heads(mask, num_kv_heads)
-        scores = jnp.where(mask, scores, _MASKED_SCORE)
+        scores = jnp.where(mask, scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
     if mask is not None:
-        # A no-op on rows with an allowed key (exp(_MASKED_SCORE - row max) underflowed to exactly 0);
+        # A no-op on rows with an allowed key (exp(MASKED_SCORE - row max) underflowed to exactly 0);
         # turns fully masked rows, which the softmax made uniform, into zeros.
         probs = jnp.where(mask, probs, 0.0)
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(value.dtype), value, preferred_element_type=acc_dtype)
@@ -296,8 +294,8 @@ def _flash_forward(grid, query, key, value, bias, scale, mask, segment_ids):
             return alpha[..., None] * o + pv, m_new, alpha * l + p.sum(axis=-1)
 
         # m starts above every masked score and below every real one: masked pairs then add
-        # exp(_MASKED_SCORE - m) = 0 even to rows that have seen no allowed key yet, whose l stays 0.
-        init = (jnp.zeros(stats_shape + (head_dim,), acc_dtype), jnp.full(stats_shape, _MASKED_SCORE / 2, acc_dtype),
+        # exp(MASKED_SCORE - m) = 0 even to rows that have seen no allowed key yet, whose l stays 0.
+        init = (jnp.zeros(stats_shape + (head_dim,), acc_dtype), jnp.full(stats_shape, MASKED_SCORE / 2, acc_dtype),
                 jnp.zeros(stats_shape, acc_dtype))
         o, m, l = lax.fori_loop(*_kv_block_range(grid, i), kv_step, init)
         o = o / jnp.where(l == 0, 1, l)[..., None]
@@ -367,7 +365,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _block_scores(grid, q_i, k_j, i, j, bias, scale, mask, segment_ids):
     """S_ij = Q_i K_jᵀ · scale + bias_ij for query block i and key block j, masked pairs (causal,
-    window, segments, mask, padded keys) set to _MASKED_SCORE.
+    window, segments, mask, padded keys) set to MASKED_SCORE.
 
     q_i (B, B_r, K, G, H), k_j (B, B_c, K, H) -> (B, K, G, B_r, B_c) in scale's dtype.
     """
@@ -386,7 +384,7 @@ def _block_scores(grid, q_i, k_j, i, j, bias, scale, mask, segment_ids):
         segment_ids = (_rows(segment_ids[0], i, grid.block_q), _rows(segment_ids[1], j, grid.block_k))
     allowed = _combine_masks(mask_ij, q_pos, kv_pos, is_causal=grid.is_causal, local_window=grid.local_window,
                              segment_ids=segment_ids)
-    return s if allowed is None else jnp.where(_group_heads(allowed, num_kv_heads), s, _MASKED_SCORE)
+    return s if allowed is None else jnp.where(_group_heads(allowed, num_kv_heads), s, MASKED_SCORE)
 
 
 def _rows(x, block, size, axis=1):
@@ -497,51 +495,20 @@ def _checked_inputs(query, key, value, bias, mask, segment_ids, local_window_siz
     arrays, bias and mask None or 4-D, segment_ids None or (q_ids (B, T), kv_ids (B, S)),
     local_window None or (left, right)."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check_qkv(query, key, value)
+    check_qkv(query, key, value)
     batch, q_len, num_heads, _ = query.shape
     kv_len = key.shape[1]
     scores_shape = (batch, num_heads, q_len, kv_len)
     if bias is not None:
-        bias = _as_scores_operand(jnp.asarray(bias), scores_shape, "bias")
+        bias = as_scores_operand(jnp.asarray(bias), scores_shape, "bias")
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
             raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}; "
                             "pass additive masks as bias")
-        mask = _as_scores_operand(mask, scores_shape, "mask")
+        mask = as_scores_operand(mask, scores_shape, "mask")
     segment_ids = _split_segment_ids(segment_ids, batch, q_len, kv_len)
     return query, key, value, bias, mask, segment_ids, _window(local_window_size)
-
-
-def _check_qkv(query, key, value, *, value_head_dim_free=False):
-    """Check query (B, T, N, H), key (B, S, K, H) and value (B, S, K, H), or (B, S, K, Hv) for any Hv with
-    `value_head_dim_free` (linear attention): ranks, batch, head_dim, N a multiple of K, one float dtype."""
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (batch, length, heads, head_dim), got shape {x.shape}")
-    if value_head_dim_free and key.shape[:3] != value.shape[:3]:
-        raise ValueError(f"key and value must agree in (B, S, K), got {key.shape} and {value.shape}")
-    if not value_head_dim_free and key.shape != value.shape:
-        raise ValueError(f"key and value must have the same shape (B, S, K, H), got {key.shape} and {value.shape}")
-    if query.shape[0] != key.shape[0]:
-        raise ValueError(f"query and key must have the same batch size, got {query.shape} and {key.shape}")
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(f"query and key must have the same head_dim, got {query.shape} and {key.shape}")
-    if query.shape[2] % key.shape[2]:
-        raise ValueError(f"number of query heads must be a multiple of key/value heads, "
-                         f"got {query.shape[2]} query heads and {key.shape[2]} key/value heads")
-    if not jnp.issubdtype(query.dtype, jnp.floating):
-        raise TypeError(f"query, key and value must be floating point, got {query.dtype}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-
-
-def _as_scores_operand(x, scores_shape, name):
-    """Check that x broadcasts to (B, N, T, S) dim by dim (each 1 or full) and return it 4-D."""
-    if x.ndim > 4 or any(d not in (1, full) for d, full in zip(x.shape[::-1], scores_shape[::-1])):
-        raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {scores_shape} "
-                         f"(each dim 1 or full), got shape {x.shape}")
-    return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
 def _split_segment_ids(segment_ids, batch, q_len, kv_len):

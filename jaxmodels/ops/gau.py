@@ -17,7 +17,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.ops.attention import _MASKED_SCORE
+from jaxmodels.ops.checks import MASKED_SCORE
 
 SCORES = ("relu2", "softmax")
 
@@ -141,7 +141,7 @@ def _weights(q, k, *, scores, causal, mask, bias, scale):
     if scores == "relu2":
         weights = jnp.square(jax.nn.relu(logits))
     else:
-        weights = jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, _MASKED_SCORE), axis=-1)
+        weights = jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, MASKED_SCORE), axis=-1)
     # relu²: zeroes masked entries. softmax: a no-op on rows with an allowed key (their masked
     # entries underflowed to 0), zeroes fully masked rows, which the softmax made uniform.
     return weights if mask is None else jnp.where(mask, weights, 0.0)

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels.ops.attention import _check_qkv as _check_attention_qkv, dot_product_attention
+from jaxmodels.ops.attention import dot_product_attention
+from jaxmodels.ops.checks import check_qkv as _check_attention_qkv
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Katharopoulos et al. 2020, §3.2.1: elu(x) + 1 > 0, so every denominator is positive.

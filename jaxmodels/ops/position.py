@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.attention import _MASKED_SCORE, _check_qkv
+from jaxmodels.ops.checks import MASKED_SCORE, check_qkv
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
@@ -269,7 +269,7 @@ def rerope_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, wind
     With w >= max |i - j| + 1 every pair is "near" and this is plain RoPE attention.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check_qkv(query, key, value)
+    check_qkv(query, key, value)
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     if leaky is not None and not leaky > 0:
@@ -337,7 +337,7 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int, *, causal: bool = True, 
     distance = (rel if causal else jnp.abs(rel)).astype(jnp.float32)
     bias = -alibi_slopes(num_heads)[:, None, None] * distance
     if causal:
-        bias = jnp.where(rel >= 0, bias, _MASKED_SCORE)
+        bias = jnp.where(rel >= 0, bias, MASKED_SCORE)
     return bias[None]
 
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.attention import _as_scores_operand, _check_qkv, _reference_attention
+from jaxmodels.ops.attention import _reference_attention
+from jaxmodels.ops.checks import as_scores_operand, check_qkv
 
 
 # ---------------------------------------------------------------- patterns as predicates of (i, j)
@@ -196,7 +197,7 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
       (an empty layout row included) returns zeros.
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check_qkv(query, key, value)
+    check_qkv(query, key, value)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     _check_divisible(q_len, block_size)
@@ -209,7 +210,7 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
         mask = mask if isinstance(mask, jax.Array) else np.asarray(mask)
         if mask.dtype != np.bool_:
             raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
-        mask = _as_scores_operand(mask, (batch, num_heads, q_len, kv_len), "mask")
+        mask = as_scores_operand(mask, (batch, num_heads, q_len, kv_len), "mask")
     scale = head_dim**-0.5 if scale is None else scale
 
     num_q_blocks, num_kv_blocks = layout.shape

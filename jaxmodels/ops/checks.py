@@ -1,0 +1,71 @@
+"""Argument checks shared by every layer of the library, one function and one wording per kind of check.
+
+Public functions validate their inputs at trace time (shapes and options are static) and raise
+`ValueError` for a bad value or shape and `TypeError` for a bad type, saying what was expected and
+what came. A module that needs a check imports it from here; it never reaches into another
+module's private helpers.
+"""
+
+import numbers
+from collections.abc import Collection
+
+import jax.numpy as jnp
+import numpy as np
+
+# Score given to masked (query, key) pairs: finite, so that exp(masked - row_max) underflows to exactly 0
+# without inf - inf = nan; the value jax.nn uses.
+MASKED_SCORE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def one_of(name: str, value, valid: Collection):
+    """Return `value` if it is in `valid`, else raise ValueError "{name}={value!r} is not valid; choose one of
+    [...]". `name` is what the user wrote (an argument name or a config path such as "config.model.norm_kind")."""
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
+    return value
+
+
+def positive_int(name: str, value, *, allow_none: bool = False):
+    """Return `value` if it is an int >= 1 (or None with `allow_none`); TypeError for a non-int (bools
+    included), ValueError for an int < 1."""
+    if allow_none and value is None:
+        return value
+    expected = "a positive int" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_qkv(query, key, value, *, value_head_dim_free: bool = False) -> None:
+    """Check attention operands: query (B, T, N, H), key (B, S, K, H) and value (B, S, K, H), or (B, S, K, Hv)
+    for any Hv with `value_head_dim_free` (linear attention): ranks, batch, head_dim, N a multiple of K
+    (grouped-query heads), one floating dtype. Raises ValueError (shapes) or TypeError (dtypes)."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D (batch, length, heads, head_dim), got shape {x.shape}")
+    if value_head_dim_free and key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key and value must agree in (B, S, K), got {key.shape} and {value.shape}")
+    if not value_head_dim_free and key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape (B, S, K, H), got {key.shape} and {value.shape}")
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(f"query and key must have the same batch size, got {query.shape} and {key.shape}")
+    if query.shape[3] != key.shape[3]:
+        raise ValueError(f"query and key must have the same head_dim, got {query.shape} and {key.shape}")
+    if query.shape[2] % key.shape[2]:
+        raise ValueError(f"number of query heads must be a multiple of key/value heads, "
+                         f"got {query.shape[2]} query heads and {key.shape[2]} key/value heads")
+    if not jnp.issubdtype(query.dtype, jnp.floating):
+        raise TypeError(f"query, key and value must be floating point, got {query.dtype}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+
+
+def as_scores_operand(x, scores_shape: tuple[int, int, int, int], name: str):
+    """Check that a bias or mask `x` broadcasts to the score shape (B, N, T, S) dim by dim (each 1 or full,
+    at most 4-D, leading dims may be omitted) and return it 4-D."""
+    if x.ndim > 4 or any(d not in (1, full) for d, full in zip(x.shape[::-1], scores_shape[::-1])):
+        raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {scores_shape} "
+                         f"(each dim 1 or full), got shape {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
