@@ -120,7 +120,7 @@ def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None, b
     jax.block_until_ready(one_step())
     first_step_s = time.perf_counter() - t  # compile + one step
     step_time = median_time(one_step, warmup=2, iters=steps)
-    flops = trainer.task.flops_per_example * batch
+    flops = trainer.flops_per_example * batch
     profile = None
     if profile_dir:
         trace_dir = os.path.join(profile_dir, size)

@@ -12,7 +12,7 @@ Each run lives in OUT/runs/<name>/ (finished runs are skipped, so re-running com
 stopped by SIGINT/SIGTERM is recorded as interrupted with its curve so far, and resumes from its
 checkpoint when the command is run again).
 Records per run: final eval bits/byte, parameter counts (total, active per token), train FLOPs per
-token (active parameters, `LanguageModeling.flops_per_example`), median step time, the wall time of
+token (active parameters, `DecoderLM.train_flops_per_token`), median step time, the wall time of
 training (sum of the measured step times, compilation and evaluation excluded), and for the MoE model
 the load balance over training (max expert load relative to uniform, dropped fraction, load-balancing
 loss, routing entropy). Because the CPU is shared, the step times measured during training drift with
@@ -42,7 +42,6 @@ from flax import nnx  # noqa: E402
 from experiments.configs import lm_moe, lm_tiny  # noqa: E402
 from jaxmodels.models import make_model  # noqa: E402
 from jaxmodels.nn.transformer import moe_spec_from_config  # noqa: E402
-from jaxmodels.tasks.lm import LanguageModeling  # noqa: E402
 from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
 
 NAMES = ("dense_active", "moe", "dense_total")
@@ -83,13 +82,13 @@ def run(name: str, config, steps: int, workdir: str) -> dict:
     for key in BALANCE:
         if f"train/{key}" in train[0]:
             curve[key] = [r[f"train/{key}"] for r in train]
-    task = LanguageModeling(config)
+    model = nnx.eval_shape(lambda: make_model(config.model, nnx.Rngs(0)))
     return {"name": name, "steps": steps, "completed_steps": summary["final_step"],
             "interrupted": summary["interrupted"], "mlp_dim": config.model.mlp_dim,
             "num_experts": config.model.moe.num_experts,
             "eval_bits_per_byte": None if summary["interrupted"] else summary["eval_end"]["bits_per_byte"],
             "total_params": num_params(config.model), "active_params": active_params(config.model),
-            "train_flops_per_token": task.flops_per_example / task.tokens_per_example,
+            "train_flops_per_token": model.train_flops_per_token(config.data.seq_len),
             "median_step_time_s": statistics.median(step_times), "train_wall_s": float(sum(step_times)),
             "curve": curve}
 

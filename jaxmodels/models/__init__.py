@@ -13,11 +13,21 @@ from jaxmodels.models.mmdit import MMDiT
 from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
+from jaxmodels.ops.checks import one_of
 
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+    """Validate a model config section before anything is built: its name, its dtypes, and the model's own
+    `check_config`. Raises ValueError naming the field (config.model.X) and the valid choices."""
+    one_of("config.model.name", config.name, MODELS)
+    for k in ("dtype", "param_dtype"):
+        one_of(f"config.model.{k}", config[k], DTYPES)
+    MODELS[config.name].check_config(config)
 
 
 def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -28,10 +38,7 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     """
     fields = dict(config)
     name = fields.pop("name")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+    one_of("model.name", name, MODELS)
     for k in ("dtype", "param_dtype"):
-        if fields[k] not in DTYPES:
-            raise ValueError(f"model.{k}={fields[k]!r} is not a dtype; valid: {sorted(DTYPES)}")
-        fields[k] = DTYPES[fields[k]]
+        fields[k] = DTYPES[one_of(f"model.{k}", fields[k], DTYPES)]
     return MODELS[name](**fields, rngs=rngs)

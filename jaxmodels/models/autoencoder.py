@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model
 from jaxmodels.nn.conv import Conv2D, Downsample, GroupNorm, Upsample
 from jaxmodels.nn.diffusion import ResBlock
 
@@ -20,7 +21,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of LDM's DiagonalGaussianDistribution
 RECONSTRUCTION_KINDS = ("l2", "l1")
 
 
-class KLAutoencoder(nnx.Module):
+class KLAutoencoder(Model):
     """Encoder: conv_in, per level num_res_blocks ResBlocks and a downsample (not after the last),
     a middle ResBlock, GroupNorm-SiLU-conv to 2·latent_channels = (mean, logvar). Decoder: the
     mirror image, num_res_blocks + 1 ResBlocks per level, nearest-neighbour upsampling.

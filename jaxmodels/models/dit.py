@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model
 from jaxmodels.nn.diffusion import (
     AdaLNModulation, LabelEmbedding, Linear, MultiHeadAttention, TimestepEmbedding, layer_norm, modulate, patchify,
     sincos_2d_embedding, unpatchify)
@@ -62,7 +63,7 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
-class DiT(nnx.Module):
+class DiT(Model):
     """DiT (see the module docstring).
 
     input_size: image height = width (H, divisible by patch_size); in_channels: C.
@@ -91,6 +92,8 @@ class DiT(nnx.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes, self.position, self.dtype = num_classes, position, dtype
+        self.hidden_dim, self.depth, self.mlp_ratio = hidden_dim, depth, mlp_ratio
+        self.learn_sigma, self.frequency_dim = learn_sigma, frequency_dim
         grid = input_size // patch_size
         self.patch_embed = Linear(patch_size * patch_size * in_channels, hidden_dim, logical_axes=(None, "embed"),
                                   **kw)
@@ -124,6 +127,13 @@ class DiT(nnx.Module):
             h = block(h, c)
         out = self.final(h, c)
         return unpatchify(out, self.patch_size, self.input_size, self.input_size).astype(jnp.float32)
+
+    def train_flops_per_example(self) -> float:
+        """Model FLOPs of one training example: 3 x the forward (`dit_flops_per_example`), forward + backward."""
+        return 3 * dit_flops_per_example(input_size=self.input_size, patch_size=self.patch_size,
+                                         in_channels=self.in_channels, hidden_dim=self.hidden_dim, depth=self.depth,
+                                         mlp_ratio=self.mlp_ratio, learn_sigma=self.learn_sigma,
+                                         frequency_dim=self.frequency_dim)
 
 
 def dit_parameter_count(*, input_size: int, patch_size: int, in_channels: int, hidden_dim: int, depth: int,

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.attention import AttentionSpec, Cache, spec_from_config
-from jaxmodels.nn.layers import Embed, dense, make_norm
+from jaxmodels.models.base import Model, check_fields
+from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, spec_from_config
+from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
 from jaxmodels.ops.moe import moe_flops_per_token
@@ -23,7 +24,7 @@ REMAT_POLICIES = {
 }
 
 
-class DecoderLM(nnx.Module):
+class DecoderLM(Model):
     """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
 
     Embedding -> num_layers pre-norm Transformer blocks -> final norm -> untied output head.
@@ -47,6 +48,8 @@ class DecoderLM(nnx.Module):
         if not isinstance(moe, MoESpec):
             moe = moe_spec_from_config(moe)
         self.attention, self.moe, self.dtype, self.remat = attention, moe, dtype, remat
+        self.vocab_size, self.num_layers, self.embed_dim, self.mlp_dim = vocab_size, num_layers, embed_dim, mlp_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_kind = num_heads, num_kv_heads, head_dim, mlp_kind
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
@@ -60,6 +63,25 @@ class DecoderLM(nnx.Module):
             self.position_table = param(rngs, jax.nn.initializers.normal(0.02), (attention.max_positions, embed_dim),
                                         (None, "embed"), param_dtype)
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """config.model: kinds, positive sizes, num_heads a multiple of num_kv_heads, the attention and moe
+        sections (`AttentionSpec`, `MoESpec`), and experts only in blocks that have an MLP."""
+        check_fields(config, "config.model", {"mlp_kind": MLP.KINDS, "norm_kind": tuple(NORMS),
+                                              "remat": tuple(REMAT_POLICIES)},
+                     ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"))
+        if config.num_heads % config.num_kv_heads:
+            raise ValueError(f"config.model.num_heads={config.num_heads} must be a multiple of "
+                             f"config.model.num_kv_heads={config.num_kv_heads}")
+        try:
+            attention, moe = spec_from_config(config.attention), moe_spec_from_config(config.get("moe"))
+        except ValueError as e:
+            raise ValueError(f"config.model.{e}") from None
+        if moe.num_experts and attention.kind in GAU_KINDS:
+            raise ValueError(f"config.model.moe.num_experts={moe.num_experts} needs blocks with an MLP, but "
+                             f"config.model.attention.kind={attention.kind!r} has none; set "
+                             "config.model.moe.num_experts=0")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False):
@@ -94,6 +116,13 @@ class DecoderLM(nnx.Module):
         if return_aux:
             out += (combine_moe_aux([a for a in layer_aux if a is not None], self.moe),)
         return out[0] if len(out) == 1 else out
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training token at sequence length `seq_len` (`train_flops_per_token`: forward +
+        backward, causal attention at half the score matrix, MoE blocks at their active parameters)."""
+        return train_flops_per_token(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
+                                     num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                     mlp_dim=self.mlp_dim, mlp_kind=self.mlp_kind, seq_len=seq_len, moe=self.moe)
 
     def _learned_positions(self, positions, length):
         """Rows `positions` of the learned table; `length` (static when it can be) is checked against its size."""

@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model, check_fields
 from jaxmodels.nn.layers import Embed, RMSNorm, dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.ssm import MambaBlock, ResidualBlock, mamba_dt_rank
+from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 
 
-class MambaLM(nnx.Module):
+class MambaLM(Model):
     """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
 
     Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> untied output head.
@@ -29,6 +31,8 @@ class MambaLM(nnx.Module):
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
+        self.vocab_size, self.num_layers, self.embed_dim = vocab_size, num_layers, embed_dim
+        self.d_state, self.d_conv, self.expand, self.dt_rank = d_state, d_conv, expand, dt_rank
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             ResidualBlock(MambaBlock(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
@@ -38,13 +42,23 @@ class MambaLM(nnx.Module):
         self.final_norm = RMSNorm(embed_dim, **kw)
         self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """config.model: the scan implementation and positive sizes."""
+        check_fields(config, "config.model", {"scan_implementation": (None, *SCAN_IMPLEMENTATIONS)},
+                     ("num_layers", "embed_dim", "d_state", "d_conv", "expand"))
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: list[dict] | None = None,
-                 cache_index: jax.Array | None = None):
+                 cache_index: jax.Array | None = None, *, return_aux: bool = False):
         """Without `cache`: the parallel (selective-scan) forward, returns logits (batch, length, vocab).
         With `cache` (from `init_cache`, or returned by a previous call): continues the recurrence over
         `tokens` (one token: the recurrent step; several: the parallel scan from the cached state) and
-        returns (logits, new_cache). `positions` and `cache_index` are unused (the state carries them)."""
+        returns (logits, new_cache). `positions` and `cache_index` are unused (the state carries them).
+        With `return_aux` (the `DecoderLM` interface) the auxiliary losses come last: always {} here."""
         del positions, cache_index
+        if return_aux:
+            out = self(tokens, cache=cache)
+            return (*out, {}) if cache is not None else (out, {})
         if tokens.ndim != 2:
             raise ValueError(f"MambaLM: tokens must be (batch, length) ids, got shape {tokens.shape}")
         x = self.embed(tokens)
@@ -67,6 +81,14 @@ class MambaLM(nnx.Module):
     def _logits(self, x):
         x = self.final_norm(x)
         return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training token (`train_flops_per_token`; independent of `seq_len`: the scan is
+        linear in the length)."""
+        del seq_len
+        return train_flops_per_token(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
+                                     d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                                     dt_rank=self.dt_rank)
 
     @property
     def has_cache(self) -> bool:

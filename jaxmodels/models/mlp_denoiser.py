@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model, check_fields
 from jaxmodels.nn.diffusion import LabelEmbedding, Linear, TimestepEmbedding
 
 
-class MLPDenoiser(nnx.Module):
+class MLPDenoiser(Model):
     """Residual MLP: with c = TimestepEmbedding(t) [+ LabelEmbedding(labels)] (B, hidden_dim),
 
         h = W_in x;   num_layers times: h = h + W_2 silu(W_1 (silu(h) + c));   out = W_out silu(h),
@@ -29,6 +30,11 @@ class MLPDenoiser(nnx.Module):
     __call__(x (B, F), t (B,) float or int, labels (B,) int | None) -> (B, F) float32.
     Parameters: `mlp_denoiser_parameter_count`.
     """
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """config.model: positive sizes."""
+        check_fields(config, "config.model", positive=("in_features", "hidden_dim", "num_layers", "frequency_dim"))
 
     def __init__(self, *, in_features: int = 2, hidden_dim: int = 256, num_layers: int = 3, frequency_dim: int = 64,
                  num_classes: int = 0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model
 from jaxmodels.models.dit import FinalLayer
 from jaxmodels.nn.diffusion import (
     AdaLNModulation, Linear, TimestepEmbedding, layer_norm, modulate, patchify, unpatchify)
@@ -88,7 +89,7 @@ class MMDiTBlock(nnx.Module):
         return x, ctx
 
 
-class MMDiT(nnx.Module):
+class MMDiT(Model):
     """MMDiT (see the module docstring).
 
     input_size: image height = width, divisible by patch_size; in_channels: C.

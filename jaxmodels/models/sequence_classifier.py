@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.layers import Embed, dense, make_norm
+from jaxmodels.models.base import Model, check_fields
+from jaxmodels.nn.layers import NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.ssm import LRULayer, MambaBlock, ResidualBlock, S4DLayer, S4Layer
 
@@ -28,7 +29,7 @@ def _make_mixer(kind, d_model, d_state, kwargs, bidirectional, **kw):
     return MambaBlock(d_model, d_state=d_state, **kwargs, **kw)
 
 
-class SequenceClassifier(nnx.Module):
+class SequenceClassifier(Model):
     """x (batch, length, in_features) float or (batch, length) int token ids -> logits (batch, num_classes) float32.
 
     Encoder (a linear map with bias for features, an embedding for tokens) -> num_layers pre-norm residual
@@ -42,6 +43,14 @@ class SequenceClassifier(nnx.Module):
 
     MIXERS = ("s4d", "s4", "lru", "mamba")
     POOLINGS = ("mean", "last")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """config.model: mixer, norm and pooling kinds (a `SequenceTagger` has no pooling), positive sizes."""
+        choices = {"mixer": cls.MIXERS, "norm_kind": tuple(NORMS)}
+        if "pooling" in config:
+            choices["pooling"] = cls.POOLINGS
+        check_fields(config, "config.model", choices, ("num_classes", "d_model", "num_layers", "d_state"))
 
     def __init__(self, *, num_classes: int, d_model: int, num_layers: int, mixer: str = "s4d",
                  in_features: int | None = None, vocab_size: int | None = None, d_state: int = 64,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.models.base import Model
 from jaxmodels.nn.conv import Conv2D, Downsample, GroupNorm, Upsample
 from jaxmodels.nn.diffusion import AttentionBlock, LabelEmbedding, ResBlock, TimestepEmbedding
 
@@ -124,7 +125,7 @@ class UNetEncoder(nnx.Module):
         return h, skips, emb
 
 
-class UNet(nnx.Module):
+class UNet(Model):
     """Diffusion UNet (see the module docstring). x (B, H, W, in_channels), H and W divisible by
     2^(len(channel_mult) - 1); t (B,) float noise levels; labels (B,) int in [0, num_classes]
     (num_classes is the null label of classifier-free guidance; None means null) when num_classes > 0;

@@ -2,15 +2,18 @@
 
 import ml_collections
 
+from jaxmodels.ops.checks import one_of
+from jaxmodels.tasks.base import Task
 from jaxmodels.tasks.diffusion import Diffusion
 from jaxmodels.tasks.lm import LanguageModeling
 from jaxmodels.tasks.sequence import SequenceClassification, SequenceTokens
 
-TASKS = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens, "sequence_classification": SequenceClassification}
+__all__ = ["TASKS", "Task", "make_task"]
+
+TASKS: dict[str, type[Task]] = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens,
+                                "sequence_classification": SequenceClassification}
 
 
-def make_task(config: ml_collections.ConfigDict):
+def make_task(config: ml_collections.ConfigDict) -> Task:
     """The task named config.task, built from the whole experiment config."""
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; valid: {sorted(TASKS)}")
-    return TASKS[config.task](config)
+    return TASKS[one_of("config.task", config.task, TASKS)](config)

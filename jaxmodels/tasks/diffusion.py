@@ -31,11 +31,11 @@ import optax
 from flax import nnx
 
 from jaxmodels.data import digits, toy2d
-from jaxmodels.models import make_model
 from jaxmodels.models.classifier import DigitClassifier
-from jaxmodels.models.dit import dit_flops_per_example
 from jaxmodels.ops import diffusion as D
+from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.losses import softmax_cross_entropy
+from jaxmodels.tasks.base import Task
 
 OBJECTIVES = ("ddpm", "edm", "flow")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "edm": ("heun", "euler"), "flow": ("euler", "heun")}
@@ -307,7 +307,7 @@ def example_seeds(seed: int, step: int, global_batch_size: int) -> np.ndarray:
     return np.random.default_rng([seed, step, 0x5EED]).integers(0, 2**32, global_batch_size, dtype=np.uint32)
 
 
-class Diffusion:
+class Diffusion(Task):
     """Trains a denoiser by config.diffusion.objective (see the module docstring) and samples from it.
 
     Config sections used: model (`make_model`: "mlp_denoiser" for the 2-D toys, "unet" or "dit" for images;
@@ -319,9 +319,9 @@ class Diffusion:
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
         d, m = config.data, config.model
-        if d.name not in DATA:
-            raise ValueError(f"config.data.name={d.name!r} is not valid; choose one of {list(DATA)}")
+        one_of("config.data.name", d.name, DATA)
         models = TOY_MODELS if d.name in toy2d.SAMPLERS else IMAGE_MODELS
         if m.name not in models:
             raise ValueError(f"config.model.name={m.name!r} does not fit data {d.name!r}; valid: {list(models)}")
@@ -334,16 +334,14 @@ class Diffusion:
         if d.get("pairs_path") and self.spec.objective != "flow":
             raise ValueError("config.data.pairs_path (reflow pairs) needs config.diffusion.objective='flow', "
                              f"got {self.spec.objective!r}")
-        if config.sample.sampler not in SAMPLERS[self.spec.objective]:
-            raise ValueError(f"config.sample.sampler={config.sample.sampler!r} does not fit objective "
-                             f"{self.spec.objective!r}; choose one of {list(SAMPLERS[self.spec.objective])}")
+        one_of(f"config.sample.sampler (objective {self.spec.objective!r})", config.sample.sampler,
+               SAMPLERS[self.spec.objective])
         if d.eval_seed == d.seed:
             raise ValueError(f"config.data.eval_seed must differ from config.data.seed={d.seed}")
-        self.config = config
-        self.loss = functools.partial(diffusion_loss, spec=self.spec)
 
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return make_model(self.config.model, rngs)
+    def loss(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`diffusion_loss` of the configured objective."""
+        return diffusion_loss(model, batch, spec=self.spec)
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -370,17 +368,10 @@ class Diffusion:
             batch["noise"] = jax.ShapeDtypeStruct((b, *self.example_shape), jnp.float32)
         return batch
 
-    tokens_per_example = None
-
-    @property
-    def flops_per_example(self) -> float | None:
-        """Training FLOPs per example, 3 x the forward (`dit_flops_per_example`) for a DiT; None otherwise."""
-        m = self.config.model
-        if m.name != "dit":
-            return None
-        return 3 * dit_flops_per_example(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
-                                         hidden_dim=m.hidden_dim, depth=m.depth, mlp_ratio=m.mlp_ratio,
-                                         learn_sigma=m.learn_sigma, frequency_dim=m.frequency_dim)
+    def flops_per_example(self, model: nnx.Module) -> float | None:
+        """The model's own `train_flops_per_example()` where it counts them (DiT); None otherwise."""
+        count = getattr(model, "train_flops_per_example", None)
+        return None if count is None else count()
 
     def _batch(self, seed: int, step: int, process_index: int, process_count: int, split: str,
                pairs: bool) -> dict:

@@ -9,24 +9,21 @@ import numpy as np
 from flax import nnx
 
 from jaxmodels.data import lm as lm_data
-from jaxmodels.models import make_model
-from jaxmodels.models import mamba
-from jaxmodels.models.lm import DecoderLM, generate, train_flops_per_token
+from jaxmodels.models.lm import generate
 from jaxmodels.ops.losses import softmax_cross_entropy
+from jaxmodels.tasks.base import Task
 
 
 def next_token_loss(model: nnx.Module, batch: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross entropy. batch: (batch, length + 1) int32 token ids;
     inputs batch[:, :-1] predict targets batch[:, 1:]. Returns (loss nats/token f32, metrics).
 
-    For a DecoderLM with MoE blocks the loss is cross entropy + the weighted router losses
-    (`jaxmodels.models.lm.combine_moe_aux`'s moe_loss: Switch load balancing, ST-MoE z-loss);
-    metrics then also hold cross_entropy, moe_loss, load_balancing_loss, router_z_loss,
-    dropped_fraction, routing_entropy and max_expert_load. bits_per_byte is always cross entropy's."""
-    if isinstance(model, DecoderLM) and model.moe.num_experts:
-        logits, aux = model(batch[:, :-1], return_aux=True)
-    else:
-        logits, aux = model(batch[:, :-1]), {}
+    The model is called as model(tokens, return_aux=True) -> (logits, aux). When its aux is not empty (a
+    DecoderLM with MoE blocks: `jaxmodels.models.lm.combine_moe_aux`'s moe_loss, Switch load balancing and
+    ST-MoE z-loss) the loss is cross entropy + aux["moe_loss"], and metrics also hold cross_entropy, moe_loss,
+    load_balancing_loss, router_z_loss, dropped_fraction, routing_entropy and max_expert_load.
+    bits_per_byte is always cross entropy's."""
+    logits, aux = model(batch[:, :-1], return_aux=True)
     cross_entropy = jnp.mean(softmax_cross_entropy(logits, batch[:, 1:]))
     metrics = {"bits_per_byte": cross_entropy / math.log(2.0)}
     loss = cross_entropy
@@ -41,8 +38,10 @@ def decode_bytes(tokens) -> str:
     return bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
-class LanguageModeling:
-    """The task the trainer drives: model, loss, batches, FLOP count and a text sample for a byte-level LM.
+class LanguageModeling(Task):
+    """Byte-level language modelling (`Task`): next-token loss, bits/byte, FLOPs and a text sample, for any
+    model with the causal-LM interface (`DecoderLM`, `MambaLM`: tokens -> logits, `return_aux`,
+    `train_flops_per_token`, cached generation).
 
     Config sections used: model (see `jaxmodels.models.make_model`), data (name, data_dir, seq_len,
     global_batch_size, seed, eval_batches), sample (prompt, max_new_tokens, temperature, top_k).
@@ -51,10 +50,7 @@ class LanguageModeling:
     def __init__(self, config: ml_collections.ConfigDict):
         if config.model.vocab_size != 256:
             raise ValueError(f"byte-level data needs model.vocab_size=256, got {config.model.vocab_size}")
-        self.config = config
-
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return make_model(self.config.model, rngs)
+        super().__init__(config)
 
     loss = staticmethod(next_token_loss)
 
@@ -67,18 +63,10 @@ class LanguageModeling:
     def tokens_per_example(self) -> int:
         return self.config.data.seq_len
 
-    @property
-    def flops_per_example(self) -> float:
-        m = self.config.model
-        if m.name == "mamba_lm":
-            return self.config.data.seq_len * mamba.train_flops_per_token(
-                vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, d_state=m.d_state,
-                d_conv=m.d_conv, expand=m.expand, dt_rank=m.dt_rank)
-        per_token = train_flops_per_token(
-            vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, mlp_dim=m.mlp_dim, mlp_kind=m.mlp_kind,
-            seq_len=self.config.data.seq_len, moe=m.get("moe"))
-        return per_token * self.config.data.seq_len
+    def flops_per_example(self, model: nnx.Module) -> float:
+        """seq_len x the model's `train_flops_per_token(seq_len)`."""
+        seq_len = self.config.data.seq_len
+        return seq_len * model.train_flops_per_token(seq_len)
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
         d = self.config.data

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmodels.data import digits, synthetic
-from jaxmodels.models import make_model
 from jaxmodels.ops.losses import softmax_cross_entropy
+from jaxmodels.tasks.base import Task
 
 # data.name -> the data-section fields passed to its generator in jaxmodels.data.synthetic.
 TOKEN_TASK_OPTIONS = {"selective_copying": ("seq_len", "num_tokens", "vocab_size"),
@@ -54,7 +54,7 @@ def weighted_classification_loss(model: nnx.Module, batch: dict) -> tuple[jax.Ar
     return loss, {"loss": loss, "accuracy": jnp.mean(correct * w)}
 
 
-class SequenceTokens:
+class SequenceTokens(Task):
     """Token-to-token sequence problems with a loss mask: selective copying and induction heads
     (Gu & Dao 2023, "Mamba", §4.1, Tables 1-2), for any causal token model.
 
@@ -78,10 +78,7 @@ class SequenceTokens:
         if m.name == "sequence_tagger" and m.num_classes != d.vocab_size:
             raise ValueError(f"config.model.num_classes={m.num_classes} must equal config.data.vocab_size="
                              f"{d.vocab_size} (the tagger predicts a token at each position)")
-        self.config = config
-
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return make_model(self.config.model, rngs)
+        super().__init__(config)
 
     loss = staticmethod(masked_token_loss)
 
@@ -101,11 +98,6 @@ class SequenceTokens:
     @property
     def tokens_per_example(self) -> int:
         return self.config.data.seq_len
-
-    @property
-    def flops_per_example(self) -> None:
-        """Not counted (no MFU): these are small CPU-scale problems."""
-        return None
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
         d = self.config.data
@@ -148,7 +140,7 @@ class SequenceTokens:
         return f"target:    {batch['targets'][0][mask].tolist()}\npredicted: {predicted[mask].tolist()}"
 
 
-class SequenceClassification:
+class SequenceClassification(Task):
     """Sequential digits: scikit-learn's 8x8 digits read pixel by pixel as length-64 sequences of one
     feature, classified by a `SequenceClassifier` (S4/S4D/LRU/Mamba stack; the setting of S4's sequential
     MNIST, Gu et al. 2022, at 64 instead of 784 steps). Evaluation is on the whole fixed test split.
@@ -166,10 +158,7 @@ class SequenceClassification:
         if m.in_features != 1 or m.num_classes != digits.NUM_CLASSES:
             raise ValueError(f"config.model needs in_features=1 and num_classes={digits.NUM_CLASSES} for pixel "
                              f"sequences, got in_features={m.in_features}, num_classes={m.num_classes}")
-        self.config = config
-
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return make_model(self.config.model, rngs)
+        super().__init__(config)
 
     loss = staticmethod(weighted_classification_loss)
 
@@ -182,11 +171,6 @@ class SequenceClassification:
     @property
     def tokens_per_example(self) -> int:
         return 64
-
-    @property
-    def flops_per_example(self) -> None:
-        """Not counted (no MFU): a CPU-scale problem."""
-        return None
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
         d = self.config.data

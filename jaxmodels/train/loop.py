@@ -1,7 +1,6 @@
 """The training loop: sharded init or restore, jitted steps, eval, metrics, checkpoints, signals."""
 
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -17,15 +16,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmodels.parallel import sharding as sh
-from jaxmodels.parallel import zero
 from jaxmodels.parallel.distributed import check_processes_agree
 from jaxmodels.parallel.mesh import make_mesh
+from jaxmodels.parallel.strategy import make_strategy
 from jaxmodels.tasks import make_task
 from jaxmodels.train.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
 from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from jaxmodels.train.step import make_eval_step, make_train_step, make_zero_train_step
+from jaxmodels.train.step import make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,13 +60,19 @@ def _flat(tree, prefix=""):
     return {prefix[:-1]: tree}
 
 
-def config_changes(previous_config_json: str, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: old -> new' for the STATE_SECTIONS fields where `config` differs from the config.json
-    a previous run left in the workdir (empty when there is none)."""
-    if not os.path.exists(previous_config_json):
+def previous_config(config_json: str) -> dict | None:
+    """The config.json a previous run left in the workdir, as a dict; None when there is none."""
+    if not os.path.exists(config_json):
+        return None
+    with open(config_json) as f:
+        return json.load(f)
+
+
+def config_changes(previous: dict | None, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: old -> new' for the STATE_SECTIONS fields where `config` differs from `previous` (a previous
+    run's config, `previous_config`); empty when there is none."""
+    if previous is None:
         return []
-    with open(previous_config_json) as f:
-        previous = json.load(f)
     current = json.loads(config.to_json_best_effort())
     old, new = (_flat({k: c.get(k) for k in STATE_SECTIONS}) for c in (previous, current))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -81,10 +86,9 @@ def init_rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
 class Trainer:
     """Everything that is fixed for a run: mesh, shardings, compiled steps, data, writers.
 
-    config.parallel.strategy picks the train step (jaxmodels/parallel/strategy.py): "replicated"
-    and "fsdp" are `make_train_step` partitioned by XLA from the state's shardings (the sharding
-    rules); "zero" is `make_zero_train_step`, whose optimiser state is stored as flattened, padded
-    (D * c,) vectors sharded over the data axis.
+    The task (`jaxmodels.tasks.base.Task`) supplies the model, loss and batches; config.parallel.strategy
+    (`jaxmodels.parallel.strategy.Strategy`) supplies the optimiser-state layout and the collectives of the
+    one train step (`make_train_step`). The config is validated first, before anything is built.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
@@ -94,28 +98,27 @@ class Trainer:
         self.config, self.workdir = config, os.path.abspath(workdir)  # orbax needs absolute paths
         self.task = make_task(config)
         self.mesh = make_mesh(dict(config.mesh), devices)
+        self.strategy = make_strategy(config.parallel, self.mesh)
         rules = tuple(tuple(r) for r in config.sharding_rules)
         num_steps, accum = config.train.num_steps, config.train.grad_accum_steps
         self.schedule = learning_rate_schedule(config.optimizer, num_steps)
 
         abstract_model = nnx.eval_shape(lambda: self.task.build_model(init_rngs(config)))
         self.graphdef = nnx.graphdef(abstract_model)
+        self.flops_per_example = self.task.flops_per_example(abstract_model)
         param_specs = sh.param_specs(abstract_model, self.mesh, rules)
-        is_zero = config.parallel.strategy == "zero"
-        if is_zero:  # the optimiser sees 1-D shards: decay mask and clipping norm come from the whole
-            abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
-            optimizer = make_optimizer(config.optimizer, num_steps, decay=decay_mask(abstract_params), axis_name="data")
-            opt_layout = functools.partial(zero.padded_flat_tree, n=self.mesh.shape["data"])
-            opt_param_specs = jax.tree.map(lambda _: P("data"), param_specs, is_leaf=lambda x: isinstance(x, P))
-        else:
-            optimizer = make_optimizer(config.optimizer, num_steps)
-            opt_layout, opt_param_specs = (lambda params: params), param_specs
+        # Decay mask and clipping norm come from the whole parameters, even where the optimiser sees shards.
+        abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
+        optimizer = make_optimizer(config.optimizer, num_steps, decay=decay_mask(abstract_params),
+                                   axis_name=self.strategy.update_axis)
 
         def init():
             params = nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(opt_layout(params))}
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "opt_state": optimizer.init(self.strategy.opt_layout(params))}
 
         self.abstract_state = jax.eval_shape(init)
+        opt_param_specs = self.strategy.opt_param_specs(param_specs)
         specs = {"step": P(), "params": param_specs,
                  "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs)}
         self.state_shardings = sh.named(self.mesh, specs)
@@ -124,12 +127,8 @@ class Trainer:
         self.batch_sharding = sh.named(self.mesh, batch_spec)
         replicated = NamedSharding(self.mesh, P())
         self.init = jax.jit(init, out_shardings=self.state_shardings)
-        if is_zero:
-            step = make_zero_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, mesh=self.mesh,
-                                        state_specs=specs, batch_spec=batch_spec,
-                                        collectives=config.parallel.collectives)
-        else:
-            step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum)
+        step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, strategy=self.strategy,
+                               state_specs=specs, batch_spec=batch_spec)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
@@ -163,12 +162,11 @@ class Trainer:
 
     def restore_or_init(self):
         """(start_step, state): the newest readable checkpoint, or a fresh sharded init."""
-        changes = config_changes(os.path.join(self.workdir, "config.json"), self.config)
-        strategy = [c for c in changes if c.startswith("parallel.strategy:")]
-        if strategy and "'zero'" in strategy[0]:  # zero stores the optimiser state flat and padded
-            raise CheckpointError(f"{self.workdir} holds checkpoints of another data-parallel strategy "
-                                  f"({strategy[0]}); zero's optimiser state has another layout. Resume with "
-                                  "the same parallel.strategy or use a new workdir")
+        previous = previous_config(os.path.join(self.workdir, "config.json"))
+        changes = config_changes(previous, self.config)
+        error = previous and self.strategy.resume_error(previous["parallel"]["strategy"])
+        if error:
+            raise CheckpointError(f"{self.workdir} holds checkpoints of another data-parallel strategy: {error}")
         hint = (". The checkpoints were written with a different config (state layout): " + "; ".join(changes)
                 if changes else "")
         step, state = self.checkpointer.restore_latest(
@@ -197,8 +195,8 @@ def _step_scalars(metrics, step_time: float | None, trainer: Trainer) -> dict[st
     out["examples_per_s"] = cfg.data.global_batch_size / step_time
     if trainer.task.tokens_per_example:
         out["tokens_per_s"] = trainer.task.tokens_per_example * cfg.data.global_batch_size / step_time
-    if trainer.peak_flops_total and trainer.task.flops_per_example:
-        out["mfu"] = trainer.task.flops_per_example * cfg.data.global_batch_size / step_time / trainer.peak_flops_total
+    if trainer.peak_flops_total and trainer.flops_per_example:
+        out["mfu"] = trainer.flops_per_example * cfg.data.global_batch_size / step_time / trainer.peak_flops_total
     return out
 
 

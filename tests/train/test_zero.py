@@ -14,7 +14,8 @@ from jaxmodels.parallel import zero
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxmodels.train.optimizer import decay_mask, make_optimizer
-from jaxmodels.train.step import make_train_step, make_zero_train_step
+from jaxmodels.parallel.strategy import ZeRO
+from jaxmodels.train.step import make_train_step
 
 
 class Affine(nnx.Module):
@@ -40,13 +41,14 @@ def _zero_setup(collectives, accum, n=8):
     mesh = make_mesh({"data": n}, jax.devices()[:n])
     graphdef, params = nnx.split(Affine())
     params = params.to_pure_dict()
-    tx = make_optimizer(_opt_config(), 10, decay=decay_mask(params), axis_name="data")
-    opt_state = tx.init(zero.padded_flat_tree(params, n))
+    strategy = ZeRO(mesh, collectives)
+    tx = make_optimizer(_opt_config(), 10, decay=decay_mask(params), axis_name=strategy.update_axis)
+    opt_state = tx.init(strategy.opt_layout(params))
     specs = {"step": P(), "params": jax.tree.map(lambda _: P(), params),
              "opt_state": sh.opt_state_specs(tx, opt_state, jax.tree.map(lambda _: P("data"), params))}
     batch_spec = P(("data", "fsdp"), None)
-    step = make_zero_train_step(graphdef, loss_fn, tx, optax.constant_schedule(0.1), accum, mesh=mesh,
-                                state_specs=specs, batch_spec=batch_spec, collectives=collectives)
+    step = make_train_step(graphdef, loss_fn, tx, optax.constant_schedule(0.1), accum, strategy=strategy,
+                           state_specs=specs, batch_spec=batch_spec)
     state = jax.device_put({"step": jnp.int32(0), "params": params, "opt_state": opt_state}, sh.named(mesh, specs))
     return jax.jit(step), state, sh.named(mesh, batch_spec)
 
