@@ -1,7 +1,7 @@
 """Attention benchmarks on the GPU: forward + backward time of every attention path.
 
-    python benchmarks/attention.py --section softmax|long|kinds [--out benchmarks/results/attention.jsonl]
-    python benchmarks/attention.py --report   # tables (attention.md) and plot (attention.png) from the JSONL
+    python -m benchmarks.attention --section softmax|long|kinds [--out benchmarks/results/attention.jsonl]
+    python -m benchmarks.attention --report   # tables (attention.md) and plot (attention.png) from the JSONL
 
 Sections (each appends one JSON row per case to --out, so an interrupted run keeps what it measured):
   softmax  bf16 (B, T, N, H) with B·T = 32k tokens and N·H = 2048, T in 1k..32k, H in {64, 128},
@@ -23,17 +23,14 @@ whole fwd+bwd program (`compiled.memory_analysis().temp_size_in_bytes`).
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.ops.attention import dot_product_attention  # noqa: E402
-from jaxmodels.ops.gau import mixed_chunk_attention  # noqa: E402
-from jaxmodels.ops.linear_attention import (  # noqa: E402
+from benchmarks.timing import median_time
+from jaxmodels.ops.attention import dot_product_attention
+from jaxmodels.ops.gau import mixed_chunk_attention
+from jaxmodels.ops.linear_attention import (
     linear_attention, orthogonal_random_features, performer_attention)
 
 TOKENS = int(os.environ.get("ATTN_TOKENS", 32 * 1024))  # B·T per case

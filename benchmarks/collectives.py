@@ -1,7 +1,7 @@
 """All-reduce bus bandwidth (our ring vs lax.psum) and data-parallel scaling of the LM train step.
 
-    python benchmarks/collectives.py [--sizes_mb 1,4,16,64,256,1024] [--size 125m] [--per_device_batch 8]
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python benchmarks/collectives.py --smoke
+    python -m benchmarks.collectives [--sizes_mb 1,4,16,64,256,1024] [--size 125m] [--per_device_batch 8]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.collectives --smoke
 
 Needs 2+ devices (all local GPUs of one host; --smoke: fake CPU devices, tiny sizes, results
 written to a temporary file unless --out is given; it checks that the code runs, its timings
@@ -35,13 +35,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.lm_step import SIZES  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
-from experiments.configs import lm_tiny  # noqa: E402
-from jaxmodels.ops.collectives import ring_all_reduce  # noqa: E402
-from jaxmodels.train.loop import Trainer  # noqa: E402
+from benchmarks.lm_step import SIZES
+from benchmarks.timing import median_time
+from experiments.configs import lm_tiny
+from jaxmodels.ops.collectives import ring_all_reduce
+from jaxmodels.train.loop import Trainer
 
 ALL_REDUCES = {
     "psum": lax.psum,  # the baseline

@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of DiT (Peebles & Xie 2023) on 32x32x4 latents through the library's Trainer.
 
-    python benchmarks/diffusion.py [--sizes S2,B2] [--batch 256] [--steps 20] [--out benchmarks/results/diffusion.json]
-    python benchmarks/diffusion.py --smoke     # seconds on a CPU: a tiny DiT, 3 steps
+    python -m benchmarks.diffusion [--sizes S2,B2] [--batch 256] [--steps 20] [--out benchmarks/results/diffusion.json]
+    python -m benchmarks.diffusion --smoke     # seconds on a CPU: a tiny DiT, 3 steps
 
 For each size: experiments/configs/diffusion_digits.py turned into the paper's latent setting — task
 "diffusion" with data "synthetic_latents" (standard-normal 32x32x4 latents, the shape of a 256x256 image
@@ -19,18 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import jax
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments.configs import diffusion_digits  # noqa: E402
-from jaxmodels.models.dit import dit_flops_per_example, dit_parameter_count  # noqa: E402
-from jaxmodels.train.loop import Trainer  # noqa: E402
+from experiments.configs import diffusion_digits
+from jaxmodels.models.dit import dit_flops_per_example, dit_parameter_count
+from jaxmodels.train.loop import Trainer
 
 SIZES = {"S2": dict(hidden_dim=384, depth=12, num_heads=6), "B2": dict(hidden_dim=768, depth=12, num_heads=12),
          "smoke": dict(hidden_dim=64, depth=1, num_heads=2)}

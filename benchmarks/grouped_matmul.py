@@ -1,6 +1,6 @@
 """Grouped matmul of dropless MoE on the GPU: jax.lax.ragged_dot vs the Pallas kernels vs a dense einsum.
 
-    python benchmarks/grouped_matmul.py [--cases 1024:2048:8,1024:2048:64,2048:2048:8,2048:2048:64]
+    python -m benchmarks.grouped_matmul [--cases 1024:2048:8,1024:2048:64,2048:2048:8,2048:2048:64]
         [--groups equal,routed] [--configs 128,128,64,4,4;...] [--out benchmarks/results/grouped_matmul.json]
         [--smoke]
 
@@ -22,16 +22,13 @@ has rel_err, the relative Frobenius error of y (and of dw when timed) against ra
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul  # noqa: E402
+from benchmarks.timing import median_time
+from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul
 
 DEFAULT_CONFIGS = "128,128,64,4,4;128,128,64,8,3;128,256,64,8,3;64,128,64,4,4;128,128,32,4,4;256,128,64,8,3"
 

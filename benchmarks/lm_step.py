@@ -1,6 +1,6 @@
 """Train-step throughput and MFU of the decoder LM (the library's own jitted, sharded step).
 
-    python benchmarks/lm_step.py [--sizes 125m,1b] [--out benchmarks/results/lm_step.json] [--profile DIR]
+    python -m benchmarks.lm_step [--sizes 125m,1b] [--out benchmarks/results/lm_step.json] [--profile DIR]
 
 For each size: builds the Trainer from experiments/configs/lm_tiny.py with the size's overrides
 (bf16 compute, float32 params and AdamW state, seq 2048, byte vocabulary), runs warm-up steps,
@@ -19,7 +19,6 @@ import glob
 import gzip
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -27,12 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.timing import median_time  # noqa: E402
-from experiments.configs import lm_mamba, lm_tiny  # noqa: E402
-from jaxmodels.train.loop import Trainer  # noqa: E402
-from jaxmodels.train.metrics import device_peak_flops  # noqa: E402
+from benchmarks.timing import median_time
+from experiments.configs import lm_mamba, lm_tiny
+from jaxmodels.train.loop import Trainer
+from jaxmodels.train.metrics import device_peak_flops
 
 SIZES = {
     # ~125M (GPT-3 Small shape): 12 x 768, 12 heads of 64, SwiGLU 2048.

@@ -1,6 +1,6 @@
 """Mixture-of-experts layer on the GPU: capacity einsum vs dropless grouped matmul (ragged_dot, Pallas).
 
-    python benchmarks/moe.py [--tokens 16384] [--mlp_dim 2048] [--experts 8,64] [--k 1,2]
+    python -m benchmarks.moe [--tokens 16384] [--mlp_dim 2048] [--experts 8,64] [--k 1,2]
                              [--d_model 1024,2048] [--out benchmarks/results/moe.json] [--smoke]
 
 The layer is `jaxmodels.nn.moe.MoEFeedForward` (float32 router, SwiGLU experts of width mlp_dim, bf16
@@ -24,19 +24,15 @@ import argparse
 import itertools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flax import nnx  # noqa: E402
-
-from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.nn.layers import MLP  # noqa: E402
-from jaxmodels.nn.moe import MoEFeedForward  # noqa: E402
-from jaxmodels.ops.moe import moe_flops_per_token  # noqa: E402
+from benchmarks.timing import median_time
+from jaxmodels.nn.layers import MLP
+from jaxmodels.nn.moe import MoEFeedForward
+from jaxmodels.ops.moe import moe_flops_per_token
 
 IMPLEMENTATIONS = {
     "einsum": dict(dispatch="einsum", capacity_factor=1.25),

@@ -1,6 +1,6 @@
 """Mamba's selective scan on the GPU: associative scan vs sequential lax.scan vs chunked vs the fused kernel.
 
-    python benchmarks/ssm.py [--lengths 2048,4096,8192,16384] [--out benchmarks/results/ssm_scan.json] [--smoke]
+    python -m benchmarks.ssm [--lengths 2048,4096,8192,16384] [--out benchmarks/results/ssm_scan.json] [--smoke]
 
 Mamba-130m-like sizes (Gu & Dao 2023): d_inner 1536, N 16, batch 8, bf16 u/delta/z/B/C, float32 A, D,
 delta_bias, softplus on; the scan computes in float32. For each length and implementation: median time
@@ -16,17 +16,14 @@ import functools
 import json
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.ops.fused_scan import fused_selective_scan  # noqa: E402
-from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step  # noqa: E402
+from benchmarks.timing import median_time
+from jaxmodels.ops.fused_scan import fused_selective_scan
+from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 
 
 def sequential_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):

@@ -1,7 +1,7 @@
 """Experiment 2: class-conditional 8x8 digits — DDPM/DDIM, EDM-Heun, rectified flow and reflow; quality by
 a digit classifier trained here, vs sampling steps and vs classifier-free guidance scale.
 
-    python experiments/diffusion_digits.py [--steps 800] [--reflow-steps 400] [--out experiments/results/diffusion]
+    python -m experiments.diffusion_digits [--steps 800] [--reflow-steps 400] [--out experiments/results/diffusion]
 
 1. Trains the evaluation classifier (`fit_digit_classifier`) and reports its test accuracy and the Fréchet
    distance (FD) between its features of the real train and test digits (the floor).
@@ -19,7 +19,6 @@ Writes digits_results.json and digits_samples.png (sample grids, one class per r
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -30,8 +29,6 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import diffusion_digits  # noqa: E402
 from jaxmodels.data import digits  # noqa: E402

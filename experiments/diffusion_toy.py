@@ -1,6 +1,6 @@
 """Experiment 1: DDPM, EDM and rectified flow on the 2-D toys; sample quality vs number of sampling steps.
 
-    python experiments/diffusion_toy.py [--steps 1500] [--out experiments/results/diffusion]
+    python -m experiments.diffusion_toy [--steps 1500] [--out experiments/results/diffusion]
 
 For each toy (checkerboard, two moons, 8 Gaussians) and objective (DDPM with v target and DDIM sampling,
 EDM with Heun, rectified flow with Euler), trains experiments/configs/diffusion_toy2d.py through
@@ -13,7 +13,6 @@ at 32 steps) and toy_w2_vs_steps.png.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -23,8 +22,6 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import diffusion_toy2d  # noqa: E402
 from jaxmodels.data import toy2d  # noqa: E402

@@ -1,4 +1,4 @@
-"""Launchers for `python -m experiments.main`: local multi-process, TPU pod, SLURM GPU."""
+"""Launchers for `python -m jaxmodels.main`: local multi-process, TPU pod, SLURM GPU."""
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -4,7 +4,7 @@ joined by JAX's distributed runtime — a laptop-sized rehearsal of a multi-host
     python -m launch.local --num_processes 2 --devices_per_process 4 -- \
         --config experiments/configs/lm_tiny.py --workdir /tmp/mp --config.train.num_steps=20
 
-Everything after `--` goes to `python -m experiments.main`. Process 0 writes metrics and logs;
+Everything after `--` goes to `python -m jaxmodels.main`. Process 0 writes metrics and logs;
 all processes write their shards of checkpoints. Add --dry-run to print the commands only.
 """
 
@@ -39,7 +39,7 @@ def launch(num_processes: int, devices_per_process: int, main_args: list[str], *
            timeout: float | None = None) -> int:
     """Start the processes, stream process 0's output, wait for all; returns the first non-zero exit code."""
     port = free_port()
-    cmd = [sys.executable, "-m", "experiments.main", *main_args]
+    cmd = [sys.executable, "-m", "jaxmodels.main", *main_args]
     envs = [process_env(dict(os.environ), port=port, num_processes=num_processes, process_id=i,
                         devices_per_process=devices_per_process) for i in range(num_processes)]
     for i, env in enumerate(envs):

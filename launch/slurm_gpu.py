@@ -31,7 +31,7 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, partition: str | None, time
     lines += ["set -euo pipefail", f"cd {shlex.quote(repo_dir)}"]
     if setup:
         lines.append(setup)
-    lines.append("srun " + shlex.join(["python3", "-m", "experiments.main", *main_args]))
+    lines.append("srun " + shlex.join(["python3", "-m", "jaxmodels.main", *main_args]))
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ def remote_command(repo_dir: str, main_args: list[str], setup_repo: str | None =
     if setup_repo:
         steps += [f"(test -d {repo_dir} || git clone {shlex.quote(setup_repo)} {repo_dir})",
                   f"pip install -q -e {repo_dir}"]
-    steps += [f"cd {repo_dir}", shlex.join(["python3", "-m", "experiments.main", *main_args])]
+    steps += [f"cd {repo_dir}", shlex.join(["python3", "-m", "jaxmodels.main", *main_args])]
     return " && ".join(steps)
 
 

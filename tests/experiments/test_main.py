@@ -1,4 +1,4 @@
-"""The command line: override errors before compiling, SIGTERM checkpointing, the 2-process launcher."""
+"""The command line: override errors before compiling, SIGTERM checkpointing, the launchers (2 processes == 1)."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import time
 import ml_collections
 import pytest
 
-from experiments.main import unknown_override
+from jaxmodels.main import unknown_override
+from launch import slurm_gpu, tpu_pod
 from tests.tiny import cli_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +26,7 @@ def _env(devices=1):
 
 
 def _main(workdir, *extra, **overrides):
-    return [sys.executable, "-m", "experiments.main", f"--config={CONFIG}", f"--workdir={workdir}",
+    return [sys.executable, "-m", "jaxmodels.main", f"--config={CONFIG}", f"--workdir={workdir}",
             *cli_overrides(**overrides), *extra]
 
 
@@ -50,6 +51,21 @@ def test_bad_overrides_fail_fast_with_a_clear_message(tmp_path, flag, expected):
     assert "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "checkpoints")  # failed before building anything
     assert time.perf_counter() - t < 60
+
+
+def test_the_checkout_shim_runs_the_same_entry_point(tmp_path):
+    cmd = _main(tmp_path, "--config.model.num_layerz=2")
+    r = subprocess.run([sys.executable, "-m", "experiments.main", *cmd[3:]], env=_env(), capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "unknown config field 'model.num_layerz'" in r.stderr, r.stderr[-2000:]
+
+
+def test_remote_launchers_run_the_entry_point_as_a_module():
+    args = ["--config", "experiments/configs/lm_tiny.py", "--workdir", "/w"]
+    script = slurm_gpu.sbatch_script(nodes=2, gpus_per_node=8, partition=None, time_limit="01:00:00", job_name="j",
+                                     repo_dir="/repo", main_args=args)
+    assert "srun python3 -m jaxmodels.main --config experiments/configs/lm_tiny.py --workdir /w" in script
+    assert tpu_pod.remote_command("/repo", args).endswith("python3 -m jaxmodels.main " + " ".join(args))
 
 
 def _rows(workdir):

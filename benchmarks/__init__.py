@@ -1,0 +1,1 @@
+"""Speed and memory measurements against named baselines: `python -m benchmarks.NAME` from the checkout's root."""
