@@ -57,14 +57,13 @@ def main(argv):
     from jaxmodels.parallel.distributed import maybe_initialize
 
     maybe_initialize()
-    from jaxmodels.train.config import validate_config
+    from jaxmodels.train.config import ConfigError
     from jaxmodels.train.loop import train_and_evaluate
 
     try:
-        validate_config(_CONFIG.value)
-    except ValueError as e:  # before anything is built or compiled
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:  # raised before anything is built or compiled
         sys.exit(f"error: {e}")
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if summary["interrupted"]:
         sys.exit(143)
 

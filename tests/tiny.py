@@ -28,6 +28,6 @@ def tiny_config(**overrides):
 
 
 def cli_overrides(**overrides) -> list[str]:
-    """The same overrides as command-line flags for experiments.main."""
+    """The same overrides as command-line flags for jaxmodels.main."""
     merged = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return [f"--config.{k}={v}" for k, v in merged.items()]

@@ -7,7 +7,7 @@ by override. UNet: 16 -> 32 channels at 8x8 -> 4x4, no attention (a DiT-S-like D
 1.25 s/step on the shared 2-core CPU, this UNet ~0.1 s), ~0.1M parameters.
 
 Run:
-    python -m experiments.main --config experiments/configs/diffusion_digits.py --workdir /tmp/digits \
+    python -m jaxmodels.main --config experiments/configs/diffusion_digits.py --workdir /tmp/digits \
         --config.diffusion.objective=edm --config.sample.sampler=heun
 
 Expect (2-core CPU): see experiments/results/diffusion/results.md (experiments/diffusion_digits.py):

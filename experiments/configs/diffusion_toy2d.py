@@ -5,7 +5,7 @@ data — checkerboard, two moons or 8 Gaussians (`jaxmodels.data.toy2d`); object
 t), "edm" or "ddpm" (v target, cosine schedule, T = 1000). ~0.2M parameters.
 
 Run:
-    python -m experiments.main --config experiments/configs/diffusion_toy2d.py --workdir /tmp/toy2d \
+    python -m jaxmodels.main --config experiments/configs/diffusion_toy2d.py --workdir /tmp/toy2d \
         --config.data.name=checkerboard --config.diffusion.objective=edm --config.sample.sampler=heun
 
 Expect (2-core CPU, 3000 steps of batch 512, ~1.5 min; experiments/results/diffusion/results.md):

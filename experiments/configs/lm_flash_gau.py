@@ -5,7 +5,7 @@ context, embedded py_stdlib corpus); not a published number. GAU blocks replace 
 expansion 256 and shared dim 64 keep lm_tiny's parameter count.
 
 Run:
-    python -m experiments.main --config experiments/configs/lm_flash_gau.py --workdir /tmp/lm_flash_gau
+    python -m jaxmodels.main --config experiments/configs/lm_flash_gau.py --workdir /tmp/lm_flash_gau
 
 Expect: experiments/results/attention_kinds/ (eval bits/byte and step time of every kind, measured).
 """

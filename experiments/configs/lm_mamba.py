@@ -7,7 +7,7 @@ embedded corpus. 4 layers, d_model 128, d_inner 256, N 16 (~0.45M parameters vs 
 experiments/ssm_tasks.py compares at equal parameters).
 
 Run:
-    python -m experiments.main --config experiments/configs/lm_mamba.py --workdir /tmp/lm_mamba
+    python -m jaxmodels.main --config experiments/configs/lm_mamba.py --workdir /tmp/lm_mamba
 
 Generation (the final sample) runs the recurrent form, one token per step from the cached
 conv and SSM states, and equals the parallel forward (tests/models/test_mamba.py).

@@ -9,7 +9,7 @@ dispatch (overflow dropped), load-balancing loss weight 1e-2 (Switch) and router
 total parameters are ~3x. Not a published number.
 
 Run:
-    python -m experiments.main --config experiments/configs/lm_moe.py --workdir /tmp/lm_moe
+    python -m jaxmodels.main --config experiments/configs/lm_moe.py --workdir /tmp/lm_moe
 
 Expect (measured, experiments/results/moe/, `python -m experiments.moe_vs_dense --steps 300`: 300
 steps of 32 x 128 bytes on a 2-core CPU shared with other jobs, load average ~10): eval 2.222

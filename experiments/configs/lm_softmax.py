@@ -4,7 +4,7 @@ Reproduces: the attention kind on the project's tiny byte-level LM (4 layers, d=
 context, embedded py_stdlib corpus); not a published number.
 
 Run:
-    python -m experiments.main --config experiments/configs/lm_softmax.py --workdir /tmp/lm_softmax
+    python -m jaxmodels.main --config experiments/configs/lm_softmax.py --workdir /tmp/lm_softmax
 
 Expect: experiments/results/attention_kinds/ (eval bits/byte and step time of every kind, measured).
 """

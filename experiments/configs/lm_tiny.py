@@ -6,7 +6,7 @@ the running interpreter's stdlib `.py` files (tfds builder `py_stdlib`, prepared
 download), 128-byte context.
 
 Run:
-    python -m experiments.main --config experiments/configs/lm_tiny.py --workdir /tmp/lm_tiny
+    python -m jaxmodels.main --config experiments/configs/lm_tiny.py --workdir /tmp/lm_tiny
 
 Expect (2-core CPU, see README "Results"): eval bits/byte falls from ~8.0 (uniform over 256)
 to well below the corpus's unigram entropy in a few minutes.

@@ -8,7 +8,7 @@ Setting: 4 residual blocks (S4D mixer + GELU + linear, then an MLP), d_model 64,
 1500 training digits, evaluated on the whole fixed 297-digit test split.
 
 Run:
-    python -m experiments.main --config experiments/configs/ssm_digits.py --workdir /tmp/ssm_digits
+    python -m jaxmodels.main --config experiments/configs/ssm_digits.py --workdir /tmp/ssm_digits
 S4D vs S4 vs LRU with the table: python -m experiments.ssm_tasks --only digits
 
 Result (experiments/results/ssm/results.md; 2-core CPU shared with other jobs, 150 steps x 50):

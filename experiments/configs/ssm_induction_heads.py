@@ -7,7 +7,7 @@ setting). Length generalisation (the paper's Table 2 tests up to 2^20) is measur
 `SequenceTokens.evaluate_lengths` in experiments/ssm_tasks.py.
 
 Run:
-    python -m experiments.main --config experiments/configs/ssm_induction_heads.py --workdir /tmp/ssm_induction
+    python -m jaxmodels.main --config experiments/configs/ssm_induction_heads.py --workdir /tmp/ssm_induction
 Every model and length, with the table and plot: python -m experiments.ssm_tasks --only induction
 
 Results (2-core CPU, via experiments/ssm_tasks.py):

@@ -6,7 +6,7 @@ which the model must output them in order; vocab 16; 2 layers, d_model 64 (the p
 2 layers, d_model 64, 400k steps). Loss and accuracy count only the 16 answer positions.
 
 Run:
-    python -m experiments.main --config experiments/configs/ssm_selective_copying.py --workdir /tmp/ssm_copy
+    python -m jaxmodels.main --config experiments/configs/ssm_selective_copying.py --workdir /tmp/ssm_copy
 S4D vs Mamba, with the results table and plot: python -m experiments.ssm_tasks --only copying
 
 Results (2-core CPU, via experiments/ssm_tasks.py):

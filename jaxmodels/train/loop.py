@@ -208,8 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     generated sample). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
     """
     workdir = os.path.abspath(workdir)
+    trainer = Trainer(config, workdir, devices)  # validates the config first
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir, devices)
     tc = config.train
     lead = jax.process_index() == 0
     start, state = trainer.restore_or_init()
