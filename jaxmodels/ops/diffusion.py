@@ -786,7 +786,7 @@ def edm_step(denoiser: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax
       x: (B, ...) x at sigma_i.
       sigma, sigma_next: float scalars sigma_i > sigma_{i+1} >= 0.
       solver: "heun" or "euler".
-      gamma: scalar churn gamma_i >= 0 (`edm_gamma`); used only when `key` is given.
+      gamma: scalar churn gamma_i >= 0 (`edm_gamma`); a nonzero gamma needs `key`.
       S_noise: scale of the churn noise.
       key: PRNG key for the churn noise eps ~ N(0, I); None: no churn (Algorithm 1).
 
@@ -794,6 +794,8 @@ def edm_step(denoiser: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax
       (B, ...) x at sigma_{i+1} in x's dtype.
     """
     one_of("solver", solver, SOLVERS)
+    if key is None and not (isinstance(gamma, (int, float)) and gamma == 0):
+        raise ValueError("edm_step with churn (gamma) draws noise: pass key=")
     x = _check_batched(x, "x")
     sigma, sigma_next = jnp.asarray(sigma, jnp.float32), jnp.asarray(sigma_next, jnp.float32)
     x_hat, sigma_hat = x, sigma

@@ -595,6 +595,8 @@ def test_edm_step_against_float64_algorithm(solver, shape):
                                _np_edm_step(D64, x, sigma, sigma_next, solver, gamma, 1.007, xi), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="solver='rk4' is not valid; choose one of"):
         df.edm_step(D32, x32, sigma, sigma_next, solver="rk4")
+    with pytest.raises(ValueError, match="key"):
+        df.edm_step(D32, x32, sigma, sigma_next, gamma=0.2)
 
 
 @pytest.mark.parametrize("shape", STEP_SHAPES)
