@@ -25,11 +25,12 @@ Stages (OUT/results.json is rewritten after each one, so an interrupted run keep
                without ControlNet | with ControlNet).
 
 --quick: tiny models and a few steps into /tmp/latent_diffusion_quick (a smoke test of this script, not a
-result). Wall times are for 2 shared CPU cores.
+result). results.json records each stage's wall time (wall_s) and the backend it ran on.
 """
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import time
@@ -50,11 +51,10 @@ from tqdm import tqdm  # noqa: E402
 from jaxmodels.data.digits import NUM_CLASSES, load_split, to_unit_range  # noqa: E402
 from jaxmodels.models.autoencoder import KLAutoencoder, autoencoder_loss  # noqa: E402
 from jaxmodels.models.controlnet import ControlledUNet, ControlNet  # noqa: E402
-from jaxmodels.models.unet import UNet  # noqa: E402
-from jaxmodels.nn.diffusion import LabelEmbedding  # noqa: E402
+from jaxmodels.models.label_context_unet import LabelContextUNet  # noqa: E402
 from jaxmodels.ops import diffusion  # noqa: E402
-from jaxmodels.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from jaxmodels.train.step import make_train_step  # noqa: E402
+from jaxmodels.tasks.fit import fit  # noqa: E402
+from jaxmodels.train.optimizer import make_optimizer  # noqa: E402
 
 NULL_LABEL = NUM_CLASSES  # LabelEmbedding's extra row: "no class" for classifier-free guidance
 SIGMA_DATA = 1.0  # the latents are scaled to unit std
@@ -65,35 +65,6 @@ FULL = dict(ae_channels=32, ae_steps=800, unet_channels=32, context_dim=32, ldm_
             unet_levels=2, batch_size=64, sample_steps=18, guidance=(1.0, 2.0, 3.0), num_eval=297)
 QUICK = dict(ae_channels=8, ae_steps=4, unet_channels=8, context_dim=8, ldm_steps=4, control_steps=4,
              unet_levels=1, batch_size=16, sample_steps=2, guidance=(2.0,), num_eval=20)
-
-
-class LabelContextUNet(nnx.Module):
-    """A `UNet` on latents whose only conditioning besides the noise level is a class label given
-    through cross-attention: the label's learned embedding (`LabelEmbedding`, row `num_classes` = the
-    null label of classifier-free guidance) is a 1-token context (the LDM recipe, Rombach et al. 2022,
-    §3.3, with a label table in place of the text encoder).
-
-    __call__(x (B, h, w, latent_channels), c_noise (B,), labels (B,) int in [0, num_classes]) ->
-    (B, h, w, latent_channels) float32. num_levels: 1 or 2 resolution levels (channel multipliers 1, 2),
-    every level with attention.
-    """
-
-    def __init__(self, *, latent_channels: int, num_classes: int, base_channels: int, context_dim: int,
-                 num_levels: int = 2, num_groups: int = 8, rngs: nnx.Rngs):
-        if num_levels not in (1, 2):
-            raise ValueError(f"num_levels must be 1 or 2, got {num_levels!r}")
-        self.num_classes = num_classes
-        self.label_context = LabelEmbedding(num_classes, context_dim, rngs=rngs)
-        self.unet = UNet(in_channels=latent_channels, base_channels=base_channels,
-                         channel_mult=(1, 2)[:num_levels], num_res_blocks=1, attention_levels=tuple(range(num_levels)),
-                         num_heads=4, num_groups=num_groups, context_dim=context_dim, rngs=rngs)
-
-    def context(self, labels: jax.Array) -> jax.Array:
-        """labels (B,) int -> the (B, 1, context_dim) cross-attention context."""
-        return self.label_context(labels)[:, None, :]
-
-    def __call__(self, x: jax.Array, c_noise: jax.Array, labels: jax.Array) -> jax.Array:
-        return self.unet(x, c_noise, context=self.context(labels))
 
 
 def edge_map(images: jax.Array) -> jax.Array:
@@ -112,34 +83,35 @@ def edge_map(images: jax.Array) -> jax.Array:
     return (jnp.sqrt(jnp.square(correlate(SOBEL_X)) + jnp.square(correlate(SOBEL_X.T))) / EDGE_SCALE)[..., None]
 
 
+def random_batches(arrays: dict, batch_size: int, seed: int):
+    """Endless batches of `batch_size` rows of `arrays` (dict of (N, ...) arrays) drawn at random with
+    `np.random.default_rng(seed)`, each with "step" (the int32 step, to seed the loss's randomness)."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(arrays.values())))
+    for i in itertools.count():
+        rows = rng.integers(0, n, batch_size)
+        yield {k: v[rows] for k, v in arrays.items()} | {"step": np.int32(i)}
+
+
 def train(model: nnx.Module, loss_fn, arrays: dict, *, steps: int, batch_size: int, learning_rate: float,
           seed: int, desc: str) -> tuple[nnx.Module, list[float]]:
-    """Trains all of `model`'s parameters with the library's `make_train_step` (AdamW, warmup + cosine,
-    clipping at 1): each step draws `batch_size` rows of `arrays` (dict of (N, ...) arrays) at random and
-    adds "step" (the int32 step, to seed the loss's randomness). loss_fn(model, batch) -> (loss, metrics).
-    Returns the trained model and the loss every step."""
+    """Trains all of `model`'s parameters with `fit` on `random_batches(arrays, batch_size, seed)` and the
+    library's AdamW (`make_optimizer`: warmup + cosine decay to 0.1, clipping at 1).
+    loss_fn(model, batch) -> (loss, metrics). Returns the trained model and the loss every 50 steps (and the last)."""
     config = ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=max(1, min(100, steps // 10)),
                                             schedule="cosine", min_lr_ratio=0.1, grad_clip_norm=1.0, b1=0.9,
                                             b2=0.99, eps=1e-8, weight_decay=0.0))
-    optimizer = make_optimizer(config, steps)
-    graphdef = nnx.graphdef(model)
-    # copied: the step donates its state, and a ControlNet's encoder may share buffers with its UNet
-    params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param).to_pure_dict())
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-    step_fn = jax.jit(make_train_step(graphdef, loss_fn, optimizer, learning_rate_schedule(config, steps)),
-                      donate_argnums=0)
-    rng = np.random.default_rng(seed)
-    n = len(next(iter(arrays.values())))
     losses = []
-    with tqdm(range(steps), desc=desc, mininterval=2.0) as bar:
-        for i in bar:
-            rows = rng.integers(0, n, batch_size)
-            batch = {k: v[rows] for k, v in arrays.items()} | {"step": np.int32(i)}
-            state, metrics = step_fn(state, batch)
+    with tqdm(total=steps, desc=desc, mininterval=2.0) as bar:
+        def record(i, loss):
+            bar.update()
             if i % 50 == 0 or i == steps - 1:
-                losses.append(float(metrics["loss"]))
+                losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return nnx.merge(graphdef, nnx.State(state["params"])), losses
+
+        model = fit(model, loss_fn, random_batches(arrays, batch_size, seed), num_steps=steps,
+                    optimizer=make_optimizer(config, steps), callback=record)
+    return model, losses
 
 
 def _key(seed: int, batch) -> jax.Array:

@@ -3,7 +3,7 @@
 The role Inception-v3 plays for FID (Heusel et al. 2017): generated samples are scored by the accuracy of
 this classifier w.r.t. the label they were conditioned on, and by the Fréchet distance between the
 Gaussians fitted to its penultimate features of generated and real digits
-(`jaxmodels.tasks.diffusion.frechet_distance`).
+(`jaxmodels.tasks.metrics.frechet_distance`).
 """
 
 from typing import Any

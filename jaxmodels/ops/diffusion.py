@@ -27,14 +27,17 @@ is sigma = inf (use `velocity_from_denoiser` to drive it with a denoiser on t < 
                 velocity_from_denoiser, edm_preconditioning, edm_denoiser
   losses        ddpm_loss (+ min_snr_weight), edm_loss (+ edm_loss_weight, edm_sigma_sample),
                 flow_matching_loss (+ logit_normal_timesteps, shift_timesteps), score_matching_loss
-  samplers      ddpm_sample, ddim_sample, ddim_invert, edm_sample (Euler / Heun + churn),
-                reverse_sde_sample (Euler-Maruyama), probability_flow_sample (Euler / Heun),
-                rectified_flow_sample (Euler / Heun), reflow_pairs
+  sampler steps ddpm_step, ddim_step (eta; backwards with eta = 0: inversion), edm_step (Euler / Heun, churn
+                gamma from edm_gamma), reverse_sde_step (Euler-Maruyama), probability_flow_step (Euler /
+                Heun), sde_score, sde_denoise, flow_step (Euler / Heun)
+  samplers      ddpm_sample, ddim_sample, ddim_invert, edm_sample, reverse_sde_sample, probability_flow_sample,
+                rectified_flow_sample: `lax.scan` loops of the steps; reflow_pairs
   guidance      classifier_free_guidance, cfg_denoiser, drop_labels, classifier_guided_denoiser
 
 Losses return a per-example (B,) float32 loss (the mean over non-batch dimensions of the weighted
-squared error); reduce it as you like. Samplers are `lax.scan` loops over static step counts, so they
-jit (close over the denoiser). All randomness comes from `key` arguments.
+squared error); reduce it as you like. Each sampler is a `lax.scan` over its public step function (one
+step x_t -> x_{t_next}, for writing your own loop) with a static step count, so it jits (close over the
+denoiser). All randomness comes from `key` arguments; a loop splits its key into one key per step.
 """
 
 import math
@@ -45,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmodels.ops.checks import one_of, positive_int
+
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 # ----------------------------------------------------------------------------------------------
@@ -52,12 +57,6 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 # ----------------------------------------------------------------------------------------------
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-
-
-def _check_positive_int(n, name):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return int(n)
 
 
 def beta_schedule(schedule: str, num_timesteps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -77,16 +76,15 @@ def beta_schedule(schedule: str, num_timesteps: int, *, beta_start: float = 1e-4
     Returns:
       (T,) float32 betas in (0, 1); computed in float64 NumPy (they are constants).
     """
-    T = _check_positive_int(num_timesteps, "num_timesteps")
+    T = positive_int("num_timesteps", num_timesteps)
+    one_of("schedule", schedule, BETA_SCHEDULES)
     if schedule == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif schedule == "scaled_linear":
         betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
-    elif schedule == "cosine":
+    else:  # cosine
         f = np.cos((np.arange(T + 1, dtype=np.float64) / T + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
         betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
-    else:
-        raise ValueError(f"unknown beta schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
     return jnp.asarray(betas, jnp.float32)
 
 
@@ -108,8 +106,8 @@ def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     Returns:
       (num_steps,) int32 NumPy array, strictly decreasing (num_steps <= T).
     """
-    T = _check_positive_int(num_timesteps, "num_timesteps")
-    n = _check_positive_int(num_steps, "num_steps")
+    T = positive_int("num_timesteps", num_timesteps)
+    n = positive_int("num_steps", num_steps)
     if n > T:
         raise ValueError(f"num_steps must be <= num_timesteps = {T}, got {n}")
     return np.round(np.linspace(T - 1, 0, n)).astype(np.int32)
@@ -256,7 +254,7 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
       (num_steps + 1,) float32, decreasing from sigma_max to sigma_min, then 0. num_steps = 1 gives
       [sigma_max, 0].
     """
-    n = _check_positive_int(num_steps, "num_steps")
+    n = positive_int("num_steps", num_steps)
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"edm_sigmas needs 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
@@ -277,7 +275,7 @@ def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
 def flow_timesteps(num_steps: int, shift: float = 1.0) -> jax.Array:
     """Rectified-flow sampling grid: shift_timesteps(linspace(1, 0, num_steps + 1), shift), (num_steps + 1,)
     float32 from 1 (noise) to 0 (data)."""
-    n = _check_positive_int(num_steps, "num_steps")
+    n = positive_int("num_steps", num_steps)
     return shift_timesteps(jnp.linspace(1.0, 0.0, n + 1, dtype=jnp.float32), shift)
 
 
@@ -361,9 +359,8 @@ def convert_prediction(pred: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma:
     Returns:
       (B, ...) prediction of kind `target`.
     """
-    for name, kind in (("source", source), ("target", target)):
-        if kind not in PREDICTIONS:
-            raise ValueError(f"unknown {name} prediction {kind!r}; expected one of {PREDICTIONS}")
+    one_of("source", source, PREDICTIONS)
+    one_of("target", target, PREDICTIONS)
     x_t = _check_batched(x_t, "x_t")
     _check_same_shape(x_t, jnp.asarray(pred), "x_t", "pred")
     a, s = _per_example(alpha, x_t), _per_example(sigma, x_t)
@@ -416,10 +413,8 @@ def denoiser_from_model(model: Callable, *, prediction: str, path: str,
     Returns:
       denoiser(x (B, ...), sigma (B,)) -> x0 estimate (B, ...).
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    one_of("prediction", prediction, PREDICTIONS)
+    one_of("path", path, PATHS)
 
     def denoiser(x, sigma):
         alpha, sigma_t, time = _path_from_sigma(path, sigma)
@@ -508,12 +503,14 @@ def _noise_and_level(key, x0, noise, level, draw_level, level_name):
     return noise, level
 
 
+DDPM_TARGETS = ("eps", "x0", "v")
+
+
 def min_snr_weight(snr_t: jax.Array, gamma: float, target: str) -> jax.Array:
     """Min-SNR-gamma loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
     Strategy", §3.4): min(SNR, gamma) on the x0 loss, i.e. min(SNR, gamma) / SNR for an eps target and
     min(SNR, gamma) / (SNR + 1) for a v target. snr_t: any shape; returns float32 of the same shape."""
-    if target not in ("eps", "x0", "v"):
-        raise ValueError(f"unknown target {target!r}; expected one of ('eps', 'x0', 'v')")
+    one_of("target", target, DDPM_TARGETS)
     if not gamma > 0:
         raise ValueError(f"min-SNR gamma must be > 0, got {gamma!r}")
     snr_t = jnp.asarray(snr_t, jnp.float32)
@@ -541,8 +538,7 @@ def ddpm_loss(model: Callable, x0: jax.Array, key: jax.Array | None, alphas_cump
     Returns:
       (B,) float32 per-example loss.
     """
-    if target not in ("eps", "x0", "v"):
-        raise ValueError(f"unknown target {target!r}; expected one of ('eps', 'x0', 'v')")
+    one_of("target", target, DDPM_TARGETS)
     x0 = _check_batched(x0, "x0")
     table = jnp.asarray(alphas_cumprod_table, jnp.float32)
     if table.ndim != 1:
@@ -595,6 +591,9 @@ def edm_loss(denoiser: Denoiser, x0: jax.Array, key: jax.Array | None, *, sigma_
     return edm_loss_weight(sigma, sigma_data).astype(jnp.float32) * _mse(denoiser(x, sigma), x0)
 
 
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
 def logit_normal_timesteps(key: jax.Array, shape, mean: float = 0.0, std: float = 1.0) -> jax.Array:
     """t = sigmoid(u), u ~ N(mean, std^2): SD3's logit-normal timestep density (Esser et al. 2024, eq. 19). float32."""
     return jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, jnp.float32))
@@ -620,8 +619,7 @@ def flow_matching_loss(velocity_fn: Callable, x0: jax.Array, key: jax.Array | No
     Returns:
       (B,) float32 per-example loss.
     """
-    if t_sampling not in ("uniform", "logit_normal"):
-        raise ValueError(f"unknown t_sampling {t_sampling!r}; expected 'uniform' or 'logit_normal'")
+    one_of("t_sampling", t_sampling, T_SAMPLINGS)
     x0 = _check_batched(x0, "x0")
 
     def draw_t(k):
@@ -662,8 +660,10 @@ def score_matching_loss(score_fn: Callable, x0: jax.Array, key: jax.Array | None
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers
+# Samplers: one public pure function per step, and the loops (`lax.scan` over the steps)
 # ----------------------------------------------------------------------------------------------
+
+SOLVERS = ("euler", "heun")
 
 
 def _full(v, x):
@@ -690,12 +690,232 @@ def _normal(key, x):
     return jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
 
 
-def ddpm_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.Array, *, key: jax.Array) -> jax.Array:
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on a (sub)sequence of timesteps.
+def _vp_x0(denoiser, z, ab_t):
+    """x0_hat = D(z_t / sqrt(abar_t), sigma_t) of z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (EDM Table 1, VP)."""
+    return denoiser(z * lax.rsqrt(ab_t).astype(z.dtype), _full(jnp.sqrt((1 - ab_t) / ab_t), z))
 
-    z_T = noise; each step t -> s draws z_s ~ q(z_s | z_t, x0_hat), the Gaussian posterior (eq. 6-7) with
-    x0_hat = D(z_t / sqrt(abar_t), sigma_t), alpha_{t|s} = abar_t / abar_s and variance
-    beta~ = (1 - abar_s) / (1 - abar_t) (1 - alpha_{t|s}); the last step goes to abar = 1 and returns x0_hat.
+
+def ddpm_step(denoiser: Denoiser, z: jax.Array, alpha_bar_t: jax.Array, alpha_bar_s: jax.Array, *,
+              key: jax.Array) -> jax.Array:
+    """One DDPM ancestral step z_t -> z_s (s < t, less noisy) (Ho et al. 2020, Algorithm 2; eq. 6-7): a draw
+    from the Gaussian posterior q(z_s | z_t, x0_hat),
+
+        z_s = sqrt(abar_s) beta_ts / (1 - abar_t) x0_hat + sqrt(alpha_ts) (1 - abar_s) / (1 - abar_t) z_t
+              + sqrt((1 - abar_s) / (1 - abar_t) beta_ts) xi,   alpha_ts = abar_t / abar_s, beta_ts = 1 - alpha_ts,
+
+    with x0_hat = D(z_t / sqrt(abar_t), sigma_t), sigma_t = sqrt((1 - abar_t) / abar_t), xi ~ N(0, I).
+    alpha_bar_s = 1 (the last step) returns x0_hat.
+
+    Args:
+      denoiser: D(x, sigma) in EDM coordinates (module docstring).
+      z: (B, ...) z_t.
+      alpha_bar_t, alpha_bar_s: float scalars abar at t and s (abar_t < abar_s <= 1).
+      key: PRNG key for xi.
+
+    Returns:
+      (B, ...) z_s in z's dtype.
+    """
+    z = _check_batched(z, "z")
+    ab_t, ab_s = jnp.asarray(alpha_bar_t, jnp.float32), jnp.asarray(alpha_bar_s, jnp.float32)
+    x0 = _vp_x0(denoiser, z, ab_t)
+    alpha_t = ab_t / ab_s
+    beta_t = 1.0 - alpha_t
+    mean = (jnp.sqrt(ab_s) * beta_t / (1 - ab_t)) * x0 + (jnp.sqrt(alpha_t) * (1 - ab_s) / (1 - ab_t)) * z
+    var = (1 - ab_s) / (1 - ab_t) * beta_t
+    return (mean + jnp.sqrt(var) * _normal(key, z)).astype(z.dtype)
+
+
+def ddim_step(denoiser: Denoiser, z: jax.Array, alpha_bar_t: jax.Array, alpha_bar_s: jax.Array, *,
+              eta: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+    """One DDIM step z_t -> z_s (Song, Meng & Ermon 2021, eq. 12 and 16):
+
+        z_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_ts^2) eps_hat + sigma_ts xi,
+        sigma_ts = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s),
+
+    with x0_hat = D(z_t / sqrt(abar_t), sigma_t), eps_hat = (z_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
+    xi ~ N(0, I). eta = 0 is deterministic (an Euler step of the probability-flow ODE in EDM coordinates,
+    EDM §3) and then also runs backwards: abar_s < abar_t is a step of DDIM inversion (§4.3), z_s at a
+    noisier level with eps_hat taken at the current point. eta = 1 is `ddpm_step` in distribution.
+
+    Args:
+      denoiser: D(x, sigma) in EDM coordinates.
+      z: (B, ...) z_t.
+      alpha_bar_t, alpha_bar_s: float scalars abar at t and s (abar_s = 1 returns x0_hat).
+      eta: static Python float >= 0, the stochasticity.
+      key: PRNG key for xi, required when eta > 0.
+
+    Returns:
+      (B, ...) z_s in z's dtype.
+    """
+    z = _check_batched(z, "z")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if eta > 0 and key is None:
+        raise ValueError("ddim_step with eta > 0 draws noise: pass key=")
+    ab_t, ab_s = jnp.asarray(alpha_bar_t, jnp.float32), jnp.asarray(alpha_bar_s, jnp.float32)
+    x0 = _vp_x0(denoiser, z, ab_t)
+    eps = (z - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+    sig = eta * jnp.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)) if eta > 0 else 0.0
+    z_s = jnp.sqrt(ab_s) * x0 + jnp.sqrt(jnp.maximum(1 - ab_s - sig ** 2, 0.0)) * eps
+    if eta > 0:
+        z_s = z_s + sig * _normal(key, z_s)
+    return z_s.astype(z.dtype)
+
+
+def edm_gamma(sigma: jax.Array, *, num_steps: int, S_churn: float, S_tmin: float = 0.0,
+              S_tmax: float = float("inf")) -> jax.Array:
+    """EDM's churn gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax, else 0 (Karras et al.
+    2022, Algorithm 2, line 4). sigma: any shape; returns float32 with sigma's shape."""
+    gamma_max = min(S_churn / positive_int("num_steps", num_steps), math.sqrt(2.0) - 1.0)
+    return jnp.where((sigma >= S_tmin) & (sigma <= S_tmax), gamma_max, 0.0)
+
+
+def edm_step(denoiser: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, *, solver: str = "heun",
+             gamma: jax.Array | float = 0.0, S_noise: float = 1.0, key: jax.Array | None = None) -> jax.Array:
+    """One step of EDM's sampler sigma_i -> sigma_{i+1} (Karras et al. 2022, Algorithm 2, lines 4-11;
+    Algorithm 1 without churn):
+
+        churn (only with `key`): sigma_hat = (1 + gamma) sigma_i,
+                x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) S_noise eps,   eps ~ N(0, I),
+        Euler:  d = (x_hat - D(x_hat, sigma_hat)) / sigma_hat,  x_next = x_hat + (sigma_{i+1} - sigma_hat) d,
+        Heun (2nd order, unless sigma_{i+1} = 0):  d' = (x_next - D(x_next, sigma_{i+1})) / sigma_{i+1},
+                x_next = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2.
+
+    Args:
+      denoiser: D(x, sigma) in EDM coordinates.
+      x: (B, ...) x at sigma_i.
+      sigma, sigma_next: float scalars sigma_i > sigma_{i+1} >= 0.
+      solver: "heun" or "euler".
+      gamma: scalar churn gamma_i >= 0 (`edm_gamma`); a nonzero gamma needs `key`.
+      S_noise: scale of the churn noise.
+      key: PRNG key for the churn noise eps ~ N(0, I); None: no churn (Algorithm 1).
+
+    Returns:
+      (B, ...) x at sigma_{i+1} in x's dtype.
+    """
+    one_of("solver", solver, SOLVERS)
+    if key is None and not (isinstance(gamma, (int, float)) and gamma == 0):
+        raise ValueError("edm_step with churn (gamma) draws noise: pass key=")
+    x = _check_batched(x, "x")
+    sigma, sigma_next = jnp.asarray(sigma, jnp.float32), jnp.asarray(sigma_next, jnp.float32)
+    x_hat, sigma_hat = x, sigma
+    if key is not None:
+        sigma_hat = sigma * (1.0 + gamma)
+        # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 gives exactly 0 (no fused-rounding NaN)
+        x_hat = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * S_noise * _normal(key, x)
+
+    def derivative(y, s):
+        return (y - denoiser(y, _full(s, y))) / s
+
+    d = derivative(x_hat, sigma_hat)
+    x_next = x_hat + (sigma_next - sigma_hat) * d
+    if solver == "heun":
+        safe = jnp.where(sigma_next > 0, sigma_next, 1.0)
+        d_next = derivative(x_next, safe)
+        x_next = jnp.where(sigma_next > 0, x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next), x_next)
+    return x_next.astype(x.dtype)
+
+
+def sde_score(denoiser: Denoiser, x: jax.Array, t: jax.Array, *, sde: SDE) -> jax.Array:
+    """Score grad log p_t(x) = (m D(x / m, s / m) - x) / s^2 of x_t ~ m(t) x0 + s(t) eps from a denoiser (Tweedie's
+    formula in the SDE's coordinates; EDM Table 1). x: (B, ...); t: float scalar; returns x's shape."""
+    m, s = sde_marginal(sde, t)
+    x0 = denoiser(x / m, _full(s / m, x))
+    return (m * x0 - x) / s ** 2
+
+
+def sde_denoise(denoiser: Denoiser, x: jax.Array, t: jax.Array, *, sde: SDE) -> jax.Array:
+    """x0 estimate D(x / m(t), s(t) / m(t)) of x_t, the final noise removal after an SDE / ODE sampler (Song et al.
+    2021, Appendix G). x: (B, ...); t: float scalar; returns x's shape and dtype."""
+    m, s = sde_marginal(sde, t)
+    return denoiser(x / m, _full(s / m, x)).astype(x.dtype)
+
+
+def reverse_sde_step(denoiser: Denoiser, x: jax.Array, t: jax.Array, t_next: jax.Array, *, sde: SDE,
+                     key: jax.Array) -> jax.Array:
+    """One Euler-Maruyama step t -> t_next < t of the reverse-time SDE dx = [f x - g^2 grad log p_t(x)] dt + g dw_bar
+    (Anderson 1982; Song et al. 2021, eq. 6), with dt = t - t_next > 0 and the score of `sde_score`:
+
+        x_next = x - (f(t) x - g(t)^2 score(x, t)) dt + g(t) sqrt(dt) xi,   xi ~ N(0, I).
+
+    Args:
+      denoiser: D(x, sigma) in EDM coordinates.
+      x: (B, ...) x_t.
+      t, t_next: float scalar times in (0, 1].
+      sde: `vp_sde(...)` or `ve_sde(...)`.
+      key: PRNG key for the Brownian increment xi.
+
+    Returns:
+      (B, ...) x at t_next in x's dtype.
+    """
+    _check_sde(sde)
+    x = _check_batched(x, "x")
+    dt = t - t_next
+    f, g = sde_coefficients(sde, t)
+    x_next = x - (f * x - g ** 2 * sde_score(denoiser, x, t, sde=sde)) * dt + g * jnp.sqrt(dt) * _normal(key, x)
+    return x_next.astype(x.dtype)
+
+
+def probability_flow_step(denoiser: Denoiser, x: jax.Array, t: jax.Array, t_next: jax.Array, *, sde: SDE,
+                          solver: str = "heun") -> jax.Array:
+    """One Euler or Heun step t -> t_next of the probability-flow ODE dx/dt = F(x, t) = f x - g^2 / 2 grad log p_t(x)
+    (Song et al. 2021, eq. 13), with the score of `sde_score`:
+
+        Euler: x_next = x + (t_next - t) F(x, t);  Heun: x_next = x + (t_next - t) (F(x, t) + F(x_euler, t_next)) / 2.
+
+    Args:
+      denoiser: D(x, sigma) in EDM coordinates.
+      x: (B, ...) x_t.
+      t, t_next: float scalar times in (0, 1].
+      sde: `vp_sde(...)` or `ve_sde(...)`.
+      solver: "heun" or "euler".
+
+    Returns:
+      (B, ...) x at t_next in x's dtype.
+    """
+    _check_sde(sde)
+    one_of("solver", solver, SOLVERS)
+    x = _check_batched(x, "x")
+
+    def drift(y, s):
+        f, g = sde_coefficients(sde, s)
+        return f * y - 0.5 * g ** 2 * sde_score(denoiser, y, s, sde=sde)
+
+    d = drift(x, t)
+    x_next = x + (t_next - t) * d
+    if solver == "heun":
+        x_next = x + (t_next - t) * 0.5 * (d + drift(x_next, t_next))
+    return x_next.astype(x.dtype)
+
+
+def flow_step(velocity_fn: Callable, x: jax.Array, t: jax.Array, t_next: jax.Array, *,
+              solver: str = "euler") -> jax.Array:
+    """One Euler or Heun step t -> t_next of the rectified-flow ODE dx_t/dt = v(x_t, t) (Liu et al. 2022, "Flow
+    Straight and Fast", Algorithm 1 sampling; SD3 §2):
+
+        Euler: x_next = x + (t_next - t) v(x, t);  Heun: x_next = x + (t_next - t) (v(x, t) + v(x_euler, t_next)) / 2.
+
+    Args:
+      velocity_fn: (x_t (B, ...), t (B,)) -> (B, ...) velocity ~ eps - x0 on x_t = (1 - t) x0 + t eps.
+      x: (B, ...) x_t.
+      t, t_next: float scalar times in [0, 1] (sampling goes down, t_next < t).
+      solver: "euler" or "heun".
+
+    Returns:
+      (B, ...) x at t_next in x's dtype.
+    """
+    one_of("solver", solver, SOLVERS)
+    x = _check_batched(x, "x")
+    v = velocity_fn(x, _full(t, x))
+    x_next = x + (t_next - t) * v
+    if solver == "heun":
+        x_next = x + (t_next - t) * 0.5 * (v + velocity_fn(x_next, _full(t_next, x)))
+    return x_next.astype(x.dtype)
+
+
+def ddpm_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.Array, *, key: jax.Array) -> jax.Array:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on a (sub)sequence of timesteps: z_T = noise, then
+    `ddpm_step` from each abar to the next, the last one to abar = 1 (which returns x0_hat).
 
     Args:
       denoiser: D(x, sigma) in EDM coordinates (module docstring); use `denoiser_from_model(eps_net,
@@ -703,46 +923,35 @@ def ddpm_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.
       noise: (B, ...) z_T ~ N(0, I) (the VP prior).
       alphas_cumprod_steps: (N,) abar at the steps, noisiest first (strictly increasing), e.g.
         `alphas_cumprod(betas)[spaced_timesteps(T, N)]`.
-      key: PRNG key for the per-step noise.
+      key: PRNG key, split into one key per step.
 
     Returns:
       (B, ...) samples in noise's dtype.
     """
     noise = _check_batched(noise, "noise")
     ab = _check_schedule(alphas_cumprod_steps, "alphas_cumprod_steps")
-    ab_prev = jnp.append(ab[1:], 1.0)
     keys = _keys(key, ab.shape[0], True, "ddpm_sample")
 
     def step(z, inputs):
         ab_t, ab_s, k = inputs
-        x0 = denoiser(z * lax.rsqrt(ab_t).astype(z.dtype), _full(jnp.sqrt((1 - ab_t) / ab_t), z))
-        alpha_t = ab_t / ab_s
-        beta_t = 1.0 - alpha_t
-        mean = (jnp.sqrt(ab_s) * beta_t / (1 - ab_t)) * x0 + (jnp.sqrt(alpha_t) * (1 - ab_s) / (1 - ab_t)) * z
-        var = (1 - ab_s) / (1 - ab_t) * beta_t
-        return (mean + jnp.sqrt(var) * _normal(k, z)).astype(z.dtype), None
+        return ddpm_step(denoiser, z, ab_t, ab_s, key=k), None
 
-    z, _ = lax.scan(step, noise, (ab, ab_prev, keys))
+    z, _ = lax.scan(step, noise, (ab, jnp.append(ab[1:], 1.0), keys))
     return z
 
 
 def ddim_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.Array, *, eta: float = 0.0,
                 key: jax.Array | None = None) -> jax.Array:
-    """DDIM sampling (Song, Meng & Ermon 2021, eq. 12 and 16):
-
-        z_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma_ts^2) eps_hat + sigma_ts xi,
-        sigma_ts = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s),
-
-    with x0_hat = D(z_t / sqrt(abar_t), sigma_t) and eps_hat = (z_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t).
-    eta = 0 is deterministic (the probability-flow ODE's Euler step in EDM coordinates, EDM §3);
-    eta = 1 equals `ddpm_sample`. The last step goes to abar = 1 and returns x0_hat.
+    """DDIM sampling (Song, Meng & Ermon 2021, eq. 12 and 16): z_T = noise, then `ddim_step` from each abar to
+    the next, the last one to abar = 1 (which returns x0_hat). eta = 0 is deterministic; eta = 1 equals
+    `ddpm_sample` (the same draws for the same key).
 
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       noise: (B, ...) z_T ~ N(0, I).
       alphas_cumprod_steps: (N,) abar at the steps, noisiest first.
       eta: >= 0, the stochasticity.
-      key: PRNG key, required when eta > 0.
+      key: PRNG key, required when eta > 0 (split into one key per step).
 
     Returns:
       (B, ...) samples in noise's dtype.
@@ -751,20 +960,13 @@ def ddim_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.
     ab = _check_schedule(alphas_cumprod_steps, "alphas_cumprod_steps")
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    ab_prev = jnp.append(ab[1:], 1.0)
     keys = _keys(key, ab.shape[0], eta > 0, "ddim_sample with eta > 0")
 
     def step(z, inputs):
         ab_t, ab_s, k = inputs
-        x0 = denoiser(z * lax.rsqrt(ab_t).astype(z.dtype), _full(jnp.sqrt((1 - ab_t) / ab_t), z))
-        eps = (z - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-        sig = eta * jnp.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-        z = jnp.sqrt(ab_s) * x0 + jnp.sqrt(jnp.maximum(1 - ab_s - sig ** 2, 0.0)) * eps
-        if eta > 0:
-            z = z + sig * _normal(k, z)
-        return z.astype(noise.dtype), None
+        return ddim_step(denoiser, z, ab_t, ab_s, eta=eta, key=k if eta > 0 else None), None
 
-    z, _ = lax.scan(step, noise, (ab, ab_prev, keys))
+    z, _ = lax.scan(step, noise, (ab, jnp.append(ab[1:], 1.0), keys))
     return z
 
 
@@ -772,7 +974,7 @@ def ddim_invert(denoiser: Denoiser, x: jax.Array, alphas_cumprod_steps: jax.Arra
     """DDIM inversion: the deterministic DDIM (eta = 0) update run from clean to noisy (Song et al. 2021,
     §4.3 and eq. 13; Dhariwal & Nichol 2021, Appendix F), with eps_hat taken at the current, less noisy, point:
 
-        z_{t_{i+1}} = sqrt(abar_{i+1}) x0_hat(z_{t_i}) + sqrt(1 - abar_{i+1}) eps_hat(z_{t_i}).
+        z_{t_{i+1}} = sqrt(abar_{i+1}) x0_hat(z_{t_i}) + sqrt(1 - abar_{i+1}) eps_hat(z_{t_i})   (`ddim_step`).
 
     x is taken as z at the cleanest step alphas_cumprod_steps[-1]; the result is z at the noisiest,
     alphas_cumprod_steps[0], so `ddim_sample(D, ddim_invert(D, x, ab), ab)` ~ x (exact as steps -> 0).
@@ -790,9 +992,7 @@ def ddim_invert(denoiser: Denoiser, x: jax.Array, alphas_cumprod_steps: jax.Arra
 
     def step(z, inputs):
         ab_t, ab_s = inputs  # ab_s < ab_t: s is noisier
-        x0 = denoiser(z * lax.rsqrt(ab_t).astype(z.dtype), _full(jnp.sqrt((1 - ab_t) / ab_t), z))
-        eps = (z - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-        return (jnp.sqrt(ab_s) * x0 + jnp.sqrt(1 - ab_s) * eps).astype(x.dtype), None
+        return ddim_step(denoiser, z, ab_t, ab_s), None
 
     z, _ = lax.scan(step, x, (ab[:-1], ab[1:]))
     return z
@@ -801,89 +1001,58 @@ def ddim_invert(denoiser: Denoiser, x: jax.Array, alphas_cumprod_steps: jax.Arra
 def edm_sample(denoiser: Denoiser, noise: jax.Array, sigmas: jax.Array, *, solver: str = "heun",
                S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0,
                key: jax.Array | None = None) -> jax.Array:
-    """EDM sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when S_churn = 0), Euler or Heun.
-
-    x_0 = sigmas[0] noise; at each step gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax
-    else 0, sigma_hat = (1 + gamma_i) sigma_i, x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) S_noise eps; then an
-    Euler step of dx/dsigma = (x - D(x, sigma)) / sigma to sigma_{i+1}, corrected by the trapezoidal (Heun)
-    rule unless sigma_{i+1} = 0.
+    """EDM sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when S_churn = 0), Euler or Heun: x_0 = sigmas[0]
+    noise, then `edm_step` from each sigma to the next with churn `edm_gamma(sigma_i, ...)` when S_churn > 0.
 
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       noise: (B, ...) standard normal.
       sigmas: (N + 1,) decreasing noise levels, usually `edm_sigmas(N)` (last 0).
       solver: "heun" (2nd order) or "euler".
-      S_churn, S_tmin, S_tmax, S_noise: stochasticity (Algorithm 2). key is required when S_churn > 0.
+      S_churn, S_tmin, S_tmax, S_noise: stochasticity (Algorithm 2). key is required when S_churn > 0
+        (split into one key per step).
 
     Returns:
       (B, ...) samples in noise's dtype.
     """
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}; expected 'euler' or 'heun'")
+    one_of("solver", solver, SOLVERS)
     noise = _check_batched(noise, "noise")
     sigmas = _check_schedule(sigmas, "sigmas")
     if sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must hold at least 2 levels (one step), got shape {sigmas.shape}")
     n = sigmas.shape[0] - 1
     keys = _keys(key, n, S_churn > 0, "edm_sample with S_churn > 0")
-    gamma_max = min(S_churn / n, math.sqrt(2.0) - 1.0)
-
-    def derivative(x, sigma):
-        return (x - denoiser(x, _full(sigma, x))) / sigma
 
     def step(x, inputs):
         sigma, sigma_next, k = inputs
         if S_churn > 0:
-            gamma = jnp.where((sigma >= S_tmin) & (sigma <= S_tmax), gamma_max, 0.0)
-            sigma_hat = sigma * (1.0 + gamma)
-            # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 gives exactly 0 (no fused-rounding NaN)
-            x = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * S_noise * _normal(k, x)
-        else:
-            sigma_hat = sigma
-        d = derivative(x, sigma_hat)
-        x_next = x + (sigma_next - sigma_hat) * d
-        if solver == "heun":
-            safe = jnp.where(sigma_next > 0, sigma_next, 1.0)
-            d_next = derivative(x_next, safe)
-            x_next = jnp.where(sigma_next > 0, x + (sigma_next - sigma_hat) * 0.5 * (d + d_next), x_next)
-        return x_next.astype(noise.dtype), None
+            gamma = edm_gamma(sigma, num_steps=n, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax)
+            return edm_step(denoiser, x, sigma, sigma_next, solver=solver, gamma=gamma, S_noise=S_noise, key=k), None
+        return edm_step(denoiser, x, sigma, sigma_next, solver=solver), None
 
     x, _ = lax.scan(step, (noise * sigmas[0]).astype(noise.dtype), (sigmas[:-1], sigmas[1:], keys))
     return x
 
 
-def _score(denoiser, sde, x, t):
-    """grad log p_t(x) = (m D(x / m, s / m) - x) / s^2 (Tweedie, in the SDE's coordinates)."""
-    m, s = sde_marginal(sde, t)
-    x0 = denoiser(x / m, _full(s / m, x))
-    return (m * x0 - x) / s ** 2
-
-
 def _time_grid(num_steps, t_eps):
-    n = _check_positive_int(num_steps, "num_steps")
+    n = positive_int("num_steps", num_steps)
     if not 0 < t_eps < 1:
         raise ValueError(f"t_eps must be in (0, 1), got {t_eps!r}")
     return jnp.linspace(1.0, t_eps, n + 1, dtype=jnp.float32)
 
 
-def _final_denoise(denoiser, sde, x, t):
-    m, s = sde_marginal(sde, t)
-    return denoiser(x / m, _full(s / m, x)).astype(x.dtype)
-
-
 def reverse_sde_sample(denoiser: Denoiser, noise: jax.Array, sde: SDE, *, num_steps: int, key: jax.Array,
                        t_eps: float = 1e-3) -> jax.Array:
-    """Reverse-time SDE dx = [f x - g^2 grad log p_t(x)] dt + g dw_bar (Anderson 1982; Song et al. 2021, eq. 6),
-    integrated by Euler-Maruyama from t = 1 to t_eps on a uniform grid, with the score from the denoiser
-    (Tweedie: grad log p_t(x) = (m D(x / m, s / m) - x) / s^2). x_1 = s(1) noise; the result is the
-    denoised estimate at t_eps (Song et al.'s final noise removal).
+    """Reverse-time SDE (Anderson 1982; Song et al. 2021, eq. 6) integrated by Euler-Maruyama (`reverse_sde_step`)
+    from t = 1 to t_eps on a uniform grid, with the score from the denoiser (`sde_score`). x_1 = s(1) noise; the
+    result is the denoised estimate at t_eps (`sde_denoise`, Song et al.'s final noise removal).
 
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       noise: (B, ...) standard normal.
       sde: `vp_sde(...)` or `ve_sde(...)`.
       num_steps: positive int.
-      key: PRNG key for the Brownian increments.
+      key: PRNG key for the Brownian increments, split into one key per step.
 
     Returns:
       (B, ...) samples in noise's dtype.
@@ -895,19 +1064,17 @@ def reverse_sde_sample(denoiser: Denoiser, noise: jax.Array, sde: SDE, *, num_st
 
     def step(x, inputs):
         t, t_next, k = inputs
-        dt = t - t_next
-        f, g = sde_coefficients(sde, t)
-        x = x - (f * x - g ** 2 * _score(denoiser, sde, x, t)) * dt + g * jnp.sqrt(dt) * _normal(k, x)
-        return x.astype(noise.dtype), None
+        return reverse_sde_step(denoiser, x, t, t_next, sde=sde, key=k), None
 
     x, _ = lax.scan(step, (noise * sde_marginal(sde, 1.0)[1]).astype(noise.dtype), (ts[:-1], ts[1:], keys))
-    return _final_denoise(denoiser, sde, x, ts[-1])
+    return sde_denoise(denoiser, x, ts[-1], sde=sde)
 
 
 def probability_flow_sample(denoiser: Denoiser, noise: jax.Array, sde: SDE, *, num_steps: int,
                             solver: str = "heun", t_eps: float = 1e-3) -> jax.Array:
-    """Probability-flow ODE dx/dt = f x - g^2 / 2 grad log p_t(x) (Song et al. 2021, eq. 13), integrated with
-    Euler or Heun from t = 1 to t_eps on a uniform grid; x_1 = s(1) noise; returns the denoised estimate at t_eps.
+    """Probability-flow ODE (Song et al. 2021, eq. 13) integrated with Euler or Heun (`probability_flow_step`)
+    from t = 1 to t_eps on a uniform grid; x_1 = s(1) noise; returns the denoised estimate at t_eps
+    (`sde_denoise`).
 
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
@@ -920,31 +1087,22 @@ def probability_flow_sample(denoiser: Denoiser, noise: jax.Array, sde: SDE, *, n
       (B, ...) samples in noise's dtype.
     """
     _check_sde(sde)
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}; expected 'euler' or 'heun'")
+    one_of("solver", solver, SOLVERS)
     noise = _check_batched(noise, "noise")
     ts = _time_grid(num_steps, t_eps)
 
-    def drift(x, t):
-        f, g = sde_coefficients(sde, t)
-        return f * x - 0.5 * g ** 2 * _score(denoiser, sde, x, t)
-
     def step(x, inputs):
         t, t_next = inputs
-        d = drift(x, t)
-        x_next = x + (t_next - t) * d
-        if solver == "heun":
-            x_next = x + (t_next - t) * 0.5 * (d + drift(x_next, t_next))
-        return x_next.astype(noise.dtype), None
+        return probability_flow_step(denoiser, x, t, t_next, sde=sde, solver=solver), None
 
     x, _ = lax.scan(step, (noise * sde_marginal(sde, 1.0)[1]).astype(noise.dtype), (ts[:-1], ts[1:]))
-    return _final_denoise(denoiser, sde, x, ts[-1])
+    return sde_denoise(denoiser, x, ts[-1], sde=sde)
 
 
 def rectified_flow_sample(velocity_fn: Callable, noise: jax.Array, timesteps: jax.Array, *,
                           solver: str = "euler") -> jax.Array:
     """Integrates dx_t/dt = v(x_t, t) from t = timesteps[0] (x = noise) down to timesteps[-1] (Liu et al. 2022,
-    "Flow Straight and Fast", Algorithm 1 sampling; SD3 §2) by Euler or Heun.
+    "Flow Straight and Fast", Algorithm 1 sampling; SD3 §2) by Euler or Heun (`flow_step`).
 
     Args:
       velocity_fn: (x_t (B, ...), t (B,)) -> (B, ...) velocity ~ eps - x0 on x_t = (1 - t) x0 + t eps
@@ -956,8 +1114,7 @@ def rectified_flow_sample(velocity_fn: Callable, noise: jax.Array, timesteps: ja
     Returns:
       (B, ...) samples in noise's dtype.
     """
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}; expected 'euler' or 'heun'")
+    one_of("solver", solver, SOLVERS)
     noise = _check_batched(noise, "noise")
     ts = _check_schedule(timesteps, "timesteps")
     if ts.shape[0] < 2:
@@ -965,11 +1122,7 @@ def rectified_flow_sample(velocity_fn: Callable, noise: jax.Array, timesteps: ja
 
     def step(x, inputs):
         t, t_next = inputs
-        v = velocity_fn(x, _full(t, x))
-        x_next = x + (t_next - t) * v
-        if solver == "heun":
-            x_next = x + (t_next - t) * 0.5 * (v + velocity_fn(x_next, _full(t_next, x)))
-        return x_next.astype(noise.dtype), None
+        return flow_step(velocity_fn, x, t, t_next, solver=solver), None
 
     x, _ = lax.scan(step, noise, (ts[:-1], ts[1:]))
     return x

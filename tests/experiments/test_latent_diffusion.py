@@ -1,10 +1,8 @@
-"""Smoke test of experiments/latent_diffusion.py: its pieces, then the whole --quick run."""
-
+"""experiments/latent_diffusion.py's pieces: the edge map against loops, the random batches."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import latent_diffusion as ld
 
@@ -32,10 +30,10 @@ def test_edge_map_matches_loops():
         ld.edge_map(jnp.zeros((2, 8, 8, 3)))
 
 
-def test_label_context_unet_shapes():
-    model = ld.LabelContextUNet(latent_channels=2, num_classes=10, base_channels=8, context_dim=8, num_levels=1,
-                                num_groups=4, rngs=nnx.Rngs(0))
-    labels = jnp.array([0, 10])  # a class and the null label
-    assert model.context(labels).shape == (2, 1, 8)
-    out = model(jnp.ones((2, 4, 4, 2)), jnp.zeros((2,)), labels)
-    assert out.shape == (2, 4, 4, 2) and out.dtype == jnp.float32
+def test_random_batches_draw_rows_with_the_seed():
+    arrays = {"a": np.arange(10), "b": np.arange(10) * 2}
+    first, second = [b for _, b in zip(range(2), ld.random_batches(arrays, 4, seed=3))]
+    rows = np.random.default_rng(3).integers(0, 10, 4)
+    np.testing.assert_array_equal(first["a"], rows)
+    np.testing.assert_array_equal(first["b"], 2 * rows)
+    assert first["step"] == 0 and second["step"] == 1 and first["step"].dtype == np.int32

@@ -121,10 +121,12 @@ def test_beta_schedules_against_numpy():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="unknown beta schedule"):
+    with pytest.raises(ValueError, match="schedule='sigmoid' is not valid; choose one of"):
         df.beta_schedule("sigmoid", 10)
-    with pytest.raises(ValueError, match="num_timesteps"):
+    with pytest.raises(ValueError, match="num_timesteps must be a positive int, got 0"):
         df.beta_schedule("linear", 0)
+    with pytest.raises(TypeError, match="num_steps must be a positive int, got 2.0"):
+        df.flow_timesteps(2.0)
     with pytest.raises(ValueError, match="num_steps"):
         df.edm_sigmas(0)
     with pytest.raises(ValueError, match="num_steps"):
@@ -217,7 +219,7 @@ def test_convert_prediction_round_trips():
                 out = df.convert_prediction(jnp.asarray(reps[source]), jnp.asarray(x_t), alpha, sigma,
                                             source=source, target=target)
                 np.testing.assert_allclose(out, reps[target], rtol=1e-4, atol=1e-4, err_msg=f"{source}->{target}")
-    with pytest.raises(ValueError, match="unknown source"):
+    with pytest.raises(ValueError, match="source='noise' is not valid; choose one of"):
         df.convert_prediction(x_t, x_t, alpha, sigma, source="noise", target="x0")
     with pytest.raises(ValueError, match="shape"):
         df.convert_prediction(x_t[:, :2], x_t, alpha, sigma, source="eps", target="x0")
@@ -497,6 +499,195 @@ def test_rectified_flow_gaussian_moments_and_reflow():
     np.testing.assert_allclose(samples, df.rectified_flow_sample(gaussian_velocity, noise, ts), rtol=1e-6)
     loss = df.flow_matching_loss(gaussian_velocity, samples, None, noise=noise, t=jnp.full((16,), 0.5))
     assert loss.shape == (16,)
+
+
+# ------------------------------------------------------------------------------------ sampler steps
+
+
+def _nonlinear_denoiser(W):
+    """A nonlinear D(x, sigma) = tanh(x W) / (1 + sigma) + x / (1 + sigma^2) on flattened x, as a float32 JAX
+    function and its float64 NumPy twin."""
+    W32 = jnp.asarray(W, jnp.float32)
+
+    def jax_denoiser(x, sigma):
+        h = x.reshape(x.shape[0], -1)
+        s = sigma[:, None]
+        return (jnp.tanh(h @ W32) / (1 + s) + h / (1 + s ** 2)).reshape(x.shape)
+
+    def np_denoiser(x, sigma):
+        h, s = x.reshape(x.shape[0], -1), sigma[:, None]
+        return (np.tanh(h @ W) / (1 + s) + h / (1 + s ** 2)).reshape(x.shape)
+
+    return jax_denoiser, np_denoiser
+
+
+def _step_case(seed, shape):
+    """Fresh (float64 x, float32 x, jax denoiser, numpy denoiser, key, float64 xi = normal(key)) for a step test."""
+    rng = np.random.default_rng(seed)
+    d = int(np.prod(shape[1:]))
+    D32, D64 = _nonlinear_denoiser(rng.standard_normal((d, d)) / np.sqrt(d))
+    x = rng.standard_normal(shape)
+    key = jax.random.key(seed)
+    xi = np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
+    return rng, x, jnp.asarray(x, jnp.float32), D32, D64, key, xi
+
+
+STEP_SHAPES = [(4, 2), (3, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ddpm_and_ddim_steps_against_float64_equations(seed, shape):
+    rng, z, z32, D32, D64, key, xi = _step_case(seed, shape)
+    ab_t, ab_s = np.sort(rng.uniform(0.05, 0.95, 2))
+    x0 = D64(z / np.sqrt(ab_t), np.full(shape[0], np.sqrt((1 - ab_t) / ab_t)))
+    # Ho et al. eq. 6-7: the posterior q(z_s | z_t, x0_hat)
+    a_ts = ab_t / ab_s
+    mean = np.sqrt(ab_s) * (1 - a_ts) / (1 - ab_t) * x0 + np.sqrt(a_ts) * (1 - ab_s) / (1 - ab_t) * z
+    want = mean + np.sqrt((1 - ab_s) / (1 - ab_t) * (1 - a_ts)) * xi
+    np.testing.assert_allclose(df.ddpm_step(D32, z32, ab_t, ab_s, key=key), want, rtol=1e-4, atol=1e-5)
+    # Song et al. eq. 12 and 16
+    eps = (z - np.sqrt(ab_t) * x0) / np.sqrt(1 - ab_t)
+    for eta in (0.0, 0.4, 1.0):
+        sig = eta * np.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+        want = np.sqrt(ab_s) * x0 + np.sqrt(1 - ab_s - sig ** 2) * eps + sig * xi
+        got = df.ddim_step(D32, z32, ab_t, ab_s, eta=eta, key=key)
+        assert got.shape == shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"eta={eta}")
+    # eta = 0 backwards (abar_s < abar_t) is the inversion step, eq. 13
+    x0_s = D64(z / np.sqrt(ab_s), np.full(shape[0], np.sqrt((1 - ab_s) / ab_s)))
+    eps_s = (z - np.sqrt(ab_s) * x0_s) / np.sqrt(1 - ab_s)
+    np.testing.assert_allclose(df.ddim_step(D32, z32, ab_s, ab_t), np.sqrt(ab_t) * x0_s + np.sqrt(1 - ab_t) * eps_s,
+                               rtol=1e-4, atol=1e-5)
+    # the last step (abar_s = 1) returns x0_hat
+    np.testing.assert_allclose(df.ddim_step(D32, z32, ab_t, 1.0), x0, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="key"):
+        df.ddim_step(D32, z32, ab_t, ab_s, eta=0.5)
+
+
+def _np_edm_step(D64, x, sigma, sigma_next, solver, gamma=0.0, S_noise=1.0, xi=None):
+    """Karras et al. 2022, Algorithm 2, lines 4-11, transcribed in float64."""
+    sigma_hat = sigma * (1 + gamma)
+    if xi is not None:
+        x = x + np.sqrt(sigma_hat ** 2 - sigma ** 2) * S_noise * xi
+    b = np.full(x.shape[0], sigma_hat)
+    d = (x - D64(x, b)) / sigma_hat
+    x_next = x + (sigma_next - sigma_hat) * d
+    if solver == "heun" and sigma_next != 0:
+        d_next = (x_next - D64(x_next, np.full(x.shape[0], sigma_next))) / sigma_next
+        x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+    return x_next
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+@pytest.mark.parametrize("solver", df.SOLVERS)
+def test_edm_step_against_float64_algorithm(solver, shape):
+    rng, x, x32, D32, D64, key, xi = _step_case(hash(solver) % 1000, shape)
+    sigma_next, sigma = np.sort(rng.uniform(0.05, 5.0, 2))
+    np.testing.assert_allclose(df.edm_step(D32, x32, sigma, sigma_next, solver=solver),
+                               _np_edm_step(D64, x, sigma, sigma_next, solver), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(df.edm_step(D32, x32, sigma, 0.0, solver=solver),  # sigma_{i+1} = 0: Euler
+                               _np_edm_step(D64, x, sigma, 0.0, "euler"), rtol=1e-4, atol=1e-4)
+    gamma = float(df.edm_gamma(sigma, num_steps=10, S_churn=3.0, S_tmax=10.0))
+    assert gamma == pytest.approx(0.3) and float(df.edm_gamma(sigma, num_steps=10, S_churn=3.0, S_tmax=0.01)) == 0
+    np.testing.assert_allclose(df.edm_step(D32, x32, sigma, sigma_next, solver=solver, gamma=gamma, S_noise=1.007,
+                                           key=key),
+                               _np_edm_step(D64, x, sigma, sigma_next, solver, gamma, 1.007, xi), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="solver='rk4' is not valid; choose one of"):
+        df.edm_step(D32, x32, sigma, sigma_next, solver="rk4")
+    with pytest.raises(ValueError, match="key"):
+        df.edm_step(D32, x32, sigma, sigma_next, gamma=0.2)
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+@pytest.mark.parametrize("kind", ["vp", "ve"])
+def test_sde_steps_against_float64_equations(kind, shape):
+    rng, x, x32, D32, D64, key, xi = _step_case(len(kind) + len(shape), shape)
+    sde = df.vp_sde() if kind == "vp" else df.ve_sde()
+    t_next, t = np.sort(rng.uniform(0.05, 1.0, 2))
+
+    def score(y, s):  # Tweedie in the SDE's coordinates
+        m, sd, _, _ = _np_sde(kind, s)
+        return (m * D64(y / m, np.full(y.shape[0], sd / m)) - y) / sd ** 2
+
+    def drift(y, s):  # probability-flow ODE, Song et al. eq. 13
+        _, _, f, g2 = _np_sde(kind, s)
+        return f * y - 0.5 * g2 * score(y, s)
+
+    np.testing.assert_allclose(df.sde_score(D32, x32, t, sde=sde), score(x, t), rtol=2e-4, atol=1e-4)
+    m, sd, f, g2 = _np_sde(kind, t)
+    np.testing.assert_allclose(df.sde_denoise(D32, x32, t, sde=sde), D64(x / m, np.full(shape[0], sd / m)),
+                               rtol=2e-4, atol=1e-4)
+    dt = t - t_next  # Euler-Maruyama on Song et al. eq. 6
+    want = x - (f * x - g2 * score(x, t)) * dt + np.sqrt(g2) * np.sqrt(dt) * xi
+    np.testing.assert_allclose(df.reverse_sde_step(D32, x32, t, t_next, sde=sde, key=key), want, rtol=2e-4, atol=2e-4)
+    euler = x + (t_next - t) * drift(x, t)
+    np.testing.assert_allclose(df.probability_flow_step(D32, x32, t, t_next, sde=sde, solver="euler"), euler,
+                               rtol=2e-4, atol=2e-4)
+    heun = x + (t_next - t) * 0.5 * (drift(x, t) + drift(euler, t_next))
+    np.testing.assert_allclose(df.probability_flow_step(D32, x32, t, t_next, sde=sde), heun, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES)
+def test_flow_step_against_float64_equations(shape):
+    rng, x, x32, D32, D64, _, _ = _step_case(5, shape)
+    t_next, t = np.sort(rng.uniform(0.0, 1.0, 2))
+    v32 = df.velocity_from_denoiser(D32)
+
+    def v64(y, s):  # eps_hat - x0_hat on x_s = (1 - s) x0 + s eps
+        return (y - D64(y / (1 - s), np.full(y.shape[0], s / (1 - s)))) / s
+
+    euler = x + (t_next - t) * v64(x, t)
+    np.testing.assert_allclose(df.flow_step(v32, x32, t, t_next), euler, rtol=1e-4, atol=1e-4)
+    heun = x + (t_next - t) * 0.5 * (v64(x, t) + v64(euler, t_next))
+    np.testing.assert_allclose(df.flow_step(v32, x32, t, t_next, solver="heun"), heun, rtol=1e-4, atol=1e-4)
+
+
+def test_python_loops_of_steps_equal_library_samplers():
+    """The diffusers habit: a hand-written loop of the public steps gives the library loop's samples."""
+    D = gaussian_denoiser()
+    z = _noise(seed=11, n=32)
+    key = jax.random.key(12)
+    ab = _ab_steps(6)
+    ab_s = list(np.asarray(ab)[1:]) + [1.0]
+    close = dict(rtol=1e-5, atol=1e-6)
+
+    x, keys = z, jax.random.split(key, 6)
+    for i in range(6):
+        x = df.ddpm_step(D, x, ab[i], ab_s[i], key=keys[i])
+    np.testing.assert_allclose(x, df.ddpm_sample(D, z, ab, key=key), **close)
+    x = z
+    for i in range(6):
+        x = df.ddim_step(D, x, ab[i], ab_s[i], eta=0.5, key=keys[i])
+    np.testing.assert_allclose(x, df.ddim_sample(D, z, ab, eta=0.5, key=key), **close)
+    x = z
+    for i in range(5, 0, -1):
+        x = df.ddim_step(D, x, ab[i], ab[i - 1])
+    np.testing.assert_allclose(x, df.ddim_invert(D, z, ab), **close)
+
+    sigmas = df.edm_sigmas(5)
+    x, keys = z * sigmas[0], jax.random.split(key, 5)
+    for i in range(5):
+        gamma = df.edm_gamma(sigmas[i], num_steps=5, S_churn=2.0, S_tmin=0.1)
+        x = df.edm_step(D, x, sigmas[i], sigmas[i + 1], gamma=gamma, key=keys[i])
+    np.testing.assert_allclose(x, df.edm_sample(D, z, sigmas, S_churn=2.0, S_tmin=0.1, key=key), rtol=1e-5, atol=1e-5)
+
+    sde, ts = df.vp_sde(), np.linspace(1.0, 1e-3, 6, dtype=np.float32)
+    x, keys = z * df.sde_marginal(sde, 1.0)[1], jax.random.split(key, 5)
+    for i in range(5):
+        x = df.reverse_sde_step(D, x, ts[i], ts[i + 1], sde=sde, key=keys[i])
+    np.testing.assert_allclose(df.sde_denoise(D, x, ts[-1], sde=sde),
+                               df.reverse_sde_sample(D, z, sde, num_steps=5, key=key), **close)
+    x = z * df.sde_marginal(sde, 1.0)[1]
+    for i in range(5):
+        x = df.probability_flow_step(D, x, ts[i], ts[i + 1], sde=sde)
+    np.testing.assert_allclose(df.sde_denoise(D, x, ts[-1], sde=sde),
+                               df.probability_flow_sample(D, z, sde, num_steps=5), **close)
+
+    ts, x = df.flow_timesteps(5, 3.0), z
+    for i in range(5):
+        x = df.flow_step(gaussian_velocity, x, ts[i], ts[i + 1], solver="heun")
+    np.testing.assert_allclose(x, df.rectified_flow_sample(gaussian_velocity, z, ts, solver="heun"), **close)
 
 
 # ---------------------------------------------------------------------------------------- guidance
