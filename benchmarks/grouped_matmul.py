@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul  # noqa: E402
+from jaxmodels.ops.kernels.grouped_matmul import Blocks, pallas_grouped_matmul  # noqa: E402
 
 DEFAULT_CONFIGS = "128,128,64,4,4;128,128,64,8,3;128,256,64,8,3;64,128,64,4,4;128,128,32,4,4;256,128,64,8,3"
 

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import median_time  # noqa: E402
-from jaxmodels.ops.fused_scan import fused_selective_scan  # noqa: E402
+from jaxmodels.ops.kernels.fused_scan import fused_selective_scan  # noqa: E402
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step  # noqa: E402
 
 

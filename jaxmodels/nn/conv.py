@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.layers import _ones, _zeros
-from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -37,10 +36,10 @@ class Conv2D(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_channels, self.stride, self.dtype = in_channels, stride, dtype
         self.padding = kernel_size // 2 if padding is None else padding
-        init = _zeros if zero_init else fan_in_init(fan_in_dims=3)
+        init = zeros_init if zero_init else fan_in_init(fan_in_dims=3)
         self.kernel = param(rngs, init, (kernel_size, kernel_size, in_channels, out_channels),
                             (None, None, None, "embed"), param_dtype)
-        self.bias = param(rngs, _zeros, (out_channels,), ("embed",), param_dtype) if use_bias else None
+        self.bias = param(rngs, zeros_init, (out_channels,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_image(x)
@@ -65,8 +64,8 @@ class GroupNorm(nnx.Module):
         if channels % num_groups:
             raise ValueError(f"channels ({channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
-        self.scale = param(rngs, _ones, (channels,), ("norm",), param_dtype)
-        self.bias = param(rngs, _zeros, (channels,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (channels,), ("norm",), param_dtype)
+        self.bias = param(rngs, zeros_init, (channels,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 2 or x.shape[-1] != self.scale.value.shape[0]:

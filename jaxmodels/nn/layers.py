@@ -5,17 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.param import fan_in_init, param
-
-
-def _ones(key, shape, dtype):
-    del key
-    return jnp.ones(shape, dtype)
-
-
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
+from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
 
 
 class RMSNorm(nnx.Module):
@@ -23,7 +13,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps, self.dtype = eps, dtype
-        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -36,8 +26,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps, self.dtype = eps, dtype
-        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
-        self.bias = param(rngs, _zeros, (dim,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, zeros_init, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -7,6 +7,7 @@ from flax import nnx
 from jaxmodels.nn.layers import MLP, dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops import moe
+from jaxmodels.ops.dispatch import check_implementation
 
 
 class MoEFeedForward(nnx.Module):
@@ -56,9 +57,7 @@ class MoEFeedForward(nnx.Module):
             raise ValueError(f"routing 'expert_choice' needs dispatch 'einsum', got {dispatch!r}")
         if priority not in moe.PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}; valid: {list(moe.PRIORITIES)}")
-        if implementation not in moe.GROUPED_MATMUL_IMPLEMENTATIONS:
-            raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; "
-                             f"valid: {list(moe.GROUPED_MATMUL_IMPLEMENTATIONS)}")
+        check_implementation(implementation, moe.IMPLEMENTATIONS)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         if routing != "expert_choice" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts):

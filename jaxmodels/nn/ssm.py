@@ -7,7 +7,6 @@ by default (`param_dtype`); projections run in `dtype`; kernels, scans and state
 (complex64 for the complex SSMs).
 """
 
-import functools
 import math
 from typing import Any
 
@@ -19,7 +18,8 @@ from flax import nnx
 from jaxmodels.nn.layers import MLP, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_parallel, lru_step
-from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS, selective_scan_fn
+from jaxmodels.ops import scan
+from jaxmodels.ops.dispatch import check_implementation
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 from jaxmodels.ops.ssm import (
     c_tilde_to_c, causal_conv, discretize_bilinear, discretize_zoh, nplr_legs, s4_kernel, s4d_kernel, ssm_step)
@@ -316,8 +316,9 @@ class MambaBlock(nnx.Module):
       out = y W_out
 
     W_dt ~ U(±dt_scale/sqrt(dt_rank)); dt is floored at dt_init_floor before the inverse softplus.
-    The parallel scan is `selective_scan_fn(scan_implementation)` (None: the fused Pallas kernel on GPU,
-    the associative scan elsewhere; `chunk_size` set: the chunked scan).
+    The parallel scan is `selective_scan(..., implementation=scan_implementation)` (None: the fused Pallas
+    kernel on GPU, the associative scan elsewhere; `chunk_size` set: the scan in chunks of that many positions,
+    whatever scan_implementation says).
     `__call__(x)` is the parallel scan; `__call__(x, state)` continues from a recurrent state
     (prompt prefill, exact for any state) and returns (y, new_state); `step(state, x_t)` decodes one
     token with `selective_scan_step`. State: {"conv": (batch, d_conv-1, d_inner) last conv inputs in
@@ -329,9 +330,8 @@ class MambaBlock(nnx.Module):
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, chunk_size: int | None = None,
                  scan_implementation: str | None = None,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if scan_implementation not in (None, *SCAN_IMPLEMENTATIONS):
-            raise ValueError(f"unknown scan_implementation {scan_implementation!r}; valid: {SCAN_IMPLEMENTATIONS}")
-        self.scan_implementation = scan_implementation
+        self.scan_implementation = check_implementation(scan_implementation, scan.IMPLEMENTATIONS,
+                                                        "scan_implementation")
         self.d_model = _check_positive_int("d_model", d_model)
         self.d_state = _check_positive_int("d_state", d_state)
         self.d_conv = _check_positive_int("d_conv", d_conv)
@@ -385,11 +385,9 @@ class MambaBlock(nnx.Module):
         dt, B, C, A = self._ssm_inputs(xc)
         D, dt_bias = self.D.value.astype(jnp.float32), self.dt_bias.value.astype(jnp.float32)
         if state is None:
-            if self.chunk_size is None:
-                scan_fn = selective_scan_fn(self.scan_implementation, xc, B, C)
-            else:
-                scan_fn = functools.partial(selective_scan, chunk_size=self.chunk_size)
-            y = scan_fn(xc, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
+            implementation = self.scan_implementation if self.chunk_size is None else "associative"
+            y = selective_scan(xc, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                               chunk_size=self.chunk_size, implementation=implementation)
             return dense(y, self.out_proj.value, self.dtype)
         # From state h0: h_t = (Π_{s<=t} Ā_s) h0 + (the zero-start scan), so add C_t·(decay_t h0).
         y, h_last = selective_scan(xc, dt, A, B, C, D, delta_bias=dt_bias, delta_softplus=True,
