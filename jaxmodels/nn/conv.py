@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
+from jaxmodels.ops.checks import one_of
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -124,9 +125,7 @@ class Upsample(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, method: str = "nearest_conv", factor: int = 2,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if method not in UPSAMPLE_METHODS:
-            raise ValueError(f"unknown upsample method {method!r}; valid: {list(UPSAMPLE_METHODS)}")
-        self.method, self.factor, self.dtype = method, factor, dtype
+        self.method, self.factor, self.dtype = one_of("method", method, UPSAMPLE_METHODS), factor, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if method == "transposed":
             self.conv = Conv2D(in_channels, out_channels, 2 * factor, **kw)
@@ -159,9 +158,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, method: str = "conv", factor: int = 2,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if method not in DOWNSAMPLE_METHODS:
-            raise ValueError(f"unknown downsample method {method!r}; valid: {list(DOWNSAMPLE_METHODS)}")
-        self.method, self.factor, self.dtype = method, factor, dtype
+        self.method, self.factor, self.dtype = one_of("method", method, DOWNSAMPLE_METHODS), factor, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if method == "conv":
             self.conv = Conv2D(in_channels, out_channels, 3, stride=factor, padding=1, **kw)

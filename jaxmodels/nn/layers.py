@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
+from jaxmodels.ops.checks import one_of
 
 
 class RMSNorm(nnx.Module):
@@ -42,9 +43,7 @@ NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 
 def make_norm(kind: str, dim: int, **kwargs) -> nnx.Module:
     """The norm named `kind` ("rms" or "layer")."""
-    if kind not in NORMS:
-        raise ValueError(f"unknown norm {kind!r}; valid: {sorted(NORMS)}")
-    return NORMS[kind](dim, **kwargs)
+    return NORMS[one_of("norm", kind, sorted(NORMS))](dim, **kwargs)
 
 
 def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -> jax.Array:
@@ -69,9 +68,7 @@ class MLP(nnx.Module):
 
     def __init__(self, embed_dim: int, mlp_dim: int, *, kind: str = "swiglu", out_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown mlp kind {kind!r}; valid: {list(self.KINDS)}")
-        self.kind, self.dtype = kind, dtype
+        self.kind, self.dtype = one_of("kind", kind, self.KINDS), dtype
         self.w_up = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
         if kind == "swiglu":
             self.w_gate = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)

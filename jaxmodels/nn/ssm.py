@@ -19,6 +19,7 @@ from jaxmodels.nn.layers import MLP, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_parallel, lru_step
 from jaxmodels.ops import scan
+from jaxmodels.ops.checks import one_of, positive_int
 from jaxmodels.ops.dispatch import check_implementation
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 from jaxmodels.ops.ssm import (
@@ -46,12 +47,6 @@ def _log_step_init(dt_min, dt_max):
     return _uniform(math.log(dt_min), math.log(dt_max))
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_sequence(name, x, features):
     if x.ndim != 3 or x.shape[-1] != features:
         raise ValueError(f"{name}: input must be (batch, length, {features}), got shape {x.shape}")
@@ -70,8 +65,8 @@ class _ConvSSMLayer(nnx.Module):
     c_scale = 1.0  # S4D keeps one of each conjugate pair of eigenvalues and doubles C
 
     def _init_common(self, features, state_size, num_kernels, dt_min, dt_max, dtype, param_dtype, rngs):
-        self.features, self.state_size = _check_positive_int("features", features), _check_positive_int(
-            "state_size", state_size)
+        self.features = int(positive_int("features", features))
+        self.state_size = int(positive_int("state_size", state_size))
         self.dtype = dtype
         H, N = features, state_size
         self.log_step = param(rngs, _log_step_init(dt_min, dt_max), (H,), ("embed",), param_dtype)
@@ -132,10 +127,8 @@ class S4DLayer(_ConvSSMLayer):
     def __init__(self, features: int, state_size: int = 64, *, init: str = "lin", dt_min: float = 0.001,
                  dt_max: float = 0.1, bidirectional: bool = False, discretization: str = "zoh",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if init not in self.INITS:
-            raise ValueError(f"unknown S4D init {init!r}; valid: {list(self.INITS)}")
-        if discretization not in ("zoh", "bilinear"):
-            raise ValueError(f"unknown discretization {discretization!r}; valid: ['zoh', 'bilinear']")
+        one_of("init", init, self.INITS)
+        one_of("discretization", discretization, ("zoh", "bilinear"))
         self.bidirectional, self.discretization = bidirectional, discretization
         self._init_common(features, state_size, 2 if bidirectional else 1, dt_min, dt_max, dtype, param_dtype, rngs)
         n = np.arange(state_size)
@@ -190,7 +183,7 @@ class S4Layer(_ConvSSMLayer):
     def __init__(self, features: int, state_size: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
                  dt_max: float = 0.1, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.bidirectional = False
-        self.l_max = None if l_max is None else _check_positive_int("l_max", l_max)
+        self.l_max = None if l_max is None else int(positive_int("l_max", l_max))
         self._init_common(features, state_size, 1, dt_min, dt_max, dtype, param_dtype, rngs)
         nplr = nplr_legs(state_size)
         H, N = features, state_size
@@ -256,8 +249,8 @@ class LRULayer(nnx.Module):
     def __init__(self, features: int, state_size: int = 64, *, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * np.pi, chunk_size: int | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.features = _check_positive_int("features", features)
-        self.state_size = _check_positive_int("state_size", state_size)
+        self.features = int(positive_int("features", features))
+        self.state_size = int(positive_int("state_size", state_size))
         self.chunk_size, self.dtype = chunk_size, dtype
         H, N = features, state_size
         nu_log, theta_log, gamma_log = lru_init(rngs.params(), N, r_min=r_min, r_max=r_max, max_phase=max_phase)
@@ -332,10 +325,10 @@ class MambaBlock(nnx.Module):
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.scan_implementation = check_implementation(scan_implementation, scan.IMPLEMENTATIONS,
                                                         "scan_implementation")
-        self.d_model = _check_positive_int("d_model", d_model)
-        self.d_state = _check_positive_int("d_state", d_state)
-        self.d_conv = _check_positive_int("d_conv", d_conv)
-        self.d_inner = _check_positive_int("expand", expand) * d_model
+        self.d_model = int(positive_int("d_model", d_model))
+        self.d_state = int(positive_int("d_state", d_state))
+        self.d_conv = int(positive_int("d_conv", d_conv))
+        self.d_inner = int(positive_int("expand", expand)) * d_model
         self.dt_rank = mamba_dt_rank(d_model, dt_rank)
         self.chunk_size, self.dtype = chunk_size, dtype
         di, N, R = self.d_inner, d_state, self.dt_rank
@@ -417,7 +410,7 @@ def mamba_dt_rank(d_model: int, dt_rank: int | str = "auto") -> int:
     """Mamba's Δ projection rank: ceil(d_model / 16) for "auto", else the given positive int."""
     if dt_rank == "auto":
         return math.ceil(d_model / 16)
-    return _check_positive_int("dt_rank", dt_rank)
+    return int(positive_int("dt_rank", dt_rank))
 
 
 class ResidualBlock(nnx.Module):

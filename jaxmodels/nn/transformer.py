@@ -14,6 +14,7 @@ from jaxmodels.nn.layers import MLP, make_norm
 from jaxmodels.nn.moe import MoEFeedForward
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import moe as moe_ops
+from jaxmodels.ops.checks import one_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,7 @@ class MoESpec:
             raise ValueError(f"moe.num_shared must be an int >= 0, got {self.num_shared!r}")
         for name, choices in (("routing", self.ROUTINGS), ("dispatch", MoEFeedForward.DISPATCHES),
                               ("implementation", (None, *moe_ops.IMPLEMENTATIONS))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"moe.{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+            one_of(f"moe.{name}", getattr(self, name), choices)
         if self.num_experts and (not is_int(self.k) or not 1 <= self.k <= self.num_experts):
             raise ValueError(f"moe.k={self.k!r} must be an int in [1, moe.num_experts={self.num_experts}]")
         if not self.capacity_factor > 0:
