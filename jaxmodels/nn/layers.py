@@ -51,7 +51,7 @@ def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -
 
     Accelerators accumulate bf16 products in float32 anyway. Asking for a float32 result
     (preferred_element_type) would also make the backward pass multiply a float32 cotangent,
-    i.e. run the gradient matmuls in float32/TF32: on an H100 that was 40% of a 125M LM's step.
+    i.e. run the gradient matmuls in float32/TF32 (README, "Benchmarks", measures what that costs).
     """
     return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
 

@@ -213,7 +213,7 @@ class S4Layer(_ConvSSMLayer):
             A_bar, B_bar = discretize_bilinear(*args[:3])
             return A_bar, B_bar, c_tilde_to_c(A_bar, args[3], self.l_max)
 
-        # On CPU one channel at a time: jaxlib 0.10's batched CPU LAPACK kernels wait on the thread pool
+        # On CPU one channel at a time: batched CPU LAPACK kernels wait on the thread pool
         # they run on, and the batched solves of several layers stepped in one jitted program deadlock it;
         # unbatched solves do not.
         per_channel = jax.lax.map if jax.default_backend() == "cpu" else lambda f, xs: jax.vmap(f)(xs)

@@ -361,10 +361,9 @@ def s4_kernel(Lambda, P, Q, B, C, step, length, *, c_tilde=False):
       c_tilde: whether C is C̃ (for the recurrent mode, C = `c_tilde_to_c`(Ā, C̃, L)).
 
     With c_tilde=True and rank 1 (S4's NPLR) the kernel calls no LAPACK routine: the Woodbury
-    capacitance is a scalar and is divided by. (jaxlib 0.10's batched CPU LAPACK kernels wait on the
-    XLA CPU thread pool they run on, so independent large batched solves, e.g. those of stacked
-    layers, can deadlock it: two solves of 64 complex64 64 x 64 systems each do on a 2-core CPU.
-    Rank r > 1 still solves its r x r systems with `jnp.linalg.solve`.)
+    capacitance is a scalar and is divided by. (Batched CPU LAPACK kernels wait on the XLA CPU thread
+    pool they run on, so independent large batched solves, e.g. those of stacked layers, can deadlock
+    it. Rank r > 1 still solves its r x r systems with `jnp.linalg.solve`.)
 
     Returns:
       (L,) or (H, L) real kernel (float64 for complex128/float64 inputs, else float32). With P = 0 it

@@ -303,5 +303,6 @@ def test_mamba_block_scan_implementations_agree():
         outputs[impl] = block(x)
     for impl in ("chunked", "fused"):
         np.testing.assert_allclose(outputs[impl], outputs["associative"], rtol=1e-5, atol=1e-5, err_msg=impl)
-    with pytest.raises(ValueError, match=r"scan_implementation='cuda' is not valid; choose one of \[None, 'associative', 'chunked', 'fused'\]"):
+    with pytest.raises(ValueError, match=r"scan_implementation='cuda' is not valid; "
+                                         r"choose one of \[None, 'associative', 'chunked', 'fused'\]"):
         MambaBlock(8, scan_implementation="cuda", rngs=nnx.Rngs(0))

@@ -391,7 +391,8 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="experts must be integer"):
         moe.capacity_dispatch(gates, gates, 3, 2)
     x, w, gs = _group_case(0, (2, 3))
-    with pytest.raises(ValueError, match=r"implementation='triton' is not valid; choose one of \[None, 'reference', 'ragged_dot', 'pallas'\]"):
+    with pytest.raises(ValueError, match=r"implementation='triton' is not valid; "
+                                         r"choose one of \[None, 'reference', 'ragged_dot', 'pallas'\]"):
         moe.grouped_matmul(x, w, gs, implementation="triton")
     with pytest.raises(ValueError, match=r"expected x_sorted \(M, d\), w \(E, d, f\)"):
         moe.grouped_matmul(x[:, :2], w, gs)

@@ -286,8 +286,8 @@ def test_relative_property_holds_for_every_method(method):
 
 
 def test_scaling_errors():
-    with pytest.raises(ValueError, match=r"method='ntk_by_parts' is not valid; choose one of \['none', 'linear', 'ntk', "
-                                         r"'dynamic_ntk', 'yarn'\]"):
+    with pytest.raises(ValueError, match=r"method='ntk_by_parts' is not valid; "
+                                         r"choose one of \['none', 'linear', 'ntk', 'dynamic_ntk', 'yarn'\]"):
         rope_inverse_frequencies(8, method="ntk_by_parts")
     with pytest.raises(ValueError, match=r"factor must be a number >= 1 .* got 0.5"):
         rope_inverse_frequencies(8, method="linear", factor=0.5)
