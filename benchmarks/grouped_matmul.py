@@ -12,7 +12,7 @@ time (jitted, synchronised, after warm-up) of the forward and of forward+backwar
 `jax.vjp`), and the achieved TFLOP/s on the useful FLOPs: 2 M d f forward, 3x that forward+backward.
 
 Implementations: "ragged_dot" (XLA's jax.lax.ragged_dot; the speed-up column's baseline), "pallas_..."
-(`jaxmodels.ops.grouped_matmul.pallas_grouped_matmul` with the `Blocks` of each --configs entry
+(`jaxmodels.ops.kernels.grouped_matmul.pallas_grouped_matmul` with the `Blocks` of each --configs entry
 block_m,block_n,block_k,num_warps,num_stages, dw kernel with the same blocks), "einsum" (a batched
 "ecd,edf->ecf" on (E, M / E, d): the dense capacity-form baseline, equal groups only) and "dense" (one
 (M, d) x (d, f) matmul with w[0]: the same FLOPs without groups, the device's practical bf16 ceiling). Each row
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import median_time
-from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul
+from jaxmodels.ops.kernels.grouped_matmul import Blocks, pallas_grouped_matmul
 
 DEFAULT_CONFIGS = "128,128,64,4,4;128,128,64,8,3;128,256,64,8,3;64,128,64,4,4;128,128,32,4,4;256,128,64,8,3"
 

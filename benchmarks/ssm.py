@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import median_time
-from jaxmodels.ops.fused_scan import fused_selective_scan
+from jaxmodels.ops.kernels.fused_scan import fused_selective_scan
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 
 

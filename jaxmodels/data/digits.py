@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxmodels.data import corpus
+from jaxmodels.ops.checks import one_of
 
 NAME = "sklearn_digits"
 SPLITS = ("train", "test")
@@ -149,8 +150,7 @@ def _view(images: np.ndarray, view: str) -> np.ndarray:
 
 
 def _check(view: str, global_batch_size: int, seed: int, step: int, process_index: int, process_count: int):
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; choose one of {VIEWS}")
+    one_of("view", view, VIEWS)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
     if global_batch_size < 1 or global_batch_size % process_count:

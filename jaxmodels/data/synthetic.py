@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from jaxmodels.ops.checks import one_of
+
 BLANK = 0  # selective copying: the noise token between data tokens
 
 
@@ -142,8 +144,7 @@ def batches(task: str, start_step: int = 0, *, seed: int, global_batch_size: int
     Arguments are checked here, before the first batch is asked for (ValueError; TypeError for an
     unknown option).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    one_of("task", task, sorted(TASKS))
 
     def make(step: int) -> dict[str, np.ndarray]:
         return TASKS[task](seed, step, global_batch_size, process_index, process_count, **task_options)

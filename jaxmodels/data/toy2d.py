@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.ops.checks import one_of, positive_int
+
 CHECKERBOARD_CELL = math.sqrt(3) / 2
 MOONS_NOISE = 0.1
 MOONS_SCALE = math.sqrt(2 / (21 / 16 - 1 / math.pi + 2 * MOONS_NOISE**2))
@@ -86,10 +88,8 @@ def sample(name: str, key_or_seed: jax.Array | int, n: int) -> jax.Array:
     `key_or_seed` is a JAX PRNG key or an int seed (then `jax.random.key(seed)` is used). A pure
     function of (name, key, n); jit-safe with `name` and `n` static.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown toy distribution {name!r}; choose one of {sorted(SAMPLERS)}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    one_of("name", name, sorted(SAMPLERS))
+    positive_int("n", n)
     if isinstance(key_or_seed, (int, np.integer)) and not isinstance(key_or_seed, bool):
         key_or_seed = jax.random.key(int(key_or_seed))
     return _sample(name, key_or_seed, int(n))
@@ -146,8 +146,7 @@ def sliced_wasserstein2(x, y, key: jax.Array, num_projections: int = 256) -> jax
     float64 input) scalar.
     """
     x, y = _check_samples(x, y)
-    if isinstance(num_projections, bool) or not isinstance(num_projections, (int, np.integer)) or num_projections < 1:
-        raise ValueError(f"num_projections must be an int >= 1, got {num_projections!r}")
+    positive_int("num_projections", num_projections)
     return _sliced_wasserstein2(x, y, key, int(num_projections))
 
 

@@ -13,7 +13,7 @@ from jaxmodels.models.base import Model, check_fields
 from jaxmodels.nn.layers import Embed, RMSNorm, dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.ssm import MambaBlock, ResidualBlock, mamba_dt_rank
-from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
+from jaxmodels.ops.scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 
 
 class MambaLM(Model):

@@ -10,13 +10,8 @@ from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
 from jaxmodels.nn.layers import NORMS, Embed, dense, make_norm
-from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.param import fan_in_init, param, zeros_init
 from jaxmodels.nn.ssm import LRULayer, MambaBlock, ResidualBlock, S4DLayer, S4Layer
-
-
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
 
 
 def _make_mixer(kind, d_model, d_state, kwargs, bidirectional, **kw):
@@ -70,7 +65,7 @@ class SequenceClassifier(Model):
         self.in_features, self.pooling, self.dtype = in_features, pooling, dtype
         if vocab_size is None:
             self.w_in = param(rngs, fan_in_init(), (in_features, d_model), (None, "embed"), param_dtype)
-            self.b_in = param(rngs, _zeros, (d_model,), ("embed",), param_dtype)
+            self.b_in = param(rngs, zeros_init, (d_model,), ("embed",), param_dtype)
         else:
             self.embed = Embed(vocab_size, d_model, **kw)
         self.blocks = nnx.List([
@@ -79,7 +74,7 @@ class SequenceClassifier(Model):
             for _ in range(num_layers)])
         self.final_norm = make_norm(norm_kind, d_model, **kw)
         self.w_head = param(rngs, fan_in_init(), (d_model, num_classes), ("embed", None), param_dtype)
-        self.b_head = param(rngs, _zeros, (num_classes,), (None,), param_dtype)
+        self.b_head = param(rngs, zeros_init, (num_classes,), (None,), param_dtype)
 
     def _encode(self, x):
         if self.in_features is None:

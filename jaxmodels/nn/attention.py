@@ -33,6 +33,7 @@ from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
+from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.linear_attention import (
     FEATURE_MAPS, diagonal_block_attention, linear_attention, linear_attention_init_state,
     linear_attention_step, norm_attention, norm_attention_step, orthogonal_random_features, performer_attention, performer_features)
@@ -96,8 +97,7 @@ class AttentionSpec:
     def __post_init__(self):
         for name, choices in (("kind", KINDS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALING_METHODS),
                               ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"attention.{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+            one_of(f"attention.{name}", getattr(self, name), choices)
         if self.position in ("alibi", "rerope") and self.kind != "softmax":
             raise ValueError(f"attention.position={self.position!r} needs attention.kind='softmax', got {self.kind!r}")
         if self.rope_scaling != "none" and self.position != "rope":

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.layers import _ones, _zeros
-from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
+from jaxmodels.ops.checks import one_of
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -37,10 +37,10 @@ class Conv2D(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_channels, self.stride, self.dtype = in_channels, stride, dtype
         self.padding = kernel_size // 2 if padding is None else padding
-        init = _zeros if zero_init else fan_in_init(fan_in_dims=3)
+        init = zeros_init if zero_init else fan_in_init(fan_in_dims=3)
         self.kernel = param(rngs, init, (kernel_size, kernel_size, in_channels, out_channels),
                             (None, None, None, "embed"), param_dtype)
-        self.bias = param(rngs, _zeros, (out_channels,), ("embed",), param_dtype) if use_bias else None
+        self.bias = param(rngs, zeros_init, (out_channels,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_image(x)
@@ -65,8 +65,8 @@ class GroupNorm(nnx.Module):
         if channels % num_groups:
             raise ValueError(f"channels ({channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
-        self.scale = param(rngs, _ones, (channels,), ("norm",), param_dtype)
-        self.bias = param(rngs, _zeros, (channels,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (channels,), ("norm",), param_dtype)
+        self.bias = param(rngs, zeros_init, (channels,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 2 or x.shape[-1] != self.scale.value.shape[0]:
@@ -125,9 +125,7 @@ class Upsample(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, method: str = "nearest_conv", factor: int = 2,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if method not in UPSAMPLE_METHODS:
-            raise ValueError(f"unknown upsample method {method!r}; valid: {list(UPSAMPLE_METHODS)}")
-        self.method, self.factor, self.dtype = method, factor, dtype
+        self.method, self.factor, self.dtype = one_of("method", method, UPSAMPLE_METHODS), factor, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if method == "transposed":
             self.conv = Conv2D(in_channels, out_channels, 2 * factor, **kw)
@@ -160,9 +158,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, method: str = "conv", factor: int = 2,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if method not in DOWNSAMPLE_METHODS:
-            raise ValueError(f"unknown downsample method {method!r}; valid: {list(DOWNSAMPLE_METHODS)}")
-        self.method, self.factor, self.dtype = method, factor, dtype
+        self.method, self.factor, self.dtype = one_of("method", method, DOWNSAMPLE_METHODS), factor, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if method == "conv":
             self.conv = Conv2D(in_channels, out_channels, 3, stride=factor, padding=1, **kw)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.conv import Conv2D, GroupNorm, depth_to_space, space_to_depth
-from jaxmodels.nn.layers import LayerNorm, _zeros, dense
-from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.layers import LayerNorm, dense
+from jaxmodels.nn.param import fan_in_init, param, zeros_init
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.position import image_positions, sinusoidal_embedding
 
@@ -26,9 +26,9 @@ class Linear(nnx.Module):
                  logical_axes: tuple[str | None, str | None] = ("embed", "mlp"), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.kernel = param(rngs, _zeros if zero_init else fan_in_init(), (in_dim, out_dim), logical_axes,
+        self.kernel = param(rngs, zeros_init if zero_init else fan_in_init(), (in_dim, out_dim), logical_axes,
                             param_dtype)
-        self.bias = param(rngs, _zeros, (out_dim,), logical_axes[1:], param_dtype) if use_bias else None
+        self.bias = param(rngs, zeros_init, (out_dim,), logical_axes[1:], param_dtype) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.kernel.value.shape[0]:
@@ -170,7 +170,7 @@ class MultiHeadAttention(nnx.Module):
         self.w_q = param(rngs, fan_in_init(), (dim, num_heads, head_dim), shape_in, param_dtype)
         self.w_k = param(rngs, fan_in_init(), (kv_dim, num_heads, head_dim), shape_in, param_dtype)
         self.w_v = param(rngs, fan_in_init(), (kv_dim, num_heads, head_dim), shape_in, param_dtype)
-        self.w_o = param(rngs, _zeros if zero_init_out else fan_in_init(2), (num_heads, head_dim, dim),
+        self.w_o = param(rngs, zeros_init if zero_init_out else fan_in_init(2), (num_heads, head_dim, dim),
                          ("heads", "head_dim", "embed"), param_dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:

@@ -6,6 +6,7 @@ from flax import nnx
 
 from jaxmodels.nn.layers import dense
 from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.gau import SCORES, gau_attention, mixed_chunk_attention
 from jaxmodels.ops.position import apply_rope
 
@@ -46,12 +47,10 @@ class GAU(nnx.Module):
                  max_relative_distance: int = 128, rope_base: float = 10000.0, out_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         expansion_dim = 2 * embed_dim if expansion_dim is None else expansion_dim
-        if scores not in SCORES:
-            raise ValueError(f"unknown scores {scores!r}; valid: {list(SCORES)}")
+        one_of("scores", scores, SCORES)
         if chunk_size is not None and scores != "relu2":
             raise ValueError(f"FLASH mixed chunk attention (chunk_size={chunk_size}) uses relu2 scores, got {scores!r}")
-        if position not in POSITIONS:
-            raise ValueError(f"unknown position {position!r}; valid: {list(POSITIONS)}")
+        one_of("position", position, POSITIONS)
         if position == "rope" and shared_dim % 2:
             raise ValueError(f"RoPE rotates pairs of dims: shared_dim must be even, got {shared_dim}")
         self.scores, self.causal, self.chunk_size, self.position = scores, causal, chunk_size, position

@@ -5,17 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.param import fan_in_init, param
-
-
-def _ones(key, shape, dtype):
-    del key
-    return jnp.ones(shape, dtype)
-
-
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
+from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
+from jaxmodels.ops.checks import one_of
 
 
 class RMSNorm(nnx.Module):
@@ -23,7 +14,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps, self.dtype = eps, dtype
-        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -36,8 +27,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps, self.dtype = eps, dtype
-        self.scale = param(rngs, _ones, (dim,), ("norm",), param_dtype)
-        self.bias = param(rngs, _zeros, (dim,), ("norm",), param_dtype)
+        self.scale = param(rngs, ones_init, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, zeros_init, (dim,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -52,9 +43,7 @@ NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 
 def make_norm(kind: str, dim: int, **kwargs) -> nnx.Module:
     """The norm named `kind` ("rms" or "layer")."""
-    if kind not in NORMS:
-        raise ValueError(f"unknown norm {kind!r}; valid: {sorted(NORMS)}")
-    return NORMS[kind](dim, **kwargs)
+    return NORMS[one_of("norm", kind, sorted(NORMS))](dim, **kwargs)
 
 
 def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -> jax.Array:
@@ -62,7 +51,7 @@ def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -
 
     Accelerators accumulate bf16 products in float32 anyway. Asking for a float32 result
     (preferred_element_type) would also make the backward pass multiply a float32 cotangent,
-    i.e. run the gradient matmuls in float32/TF32: on an H100 that was 40% of a 125M LM's step.
+    i.e. run the gradient matmuls in float32/TF32 (README, "Benchmarks", measures what that costs).
     """
     return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
 
@@ -79,9 +68,7 @@ class MLP(nnx.Module):
 
     def __init__(self, embed_dim: int, mlp_dim: int, *, kind: str = "swiglu", out_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown mlp kind {kind!r}; valid: {list(self.KINDS)}")
-        self.kind, self.dtype = kind, dtype
+        self.kind, self.dtype = one_of("kind", kind, self.KINDS), dtype
         self.w_up = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)
         if kind == "swiglu":
             self.w_gate = param(rngs, fan_in_init(), (embed_dim, mlp_dim), ("embed", "mlp"), param_dtype)

@@ -7,6 +7,8 @@ from flax import nnx
 from jaxmodels.nn.layers import MLP, dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops import moe
+from jaxmodels.ops.checks import non_negative_int, one_of, positive_int
+from jaxmodels.ops.dispatch import check_implementation
 
 
 class MoEFeedForward(nnx.Module):
@@ -48,19 +50,13 @@ class MoEFeedForward(nnx.Module):
                  normalize: bool | None = None, capacity_factor: float = 1.25, dispatch: str = "einsum",
                  priority: str = "slot", num_shared: int = 0, implementation: str | None = None,
                  out_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if routing not in self.ROUTINGS:
-            raise ValueError(f"unknown routing {routing!r}; valid: {list(self.ROUTINGS)}")
-        if dispatch not in self.DISPATCHES:
-            raise ValueError(f"unknown dispatch {dispatch!r}; valid: {list(self.DISPATCHES)}")
+        one_of("routing", routing, self.ROUTINGS)
+        one_of("dispatch", dispatch, self.DISPATCHES)
         if routing == "expert_choice" and dispatch != "einsum":
             raise ValueError(f"routing 'expert_choice' needs dispatch 'einsum', got {dispatch!r}")
-        if priority not in moe.PRIORITIES:
-            raise ValueError(f"unknown priority {priority!r}; valid: {list(moe.PRIORITIES)}")
-        if implementation not in moe.GROUPED_MATMUL_IMPLEMENTATIONS:
-            raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; "
-                             f"valid: {list(moe.GROUPED_MATMUL_IMPLEMENTATIONS)}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        one_of("priority", priority, moe.PRIORITIES)
+        check_implementation(implementation, moe.IMPLEMENTATIONS)
+        positive_int("num_experts", num_experts)
         if routing != "expert_choice" and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts):
             raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
         if not capacity_factor > 0:
@@ -68,8 +64,7 @@ class MoEFeedForward(nnx.Module):
         if routing == "expert_choice" and capacity_factor > num_experts:
             raise ValueError(f"expert_choice needs capacity_factor <= num_experts = {num_experts} (each expert takes "
                              f"ceil(T * capacity_factor / E) of the T tokens), got {capacity_factor!r}")
-        if isinstance(num_shared, bool) or not isinstance(num_shared, int) or num_shared < 0:
-            raise ValueError(f"num_shared must be an int >= 0, got {num_shared!r}")
+        non_negative_int("num_shared", num_shared)
         self.embed_dim, self.num_experts, self.k = embed_dim, num_experts, k
         self.routing, self.capacity_factor = routing, capacity_factor
         self.normalize = (routing != "expert_choice" and k > 1) if normalize is None else normalize

@@ -26,6 +26,18 @@ def param(
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
 
 
+def zeros_init(key, shape, dtype) -> jax.Array:
+    """Initializer: zeros of `shape` and `dtype` (`key` unused)."""
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype) -> jax.Array:
+    """Initializer: ones of `shape` and `dtype` (`key` unused)."""
+    del key
+    return jnp.ones(shape, dtype)
+
+
 def fan_in_init(fan_in_dims: int = 1, scale: float = 1.0) -> Initializer:
     """Truncated-normal init with variance scale / fan_in, fan_in = product of the first dims.
 

@@ -7,7 +7,6 @@ by default (`param_dtype`); projections run in `dtype`; kernels, scans and state
 (complex64 for the complex SSMs).
 """
 
-import functools
 import math
 from typing import Any
 
@@ -19,7 +18,9 @@ from flax import nnx
 from jaxmodels.nn.layers import MLP, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_parallel, lru_step
-from jaxmodels.ops.fused_scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS, selective_scan_fn
+from jaxmodels.ops import scan
+from jaxmodels.ops.checks import one_of, positive_int
+from jaxmodels.ops.dispatch import check_implementation
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 from jaxmodels.ops.ssm import (
     c_tilde_to_c, causal_conv, discretize_bilinear, discretize_zoh, nplr_legs, s4_kernel, s4d_kernel, ssm_step)
@@ -46,12 +47,6 @@ def _log_step_init(dt_min, dt_max):
     return _uniform(math.log(dt_min), math.log(dt_max))
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_sequence(name, x, features):
     if x.ndim != 3 or x.shape[-1] != features:
         raise ValueError(f"{name}: input must be (batch, length, {features}), got shape {x.shape}")
@@ -70,8 +65,8 @@ class _ConvSSMLayer(nnx.Module):
     c_scale = 1.0  # S4D keeps one of each conjugate pair of eigenvalues and doubles C
 
     def _init_common(self, features, state_size, num_kernels, dt_min, dt_max, dtype, param_dtype, rngs):
-        self.features, self.state_size = _check_positive_int("features", features), _check_positive_int(
-            "state_size", state_size)
+        self.features = int(positive_int("features", features))
+        self.state_size = int(positive_int("state_size", state_size))
         self.dtype = dtype
         H, N = features, state_size
         self.log_step = param(rngs, _log_step_init(dt_min, dt_max), (H,), ("embed",), param_dtype)
@@ -132,10 +127,8 @@ class S4DLayer(_ConvSSMLayer):
     def __init__(self, features: int, state_size: int = 64, *, init: str = "lin", dt_min: float = 0.001,
                  dt_max: float = 0.1, bidirectional: bool = False, discretization: str = "zoh",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if init not in self.INITS:
-            raise ValueError(f"unknown S4D init {init!r}; valid: {list(self.INITS)}")
-        if discretization not in ("zoh", "bilinear"):
-            raise ValueError(f"unknown discretization {discretization!r}; valid: ['zoh', 'bilinear']")
+        one_of("init", init, self.INITS)
+        one_of("discretization", discretization, ("zoh", "bilinear"))
         self.bidirectional, self.discretization = bidirectional, discretization
         self._init_common(features, state_size, 2 if bidirectional else 1, dt_min, dt_max, dtype, param_dtype, rngs)
         n = np.arange(state_size)
@@ -190,7 +183,7 @@ class S4Layer(_ConvSSMLayer):
     def __init__(self, features: int, state_size: int = 64, *, l_max: int | None = None, dt_min: float = 0.001,
                  dt_max: float = 0.1, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.bidirectional = False
-        self.l_max = None if l_max is None else _check_positive_int("l_max", l_max)
+        self.l_max = None if l_max is None else int(positive_int("l_max", l_max))
         self._init_common(features, state_size, 1, dt_min, dt_max, dtype, param_dtype, rngs)
         nplr = nplr_legs(state_size)
         H, N = features, state_size
@@ -220,7 +213,7 @@ class S4Layer(_ConvSSMLayer):
             A_bar, B_bar = discretize_bilinear(*args[:3])
             return A_bar, B_bar, c_tilde_to_c(A_bar, args[3], self.l_max)
 
-        # On CPU one channel at a time: jaxlib 0.10's batched CPU LAPACK kernels wait on the thread pool
+        # On CPU one channel at a time: batched CPU LAPACK kernels wait on the thread pool
         # they run on, and the batched solves of several layers stepped in one jitted program deadlock it;
         # unbatched solves do not.
         per_channel = jax.lax.map if jax.default_backend() == "cpu" else lambda f, xs: jax.vmap(f)(xs)
@@ -256,8 +249,8 @@ class LRULayer(nnx.Module):
     def __init__(self, features: int, state_size: int = 64, *, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * np.pi, chunk_size: int | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.features = _check_positive_int("features", features)
-        self.state_size = _check_positive_int("state_size", state_size)
+        self.features = int(positive_int("features", features))
+        self.state_size = int(positive_int("state_size", state_size))
         self.chunk_size, self.dtype = chunk_size, dtype
         H, N = features, state_size
         nu_log, theta_log, gamma_log = lru_init(rngs.params(), N, r_min=r_min, r_max=r_max, max_phase=max_phase)
@@ -316,8 +309,9 @@ class MambaBlock(nnx.Module):
       out = y W_out
 
     W_dt ~ U(±dt_scale/sqrt(dt_rank)); dt is floored at dt_init_floor before the inverse softplus.
-    The parallel scan is `selective_scan_fn(scan_implementation)` (None: the fused Pallas kernel on GPU,
-    the associative scan elsewhere; `chunk_size` set: the chunked scan).
+    The parallel scan is `selective_scan(..., implementation=scan_implementation)` (None: the fused Pallas
+    kernel on GPU, the associative scan elsewhere; `chunk_size` set: the scan in chunks of that many positions,
+    whatever scan_implementation says).
     `__call__(x)` is the parallel scan; `__call__(x, state)` continues from a recurrent state
     (prompt prefill, exact for any state) and returns (y, new_state); `step(state, x_t)` decodes one
     token with `selective_scan_step`. State: {"conv": (batch, d_conv-1, d_inner) last conv inputs in
@@ -329,13 +323,12 @@ class MambaBlock(nnx.Module):
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, chunk_size: int | None = None,
                  scan_implementation: str | None = None,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if scan_implementation not in (None, *SCAN_IMPLEMENTATIONS):
-            raise ValueError(f"unknown scan_implementation {scan_implementation!r}; valid: {SCAN_IMPLEMENTATIONS}")
-        self.scan_implementation = scan_implementation
-        self.d_model = _check_positive_int("d_model", d_model)
-        self.d_state = _check_positive_int("d_state", d_state)
-        self.d_conv = _check_positive_int("d_conv", d_conv)
-        self.d_inner = _check_positive_int("expand", expand) * d_model
+        self.scan_implementation = check_implementation(scan_implementation, scan.IMPLEMENTATIONS,
+                                                        "scan_implementation")
+        self.d_model = int(positive_int("d_model", d_model))
+        self.d_state = int(positive_int("d_state", d_state))
+        self.d_conv = int(positive_int("d_conv", d_conv))
+        self.d_inner = int(positive_int("expand", expand)) * d_model
         self.dt_rank = mamba_dt_rank(d_model, dt_rank)
         self.chunk_size, self.dtype = chunk_size, dtype
         di, N, R = self.d_inner, d_state, self.dt_rank
@@ -385,11 +378,9 @@ class MambaBlock(nnx.Module):
         dt, B, C, A = self._ssm_inputs(xc)
         D, dt_bias = self.D.value.astype(jnp.float32), self.dt_bias.value.astype(jnp.float32)
         if state is None:
-            if self.chunk_size is None:
-                scan_fn = selective_scan_fn(self.scan_implementation, xc, B, C)
-            else:
-                scan_fn = functools.partial(selective_scan, chunk_size=self.chunk_size)
-            y = scan_fn(xc, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
+            implementation = self.scan_implementation if self.chunk_size is None else "associative"
+            y = selective_scan(xc, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                               chunk_size=self.chunk_size, implementation=implementation)
             return dense(y, self.out_proj.value, self.dtype)
         # From state h0: h_t = (Π_{s<=t} Ā_s) h0 + (the zero-start scan), so add C_t·(decay_t h0).
         y, h_last = selective_scan(xc, dt, A, B, C, D, delta_bias=dt_bias, delta_softplus=True,
@@ -419,7 +410,7 @@ def mamba_dt_rank(d_model: int, dt_rank: int | str = "auto") -> int:
     """Mamba's Δ projection rank: ceil(d_model / 16) for "auto", else the given positive int."""
     if dt_rank == "auto":
         return math.ceil(d_model / 16)
-    return _check_positive_int("dt_rank", dt_rank)
+    return int(positive_int("dt_rank", dt_rank))
 
 
 class ResidualBlock(nnx.Module):

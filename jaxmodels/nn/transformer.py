@@ -14,6 +14,7 @@ from jaxmodels.nn.layers import MLP, make_norm
 from jaxmodels.nn.moe import MoEFeedForward
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import moe as moe_ops
+from jaxmodels.ops.checks import one_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class MoESpec:
     dispatch: "einsum" (GShard/Switch capacity form) or "dropless" (MegaBlocks sort +
       grouped matmul with `implementation`, nothing dropped).
     num_shared: always-on shared experts (DeepSeekMoE), 0 for none.
-    implementation: the grouped matmul of dispatch "dropless" (`ops.moe.GROUPED_MATMUL_IMPLEMENTATIONS`).
+    implementation: the grouped matmul of dispatch "dropless" (None or one of `ops.moe.IMPLEMENTATIONS`).
     load_balancing_weight: α of Switch's load-balancing loss (1e-2 in the paper).
     router_z_weight: weight of ST-MoE's router z-loss (1e-3 in Zoph et al. 2022).
     """
@@ -65,9 +66,8 @@ class MoESpec:
         if not is_int(self.num_shared) or self.num_shared < 0:
             raise ValueError(f"moe.num_shared must be an int >= 0, got {self.num_shared!r}")
         for name, choices in (("routing", self.ROUTINGS), ("dispatch", MoEFeedForward.DISPATCHES),
-                              ("implementation", moe_ops.GROUPED_MATMUL_IMPLEMENTATIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"moe.{name}={getattr(self, name)!r} is not valid; choose one of {list(choices)}")
+                              ("implementation", (None, *moe_ops.IMPLEMENTATIONS))):
+            one_of(f"moe.{name}", getattr(self, name), choices)
         if self.num_experts and (not is_int(self.k) or not 1 <= self.k <= self.num_experts):
             raise ValueError(f"moe.k={self.k!r} must be an int in [1, moe.num_experts={self.num_experts}]")
         if not self.capacity_factor > 0:

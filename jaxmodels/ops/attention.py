@@ -16,10 +16,10 @@ import jax.extend
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv
+from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv, positive_int
+from jaxmodels.ops.dispatch import check_implementation, fall_back
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "flash")
-
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -56,7 +56,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         inputs, and left-only windows unless causal). "flash": `flash_attention` with its default
         blocks (FLASH_BLOCK_Q x FLASH_BLOCK_K): blockwise, memory O((T + S)·H) per (batch, head)
         instead of O(T·S), numerics as "reference". None: "cudnn" where cuDNN takes the inputs, else "flash"
-        for long sequences (T·S >= 2048²), else "xla" (see `_select_implementation`).
+        for long sequences (T·S >= 2048²), else "xla" (see `_select_implementation`). "cudnn" off an NVIDIA
+        GPU or with inputs that are not fp16/bf16 falls back to None's choice with a one-time warning; its
+        other limits (shapes, windows) are jax.nn's to report.
 
     Returns:
       (B, T, N, H) in `query`'s dtype.
@@ -71,8 +73,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
     Fully masked query rows (no key allowed by mask, causality, window and segments together):
       "reference" and "flash" return zeros there, with zero gradient.
-      "xla" (jax.nn, checked on jax 0.10.2) gives every key of that row the same large negative
-        score, so the softmax is uniform and the row is the mean of all S values (bias ignored);
+      "xla" (jax.nn; tests/ops/test_attention.py checks it) gives every key of that row the same large
+        negative score, so the softmax is uniform and the row is the mean of all S values (bias ignored);
         its gradients w.r.t. query, key and bias are zero there.
       "cudnn" adds a large negative bias instead of masking; its output there is
         implementation-defined.
@@ -83,14 +85,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       N not a multiple of K, a non-boolean mask, bad segment_ids or local_window_size, or an
       unknown implementation.
     """
+    check_implementation(implementation, IMPLEMENTATIONS)
     query, key, value, bias, mask, segment_ids, local_window = _checked_inputs(
         query, key, value, bias, mask, segment_ids, local_window_size)
     q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
-    if implementation is None:
-        implementation = _select_implementation(
-            _platform(), query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    platform = _platform()
+    cudnn_reason = _cudnn_unsupported(platform, query.dtype) if implementation == "cudnn" else None
+    if implementation is None or cudnn_reason:
+        fastest = _select_implementation(
+            platform, query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window)
+        implementation = fall_back("dot_product_attention", "cudnn", cudnn_reason, fastest) if cudnn_reason else fastest
     scale = head_dim**-0.5 if scale is None else scale
 
     if implementation == "flash":
@@ -155,13 +159,12 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None, is_c
     backward pass is not itself differentiable (its loops have dynamic trip counts).
 
     Raises:
-      ValueError for block_q or block_k not a positive int; otherwise as `dot_product_attention`.
+      `checks.positive_int`'s errors for block_q and block_k; otherwise as `dot_product_attention`.
     """
     query, key, value, bias, mask, segment_ids, local_window = _checked_inputs(
         query, key, value, bias, mask, segment_ids, local_window_size)
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if not (isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0):
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    positive_int("block_q", block_q)
+    positive_int("block_k", block_k)
     scale = query.shape[3]**-0.5 if scale is None else scale
     return _flash_attention(query, key, value, bias, mask, segment_ids, scale=scale, is_causal=is_causal,
                             local_window=local_window, block_q=int(block_q), block_k=int(block_k))
@@ -449,8 +452,7 @@ def _block_range(block, size, length, other_size, num_other, lo, hi):
 
 # The automatic choice takes "flash" over "xla" from this many scores T·S per (batch, head) on: a
 # 2048 x 2048 float32 score matrix (16 MiB per batch-head, and as much again for its softmax kept
-# for the backward pass). On a 2-core CPU at T = S = 2048 (B=1, N=8, H=64, float32, jax 0.10.2),
-# "flash" (512 blocks) took 0.7x "xla"'s time for forward + backward and 1/7 of its temporary memory.
+# for the backward pass), which "flash" never materialises.
 _FLASH_MIN_SCORES = 2048 * 2048
 
 
@@ -459,19 +461,18 @@ def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_l
     """"cudnn" where jax.nn's cuDNN flash attention accepts these inputs, else "flash" when
     q_len · kv_len >= _FLASH_MIN_SCORES, else "xla".
 
-    platform: "cuda", "rocm", "cpu", "tpu" (see `_platform`). cuDNN's conditions, from jax 0.10's
+    platform: "cuda", "rocm", "cpu", "tpu" (see `_platform`). The cuDNN conditions, those of jax's
     `jax._src.cudnn.fused_attention_stablehlo` (`check_layout`, `check_is_flash_attention`) and
-    `jax.nn.dot_product_attention`:
-      - fp16 or bf16 inputs;
-      - head_dim a multiple of 8 and <= 128 (256 is allowed on Hopper and later; not assumed here);
-      - even T and S: with a bias or mask the backward pass needs them (jax 0.10), and jax 0.11.2's
-        cuDNN rejects odd lengths even without (measured on an H100: "Unsupported sequence length
-        Q 256, KV 7"); we cannot know at trace time whether a gradient follows, so we ask for it always;
+    `jax.nn.dot_product_attention`, taken at their strictest across the jax versions in use:
+      - an NVIDIA GPU and fp16 or bf16 inputs (`_cudnn_unsupported`);
+      - head_dim a multiple of 8 and <= 128 (some GPUs allow 256; not assumed here);
+      - even T and S: with a bias or mask the backward pass needs them, and some cuDNN versions reject
+        odd lengths even without; we cannot know at trace time whether a gradient follows, so we ask
+        for it always;
       - a local window with a right side only together with is_causal (which discards it).
     """
     supported = (
-        platform == "cuda"
-        and jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+        _cudnn_unsupported(platform, dtype) is None
         and head_dim % 8 == 0 and head_dim <= 128
         and q_len % 2 == 0 and kv_len % 2 == 0
         and (local_window is None or is_causal or local_window[1] == 0)
@@ -479,6 +480,15 @@ def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_l
     if supported:
         return "cudnn"
     return "flash" if q_len * kv_len >= _FLASH_MIN_SCORES else "xla"
+
+
+def _cudnn_unsupported(platform: str, dtype) -> str | None:
+    """Why jax.nn's cuDNN attention cannot run on this platform for this dtype whatever the shapes, or None."""
+    if platform != "cuda":
+        return f"cuDNN attention needs an NVIDIA GPU, the platform is {platform!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return f"cuDNN attention takes float16 or bfloat16 inputs, got {jnp.dtype(dtype)}"
+    return None
 
 
 def _platform() -> str:

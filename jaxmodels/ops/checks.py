@@ -30,10 +30,19 @@ def positive_int(name: str, value, *, allow_none: bool = False):
     included), ValueError for an int < 1."""
     if allow_none and value is None:
         return value
-    expected = "a positive int" + (" or None" if allow_none else "")
+    return _int_at_least(name, value, 1, "a positive int" + (" or None" if allow_none else ""))
+
+
+def non_negative_int(name: str, value):
+    """Return `value` if it is an int >= 0; TypeError for a non-int (bools included), ValueError for an int < 0:
+    "{name} must be a non-negative int, got ..."."""
+    return _int_at_least(name, value, 0, "a non-negative int")
+
+
+def _int_at_least(name, value, minimum, expected):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if value < 1:
+    if value < minimum:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
 
@@ -69,3 +78,13 @@ def as_scores_operand(x, scores_shape: tuple[int, int, int, int], name: str):
         raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {scores_shape} "
                          f"(each dim 1 or full), got shape {x.shape}")
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def check_grouped_operands(x_sorted, w, group_sizes) -> None:
+    """Check the operands of a grouped matmul: x_sorted (M, d), w (E, d, f), integer group_sizes (E,).
+    Raises ValueError (shapes) or TypeError (group_sizes not integer)."""
+    if x_sorted.ndim != 2 or w.ndim != 3 or w.shape[1] != x_sorted.shape[1] or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"expected x_sorted (M, d), w (E, d, f), group_sizes (E,); got {x_sorted.shape}, "
+                         f"{w.shape}, {group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")

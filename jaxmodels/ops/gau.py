@@ -12,12 +12,11 @@ small shared dim s, values (B, S, E) with the expanded dim E. Two score function
 of c tokens plus linear attention across chunks.
 """
 
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.ops.checks import MASKED_SCORE
+from jaxmodels.ops.checks import MASKED_SCORE, one_of, positive_int
 
 SCORES = ("relu2", "softmax")
 
@@ -95,9 +94,7 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size: int, c
     if not q_quad.shape == k_quad.shape == q_lin.shape == k_lin.shape:
         raise ValueError(f"q_quad, k_quad, q_lin, k_lin must have one shape (B, T, s), got "
                          f"{q_quad.shape}, {k_quad.shape}, {q_lin.shape}, {k_lin.shape}")
-    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
+    chunk_size = int(positive_int("chunk_size", chunk_size))
     batch, length, _ = v.shape
     num_chunks = -(-length // chunk_size)
     bias = _as_operand(bias, (batch, num_chunks, chunk_size, chunk_size), "bias")
@@ -125,8 +122,7 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size: int, c
 def _weights(q, k, *, scores, causal, mask, bias, scale):
     """A (..., T, S) in float32 (float64 for float64 inputs) from q (..., T, s), k (..., S, s);
     mask / bias broadcastable to A. Masked entries (and causal future) are exactly 0."""
-    if scores not in SCORES:
-        raise ValueError(f"scores must be one of {SCORES}, got {scores!r}")
+    one_of("scores", scores, SCORES)
     q_len, kv_len, dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if scale is None:
         scale = 1 / kv_len if scores == "relu2" else dim**-0.5

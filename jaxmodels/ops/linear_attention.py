@@ -21,7 +21,6 @@ outputs come back in `query`'s dtype. Matmul precision follows `jax.default_matm
 
 import functools
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmodels.ops.attention import dot_product_attention
-from jaxmodels.ops.checks import check_qkv as _check_attention_qkv
+from jaxmodels.ops.checks import check_qkv, one_of, positive_int
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Katharopoulos et al. 2020, §3.2.1: elu(x) + 1 > 0, so every denominator is positive.
@@ -81,7 +80,7 @@ def linear_attention(query, key, value, *, feature_map="elu", causal=False, chun
       causal with T != S, an unknown feature map, or a chunk_size that is not a positive int.
     """
     query, key, value = _check_qkv(query, key, value, causal=causal)
-    _check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int("chunk_size", chunk_size, allow_none=True)
     phi_q, phi_k = _features(feature_map, query, key)
     return _normalised_kernel_attention(phi_q, phi_k, value, causal, chunk_size, eps).astype(query.dtype)
 
@@ -93,7 +92,7 @@ def linear_attention_init_state(batch, num_kv_heads, head_dim, value_dim) -> Lin
     """
     for name, n in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                     ("value_dim", value_dim)):
-        _check_positive_int(n, name)
+        positive_int(name, n)
     return LinearAttentionState(s=jnp.zeros((batch, num_kv_heads, head_dim, value_dim), jnp.float32),
                                 z=jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32))
 
@@ -172,8 +171,8 @@ def orthogonal_random_features(key, num_features, head_dim) -> jax.Array:
     Returns:
       (m, H) float32 projection. Drawing with a new key is the paper's feature redraw.
     """
-    _check_positive_int(num_features, "num_features")
-    _check_positive_int(head_dim, "head_dim")
+    positive_int("num_features", num_features)
+    positive_int("head_dim", head_dim)
     num_blocks = -(-num_features // head_dim)
     block_key, norm_key = jax.random.split(key)
     q, r = jnp.linalg.qr(jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32))
@@ -249,7 +248,7 @@ def performer_attention(query, key, value, projection, *, causal=False, chunk_si
       (B, T, N, Hv) in `query`'s dtype.
     """
     query, key, value = _check_qkv(query, key, value, causal=causal)
-    _check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int("chunk_size", chunk_size, allow_none=True)
     acc_dtype = _acc_dtype(query)
     root_scale = math.sqrt(query.shape[3] ** -0.5 if scale is None else scale)
     phi_q = performer_features(query.astype(acc_dtype) * root_scale, projection, is_query=True)
@@ -275,7 +274,7 @@ def norm_attention(query, key, value, *, causal=False, chunk_size=None, feature_
       (B, T, N, Hv) in `query`'s dtype.
     """
     query, key, value = _check_qkv(query, key, value, causal=causal)
-    _check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    positive_int("chunk_size", chunk_size, allow_none=True)
     phi_q, phi_k = _features(feature_map, query, key)
     out = _kernel_attention(phi_q, phi_k, value.astype(phi_q.dtype), causal, chunk_size)
     out = out * lax.rsqrt(jnp.mean(jnp.square(out), axis=-1, keepdims=True) + eps)
@@ -301,7 +300,7 @@ def diagonal_block_attention(query, key, value, *, block_size, causal=False) -> 
       (B, T, N, H) in `query`'s dtype, with scale 1/sqrt(H).
     """
     query, key, value = _check_qkv(query, key, value, causal=False)
-    _check_positive_int(block_size, "block_size")
+    positive_int("block_size", block_size)
     batch, length, num_heads, head_dim = query.shape
     if key.shape[1] != length:
         raise ValueError(f"diagonal blocks pair query and key positions: query and key must have one length, "
@@ -395,9 +394,7 @@ def _features(feature_map, query, key):
     """φ(query) (B, T, N, F), φ(key) (B, S, K, F) in float32 (float64 for float64 inputs), for a
     name in FEATURE_MAPS or a callable; a callable must keep (B, L, heads) and give one F."""
     if not callable(feature_map):
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be a callable or one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
-        feature_map = FEATURE_MAPS[feature_map]
+        feature_map = FEATURE_MAPS[one_of("feature_map", feature_map, sorted(FEATURE_MAPS))]
     acc_dtype = _acc_dtype(query)
     phi_q, phi_k = feature_map(query.astype(acc_dtype)), feature_map(key.astype(acc_dtype))
     if (phi_q.ndim != 4 or phi_k.ndim != 4 or (phi_q.shape[:3], phi_k.shape[:3]) != (query.shape[:3], key.shape[:3])
@@ -408,20 +405,12 @@ def _features(feature_map, query, key):
 
 
 def _check_qkv(query, key, value, *, causal):
-    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv) (`attention._check_qkv` with any Hv) and,
+    """Check query (B, T, N, H), key (B, S, K, H), value (B, S, K, Hv) (`checks.check_qkv` with any Hv) and,
     when causal, T == S; return them as arrays."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _check_attention_qkv(query, key, value, value_head_dim_free=True)
+    check_qkv(query, key, value, value_head_dim_free=True)
     if causal and query.shape[1] != key.shape[1]:
         raise ValueError(f"causal attention needs query and key of one length, "
                          f"got T={query.shape[1]}, S={key.shape[1]}")
     return query, key, value
 
-
-def _check_positive_int(n, name, *, allow_none=False):
-    if n is None and allow_none:
-        return
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool):
-        raise TypeError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {n}")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.ops.checks import positive_int
 from jaxmodels.ops.scan import chunked_linear_recurrence, linear_recurrence
 
 
@@ -51,8 +52,7 @@ def lru_init(key, state_size, *, r_min=0.0, r_max=1.0, max_phase=2 * np.pi, dtyp
     Returns:
       (nu_log, theta_log, gamma_log), each (N,) in `dtype`.
     """
-    if isinstance(state_size, bool) or not isinstance(state_size, (int, np.integer)) or state_size < 1:
-        raise ValueError(f"lru_init: state_size must be a positive int, got {state_size!r}")
+    positive_int("state_size", state_size)
     if not 0.0 <= r_min < r_max <= 1.0:
         raise ValueError(f"lru_init: need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
     if not max_phase > 0:

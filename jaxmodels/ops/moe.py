@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels.ops import grouped_matmul as pallas_gmm
+from jaxmodels.ops.checks import check_grouped_operands, one_of, positive_int
+from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.kernels import grouped_matmul as pallas_gmm
 
-GROUPED_MATMUL_IMPLEMENTATIONS = (None, "pallas", "ragged_dot", "reference")
+IMPLEMENTATIONS = ("reference", "ragged_dot", "pallas")  # of `grouped_matmul`
 PRIORITIES = ("slot", "gate")
 
 
@@ -173,11 +175,11 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
 
     capacity_factor = 1 gives room for a perfectly balanced routing; E / k gives C = T, where no
     token-choice assignment can be dropped. The product is rounded to 9 decimals before the ceiling,
-    so 1.25 * 8 / 10 is 1, not 2. Raises ValueError when C < 1 (no expert could take any token).
+    so 1.25 * 8 / 10 is 1, not 2. Raises `checks.positive_int`'s errors for num_tokens, num_experts and k,
+    and ValueError when C < 1 (no expert could take any token).
     """
     for name, v in (("num_tokens", num_tokens), ("num_experts", num_experts), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int(name, v)
     capacity = math.ceil(round(k * num_tokens * float(capacity_factor) / num_experts, 9))
     if capacity < 1:
         raise ValueError(f"expert capacity ceil(k * T * capacity_factor / E) = ceil({k} * {num_tokens} * "
@@ -209,10 +211,8 @@ def capacity_dispatch(gates: jax.Array, experts: jax.Array, num_experts: int, ca
       combine (T, E, C) float32: gates[t, j] at the slot of each kept assignment (t, j), else 0.
     """
     _check_routing(gates, experts, num_experts)
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown priority {priority!r}; valid: {list(PRIORITIES)}")
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    one_of("priority", priority, PRIORITIES)
+    positive_int("capacity", capacity)
     T, k = gates.shape
     gates = gates.astype(jnp.float32)
     if priority == "gate":
@@ -342,25 +342,24 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     Args:
       x_sorted: (M, d) rows grouped by expert. w: (E, d, f). group_sizes: (E,) int32, sum <= M; rows
         past the sum give zeros.
-      implementation: "pallas" (`jaxmodels.ops.grouped_matmul.pallas_grouped_matmul`, tiled Pallas
-        kernels; interpreted off the GPU), "ragged_dot" (`jax.lax.ragged_dot`), "reference" (per-group
-        masked einsum, the test oracle), or None: "pallas" on the GPU where `pallas_gmm.supports` the
-        shapes (26-36x ragged_dot there forward + backward, benchmarks/results/grouped_matmul.json), else "ragged_dot".
+      implementation: one of `IMPLEMENTATIONS` or None. "reference": per-group masked einsum, the test
+        oracle; "ragged_dot": `jax.lax.ragged_dot`; "pallas":
+        `jaxmodels.ops.kernels.grouped_matmul.pallas_grouped_matmul`, tiled Pallas kernels (interpreted
+        off the GPU), which falls back to "ragged_dot" with a one-time warning on inputs it does not cover
+        (`pallas_gmm.supports`). None: "pallas" on the GPU where `pallas_gmm.supports` the shapes
+        (benchmarks/results/grouped_matmul.json compares it with ragged_dot), else "ragged_dot".
 
     Returns:
       (M, f) in x_sorted's dtype.
     """
-    if implementation not in GROUPED_MATMUL_IMPLEMENTATIONS:
-        raise ValueError(f"unknown grouped_matmul implementation {implementation!r}; "
-                         f"valid: {list(GROUPED_MATMUL_IMPLEMENTATIONS)}")
-    if x_sorted.ndim != 2 or w.ndim != 3 or w.shape[1] != x_sorted.shape[1] or group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"expected x_sorted (M, d), w (E, d, f), group_sizes (E,); got {x_sorted.shape}, "
-                         f"{w.shape}, {group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    check_implementation(implementation, IMPLEMENTATIONS)
+    check_grouped_operands(x_sorted, w, group_sizes)
     if implementation is None:
         on_gpu = jax.default_backend() == "gpu"
         implementation = "pallas" if on_gpu and pallas_gmm.supports(x_sorted, w) is None else "ragged_dot"
+    reason = pallas_gmm.supports(x_sorted, w) if implementation == "pallas" else None
+    if reason:
+        implementation = fall_back("grouped_matmul", "pallas", reason, "ragged_dot")
     if implementation == "pallas":
         return pallas_gmm.pallas_grouped_matmul(x_sorted, w, group_sizes)
     if implementation == "reference":

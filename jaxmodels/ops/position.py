@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.checks import MASKED_SCORE, check_qkv
+from jaxmodels.ops.checks import MASKED_SCORE, check_qkv, one_of, positive_int
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
@@ -192,6 +192,7 @@ def rope_inverse_frequencies(head_dim: int, *, base: float = 10000.0, method: st
     Arguments a method does not use are ignored, so a layer can pass all its config values.
     Returns RopeScaling(inv_freq (head_dim // 2,) float32, attention_scale float).
     """
+    one_of("method", method, ROPE_SCALING_METHODS)
     if method == "none":
         return RopeScaling(rope_frequencies(head_dim, base), 1.0)
     if method == "linear":
@@ -203,10 +204,8 @@ def rope_inverse_frequencies(head_dim: int, *, base: float = 10000.0, method: st
             raise ValueError("method='dynamic_ntk' needs length (the current sequence length)")
         return RopeScaling(dynamic_ntk_frequencies(head_dim, base, length=length, train_length=train_length,
                                                    factor=factor), 1.0)
-    if method == "yarn":
-        return RopeScaling(yarn_frequencies(head_dim, base, factor=factor, train_length=train_length,
-                                            alpha=alpha, beta=beta), yarn_mscale(factor) ** 2)
-    raise ValueError(f"method must be one of {ROPE_SCALING_METHODS}, got {method!r}")
+    return RopeScaling(yarn_frequencies(head_dim, base, factor=factor, train_length=train_length,  # "yarn"
+                                        alpha=alpha, beta=beta), yarn_mscale(factor) ** 2)
 
 
 def _check_factor(factor):
@@ -215,8 +214,7 @@ def _check_factor(factor):
 
 
 def _check_train_length(train_length):
-    if isinstance(train_length, bool) or not isinstance(train_length, numbers.Integral) or train_length < 1:
-        raise ValueError(f"train_length must be a positive int (the training context length), got {train_length!r}")
+    positive_int("train_length", train_length)
 
 
 def log_n_scale(n: jax.Array, train_length: int) -> jax.Array:
@@ -270,8 +268,7 @@ def rerope_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, wind
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     check_qkv(query, key, value)
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    positive_int("window", window)
     if leaky is not None and not leaky > 0:
         raise ValueError(f"leaky must be None (plain ReRoPE) or a positive slope divisor k, got {leaky!r}")
     if isinstance(q_offset, numbers.Integral) and q_offset < 0:
@@ -313,8 +310,7 @@ def alibi_slopes(num_heads: int) -> jax.Array:
     heads, then every other slope of the 2p-head sequence, its first n - p (2^(-4/p·(2h+1))).
     Returns (num_heads,) float32, computed in float64.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    positive_int("num_heads", num_heads)
 
     def geometric(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]

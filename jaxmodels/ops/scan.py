@@ -15,11 +15,22 @@ Modeling with Selective State Spaces", Algorithm 2, and `selective_scan_ref` in 
 channels-last inputs; `selective_scan_step` is its one-token recurrent (decoding) form. Shapes: b batch,
 L length, d d_inner (channels), N state size, G groups of B/C (d a multiple of G; channel c reads group
 c // (d // G)). The scan is computed in float32 (float64 for float64 inputs); y comes back in `u`'s dtype.
+
+`selective_scan` has three implementations (`IMPLEMENTATIONS`, dispatched as DESIGN.md's "Kernels" says):
+"associative" (the associative scan over all L positions), "chunked" (the same in chunks of `CHUNK`
+positions) and "fused" (the Pallas kernel of `jaxmodels.ops.kernels.fused_scan`).
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxmodels.ops.checks import positive_int
+from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.kernels import fused_scan
+
+IMPLEMENTATIONS = ("associative", "chunked", "fused")
+CHUNK = 256  # positions per chunk of the "chunked" implementation (capped at L)
 
 
 def _combine(left, right):
@@ -85,10 +96,9 @@ def chunked_linear_recurrence(a, b, *, chunk_size, reverse=False) -> jax.Array:
       h with `b`'s shape; equal to `linear_recurrence(a, b, reverse=reverse)` up to rounding.
 
     Raises:
-      ValueError for the shape errors of `linear_recurrence` or a chunk_size that is not a positive int.
+      ValueError for the shape errors of `linear_recurrence`; `checks.positive_int`'s errors for chunk_size.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int("chunk_size", chunk_size)
     a, b = _check_recurrence_inputs("chunked_linear_recurrence", a, b)
     batch, length, rest = b.shape[0], b.shape[1], b.shape[2:]
     c = min(chunk_size, max(length, 1))
@@ -184,7 +194,7 @@ def _output(y, u, D, z, dt):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, chunk_size=None):
+                   return_last_state=False, *, chunk_size=None, implementation="associative"):
     r"""Mamba's selective scan (Gu & Dao 2023, Algorithm 2; mamba_ssm `selective_scan_ref`), channels last.
 
     With Δ = softplus(delta + delta_bias) (bias and softplus optional), per batch, position t, channel c
@@ -194,9 +204,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       h_t = Ā_t · h_{t-1} + B̄u_t,  h_{-1} = 0
       y_t,c = Σ_n C_t,g(c),n · h_t,c,n  (+ D_c · u_t,c),  then y *= silu(z) if z is given
 
-    where g(c) = c // (d_inner // G). The recurrence runs through `linear_recurrence` (an associative
-    scan over L, materialising the (b, L, d, N) states), or `chunked_linear_recurrence` with
-    `chunk_size`.
+    where g(c) = c // (d_inner // G). "associative" runs the recurrence through `linear_recurrence` (an
+    associative scan over L, materialising the (b, L, d, N) states), "chunked" through
+    `chunked_linear_recurrence`; "fused" is `jaxmodels.ops.kernels.fused_scan.fused_selective_scan`,
+    which keeps the state in registers (Gu & Dao 2023, §3.3.2).
 
     Args:
       u: (batch, L, d_inner) real float input.
@@ -208,7 +219,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       delta_bias: optional (d_inner,) added to delta.
       delta_softplus: apply softplus to delta (after the bias).
       return_last_state: also return h at the last position.
-      chunk_size: optional positive int: scan in chunks of this many positions (same result).
+      chunk_size: optional positive int: scan in chunks of this many positions (same result); the chunk
+        length of "chunked" (default min(CHUNK, L)), and with "associative" or None it selects the chunked
+        scan. Not with "fused" (the kernel walks the whole sequence).
+      implementation: "associative" (the default), "chunked", "fused" or None (`IMPLEMENTATIONS`). None picks
+        "fused" on the GPU where `fused_scan.supports` the inputs and no chunk_size is given, else
+        "associative". "fused" runs the Pallas interpreter off the GPU; on inputs the kernel does not cover
+        (float64, grouped B/C, d_inner not a multiple of 8, N not a power of two) it falls back to
+        "associative" with a one-time warning.
 
     Returns:
       y: (batch, L, d_inner) in `u`'s dtype; with `return_last_state`, (y, last_state) where
@@ -216,11 +234,34 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Raises:
       ValueError for wrong ranks or shapes (A not (d_inner, N), B/C not matching, d_inner not divisible
-      by the groups, D / delta_bias not (d_inner,), z or delta not u's shape); TypeError for non-float u
-      or complex A.
+      by the groups, D / delta_bias not (d_inner,), z or delta not u's shape), an unknown implementation or
+      chunk_size with "fused"; TypeError for non-float u or complex A.
     """
-    out_dtype = jnp.asarray(u).dtype
-    u, delta, A, B, C, dt = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, step=False)
+    check_implementation(implementation, IMPLEMENTATIONS)
+    raw = tuple(jnp.asarray(x) for x in (u, delta, A, B, C))
+    prepared = _prepare(*raw, D, z, delta_bias, delta_softplus, step=False)
+    implementation = _scan_implementation(implementation, raw[0], raw[3], raw[4], chunk_size)
+    if implementation == "fused":
+        return fused_scan.fused_selective_scan(*raw, D, z, delta_bias, delta_softplus, return_last_state)
+    if implementation == "chunked" and chunk_size is None:
+        chunk_size = min(CHUNK, raw[0].shape[1])
+    return _associative_scan(*prepared, D, z, raw[0].dtype, return_last_state, chunk_size)
+
+
+def _scan_implementation(implementation, u, B, C, chunk_size) -> str:
+    """The implementation `selective_scan` runs for a requested one (its docstring) on these inputs."""
+    if implementation == "fused" and chunk_size is not None:
+        raise ValueError(f"chunk_size={chunk_size!r} does not apply to implementation 'fused' (the kernel walks the "
+                         "whole sequence); leave chunk_size None or use 'chunked'")
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        return "fused" if chunk_size is None and on_gpu and fused_scan.supports(u, B, C) is None else "associative"
+    reason = fused_scan.supports(u, B, C) if implementation == "fused" else None
+    return fall_back("selective_scan", implementation, reason, "associative") if reason else implementation
+
+
+def _associative_scan(u, delta, A, B, C, dt, D, z, out_dtype, return_last_state, chunk_size):
+    """`selective_scan` by associative scan, over all of L or in chunks of chunk_size, on `_prepare`d inputs."""
     batch, length, d_inner = u.shape
     n_state = A.shape[1]
     groups_b, groups_c = B.shape[2], C.shape[2]

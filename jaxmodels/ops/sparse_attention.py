@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.attention import _reference_attention
-from jaxmodels.ops.checks import as_scores_operand, check_qkv
+from jaxmodels.ops.attention import dot_product_attention
+from jaxmodels.ops.checks import as_scores_operand, check_qkv, non_negative_int, positive_int
 
 
 # ---------------------------------------------------------------- patterns as predicates of (i, j)
@@ -59,35 +59,33 @@ def _pattern_layout(predicate, length, block_size):
                      .reshape(block_size, -1, block_size).any(axis=(0, 2)) for r in range(0, length, block_size)])
 
 
-def _check_positive(**values):
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_divisible(length, block_size):
-    _check_positive(length=length, block_size=block_size)
+    positive_int("length", length)
+    positive_int("block_size", block_size)
     if length % block_size:
         raise ValueError(f"length {length} must be a multiple of block_size {block_size}; pad the sequence "
                          f"to {-(-length // block_size) * block_size} and mask the padding")
 
 
 def _strided_predicate(length, stride, causal):
-    _check_positive(length=length, stride=stride)
+    positive_int("length", length)
+    positive_int("stride", stride)
     return functools.partial(_strided, stride=stride, causal=causal)
 
 
 def _fixed_predicate(length, block, num_summary, causal):
-    _check_positive(length=length, block=block)
+    positive_int("length", length)
+    positive_int("block", block)
     if not 0 <= num_summary <= block:
         raise ValueError(f"num_summary must be in [0, block={block}], got {num_summary}")
     return functools.partial(_fixed, block=block, num_summary=num_summary, causal=causal)
 
 
 def _local_global_predicate(length, block, window_blocks, global_blocks, causal):
-    _check_positive(length=length, block=block)
-    if window_blocks < 0 or global_blocks < 0:
-        raise ValueError(f"window_blocks and global_blocks must be >= 0, got {window_blocks}, {global_blocks}")
+    positive_int("length", length)
+    positive_int("block", block)
+    non_negative_int("window_blocks", window_blocks)
+    non_negative_int("global_blocks", global_blocks)
     return functools.partial(_local_global, block=block, window_blocks=window_blocks,
                              global_blocks=global_blocks, causal=causal)
 
@@ -216,8 +214,10 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
     num_q_blocks, num_kv_blocks = layout.shape
     q_blocks = query.reshape(batch, num_q_blocks, block_size, num_heads, head_dim)
     k_blocks, v_blocks = (x.reshape(batch, num_kv_blocks, block_size, *x.shape[2:]) for x in (key, value))
-    # One query block per vmapped call: q (B, b, N, H), gathered k, v (B, m·b, K, H), mask (., ., b, m·b).
-    attend = jax.vmap(lambda q, k, v, m: _reference_attention(q, k, v, None, m, scale), in_axes=1, out_axes=1)
+    def attend_block(q, k, v, m):  # a query block: q (B, b, N, H), gathered k, v (B, m·b, K, H), mask (., ., b, m·b)
+        return dot_product_attention(q, k, v, mask=m, scale=scale, implementation="reference")
+
+    attend = jax.vmap(attend_block, in_axes=1, out_axes=1)
     rows, outs = [], []
     for group in _row_groups(layout.sum(axis=1)):
         indices, valid = layout_indices(layout[group])  # (R, m)

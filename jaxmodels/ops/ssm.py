@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmodels.ops.checks import one_of, positive_int
 from jaxmodels.ops.scan import (  # noqa: F401 -- the selective (time-varying) half of the SSM family
     chunked_linear_recurrence, linear_recurrence, selective_scan, selective_scan_init_state, selective_scan_step)
 
@@ -44,9 +45,7 @@ from jaxmodels.ops.scan import (  # noqa: F401 -- the selective (time-varying) h
 
 
 def _check_state_size(N):
-    if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
-        raise ValueError(f"state size N must be a positive int, got {N!r}")
-    return int(N)
+    return int(positive_int("state size N", N))
 
 
 def hippo_legs(N):
@@ -306,16 +305,14 @@ def s4d_kernel(Lambda, B, C, step, length, *, discretization="zoh"):
     Returns:
       (L,) or (H, L) real kernel (float64 if the inputs are complex128/float64, else float32).
     """
-    if discretization not in _DISCRETIZATIONS:
-        raise ValueError(f"s4d_kernel: unknown discretization {discretization!r}; valid: {list(_DISCRETIZATIONS)}")
+    one_of("discretization", discretization, _DISCRETIZATIONS)
     Lambda, B, C = jnp.asarray(Lambda), jnp.asarray(B), jnp.asarray(C)
     if Lambda.ndim not in (1, 2):
         raise ValueError(f"s4d_kernel: Lambda must be (N,) or (H, N), got shape {Lambda.shape}")
     if B.shape != Lambda.shape or C.shape != Lambda.shape:
         raise ValueError(f"s4d_kernel: Lambda, B, C must have the same shape, got {Lambda.shape}, "
                          f"{B.shape}, {C.shape}")
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"s4d_kernel: length must be a positive int, got {length!r}")
+    positive_int("length", length)
     step = _check_step(step)
     if step.ndim > 1 or (step.ndim == 1 and (Lambda.ndim != 2 or step.shape[0] != Lambda.shape[0])):
         raise ValueError(f"s4d_kernel: step must be a scalar or (H,) = ({Lambda.shape[0]},) for "
@@ -364,10 +361,9 @@ def s4_kernel(Lambda, P, Q, B, C, step, length, *, c_tilde=False):
       c_tilde: whether C is C̃ (for the recurrent mode, C = `c_tilde_to_c`(Ā, C̃, L)).
 
     With c_tilde=True and rank 1 (S4's NPLR) the kernel calls no LAPACK routine: the Woodbury
-    capacitance is a scalar and is divided by. (jaxlib 0.10's batched CPU LAPACK kernels wait on the
-    XLA CPU thread pool they run on, so independent large batched solves, e.g. those of stacked
-    layers, can deadlock it: two solves of 64 complex64 64 x 64 systems each do on a 2-core CPU.
-    Rank r > 1 still solves its r x r systems with `jnp.linalg.solve`.)
+    capacitance is a scalar and is divided by. (Batched CPU LAPACK kernels wait on the XLA CPU thread
+    pool they run on, so independent large batched solves, e.g. those of stacked layers, can deadlock
+    it. Rank r > 1 still solves its r x r systems with `jnp.linalg.solve`.)
 
     Returns:
       (L,) or (H, L) real kernel (float64 for complex128/float64 inputs, else float32). With P = 0 it
@@ -384,8 +380,7 @@ def s4_kernel(Lambda, P, Q, B, C, step, length, *, c_tilde=False):
             P.ndim == Lambda.ndim + 1 and P.shape[:-2] == Lambda.shape[:-1] and P.shape[-1] == Lambda.shape[-1])):
         raise ValueError(f"s4_kernel: P and Q must both have shape {low_rank_shapes[0]} (rank 1) or "
                          f"{low_rank_shapes[1]} (rank r), got {P.shape} and {Q.shape}")
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"s4_kernel: length must be a positive int, got {length!r}")
+    positive_int("length", length)
     step = _check_step(step)
     if step.ndim > 1 or (step.ndim == 1 and (Lambda.ndim != 2 or step.shape[0] != Lambda.shape[0])):
         raise ValueError(f"s4_kernel: step must be a scalar or (H,) = ({Lambda.shape[0]},) for (H, N) Lambda, "
@@ -444,8 +439,7 @@ def c_tilde_to_c(A_bar, C_tilde, length):
     if A_bar.ndim not in (2, 3) or A_bar.shape[-1] != A_bar.shape[-2] or C_tilde.shape != A_bar.shape[:-1]:
         raise ValueError(f"c_tilde_to_c: A_bar must be (N, N) or (H, N, N) and C_tilde A_bar.shape[:-1], got "
                          f"shapes {A_bar.shape} and {C_tilde.shape}")
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"c_tilde_to_c: length must be a positive int, got {length!r}")
+    positive_int("length", length)
     dtype = jnp.result_type(A_bar, C_tilde, jnp.complex64)
     A_bar, C_tilde = A_bar.astype(dtype), C_tilde.astype(dtype)
     M = jnp.eye(A_bar.shape[-1], dtype=dtype) - jnp.linalg.matrix_power(A_bar, int(length))

@@ -134,7 +134,7 @@ def test_sequence_view_is_the_image_view_in_row_major_order(data_dir):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(view="pixels"), "unknown view"),
+    (dict(view="pixels"), "view='pixels' is not valid; choose one of"),
     (dict(global_batch_size=10, process_count=4), "multiple of process_count"),
     (dict(process_index=1), "process_index"),
     (dict(start_step=-1), "step"),

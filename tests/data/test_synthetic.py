@@ -134,7 +134,7 @@ def test_long_sequences():
     (lambda: induction(process_index=2, process_count=2), "process_index"),
     (lambda: induction(step=-1), "step"),
     (lambda: induction(seed=1.5), "seed"),
-    (lambda: synthetic.batches("copying", seed=0, global_batch_size=2), "unknown task"),
+    (lambda: synthetic.batches("copying", seed=0, global_batch_size=2), "task='copying' is not valid; choose one of"),
     (lambda: synthetic.batches("induction_heads", seed=0, global_batch_size=2, seq_len=1), "seq_len"),
 ])
 def test_bad_arguments_raise(call, match):

@@ -149,10 +149,11 @@ def test_sliced_w2_as_a_loss_moves_samples_towards_the_target(samples):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: toy2d.sample("spirals", 0, 10), "unknown toy distribution"),
-    (lambda: toy2d.sample("two_moons", 0, 0), "n must be"),
+    (lambda: toy2d.sample("spirals", 0, 10), "name='spirals' is not valid; choose one of"),
+    (lambda: toy2d.sample("two_moons", 0, 0), "n must be a positive int, got 0"),
     (lambda: toy2d.sliced_wasserstein2(np.zeros((3, 2)), np.zeros((3, 3)), jax.random.key(0)), "same d"),
-    (lambda: toy2d.sliced_wasserstein2(np.zeros((3, 2)), np.zeros((3, 2)), jax.random.key(0), 0), "num_projections"),
+    (lambda: toy2d.sliced_wasserstein2(np.zeros((3, 2)), np.zeros((3, 2)), jax.random.key(0), 0),
+     "num_projections must be a positive int, got 0"),
     (lambda: toy2d.mmd_squared(np.zeros((1, 2)), np.zeros((3, 2))), "n, m >= 2"),
     (lambda: toy2d.mmd_squared(np.zeros((3, 2)), np.zeros((3, 2)), (0.0,)), "positive bandwidths"),
     (lambda: toy2d.wasserstein2_1d(np.zeros(0), np.zeros(3)), "n, m >= 1"),

@@ -122,9 +122,9 @@ def test_flash_training_reduces_loss():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(scores="sigmoid"), "unknown scores 'sigmoid'; valid"),
+    (dict(scores="sigmoid"), "scores='sigmoid' is not valid; choose one of"),
     (dict(scores="softmax", chunk_size=4), "uses relu2 scores"),
-    (dict(position="alibi"), "unknown position 'alibi'; valid"),
+    (dict(position="alibi"), "position='alibi' is not valid; choose one of"),
     (dict(shared_dim=7), "shared_dim must be even"),
 ])
 def test_errors(kw, match):

@@ -190,13 +190,13 @@ def test_training_reduces_loss(dispatch):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(routing="hash"), "unknown routing 'hash'; valid"),
-    (dict(dispatch="scatter"), "unknown dispatch 'scatter'; valid"),
+    (dict(routing="hash"), "routing='hash' is not valid; choose one of"),
+    (dict(dispatch="scatter"), "dispatch='scatter' is not valid; choose one of"),
     (dict(routing="expert_choice", dispatch="dropless"), "routing 'expert_choice' needs dispatch 'einsum'"),
     (dict(k=5), r"k must be an int in \[1, num_experts=4\], got 5"),
     (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(priority="random"), "unknown priority 'random'"),
-    (dict(implementation="triton"), "unknown grouped_matmul implementation 'triton'"),
+    (dict(priority="random"), "priority='random' is not valid; choose one of"),
+    (dict(implementation="triton"), "implementation='triton' is not valid"),
     (dict(routing="expert_choice", capacity_factor=5.0), "expert_choice needs capacity_factor <= num_experts = 4"),
 ])
 def test_constructor_errors(kw, match):

@@ -1,5 +1,6 @@
 import functools
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
+from jaxmodels.ops import dispatch
 from jaxmodels.ops.attention import IMPLEMENTATIONS, _select_implementation, dot_product_attention
 
 
@@ -247,7 +249,7 @@ def test_implementations_listed():
     (((2, 3, 4, 8), (2, 5, 4, 16), (2, 5, 4, 16)), {}, ValueError, "same head_dim"),
     (((2, 3, 4, 8), (2, 5, 3, 8), (2, 5, 3, 8)), {}, ValueError, "got 4 query heads and 3 key/value heads"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(implementation="flashy"), ValueError,
-     r"one of \('reference', 'xla', 'cudnn', 'flash'\), got 'flashy'"),
+     r"implementation='flashy' is not valid; choose one of \[None, 'reference', 'xla', 'cudnn', 'flash'\]"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 1, 3, 5))), TypeError, "mask must be boolean"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 2, 3, 5), bool)), ValueError,
      r"mask must be broadcastable to \(B, N, T, S\) = \(2, 4, 3, 5\)"),
@@ -278,3 +280,17 @@ def test_dtype_errors():
         dot_product_attention(q.astype(jnp.bfloat16), k, k)
     with pytest.raises(TypeError, match="floating point, got int32"):
         dot_product_attention(*(np.zeros((1, 2, 2, 8), np.int32),) * 3)
+
+
+def test_cudnn_off_the_gpu_falls_back_with_one_warning():
+    rng = np.random.default_rng(30)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 6, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8)))
+    dispatch._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [dot_product_attention(q, k, v, implementation="cudnn") for _ in range(2)]
+    assert [str(w.message) for w in caught] == [
+        "dot_product_attention: implementation 'cudnn' cannot run this case (cuDNN attention needs an NVIDIA GPU, "
+        "the platform is 'cpu'); using 'xla'"]
+    for out in outs:
+        np.testing.assert_array_equal(out, dot_product_attention(q, k, v, implementation="xla"))

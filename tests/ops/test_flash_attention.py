@@ -277,7 +277,8 @@ def test_select_implementation_flash():
                                         ("block_q", "8"), ("block_k", None)])
 def test_bad_block_sizes(name, size):
     q = np.zeros((1, 8, 2, 8), np.float32)
-    with pytest.raises(ValueError, match=f"{name} must be a positive int, got {size!r}"):
+    error = ValueError if isinstance(size, int) and not isinstance(size, bool) else TypeError
+    with pytest.raises(error, match=f"{name} must be a positive int, got {size!r}"):
         flash_attention(q, q, q, **{name: size})
 
 

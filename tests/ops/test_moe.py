@@ -386,12 +386,13 @@ def test_clear_errors():
         moe.capacity_dispatch(gates, experts[:, :1], 3, 2)
     with pytest.raises(ValueError, match="k must be an int"):
         moe.capacity_dispatch(jnp.ones((4, 4)), jnp.zeros((4, 4), jnp.int32), 3, 2)
-    with pytest.raises(ValueError, match="unknown priority 'random'"):
+    with pytest.raises(ValueError, match="priority='random' is not valid; choose one of \\['slot', 'gate'\\]"):
         moe.capacity_dispatch(gates, experts, 3, 2, priority="random")
     with pytest.raises(TypeError, match="experts must be integer"):
         moe.capacity_dispatch(gates, gates, 3, 2)
     x, w, gs = _group_case(0, (2, 3))
-    with pytest.raises(ValueError, match="unknown grouped_matmul implementation 'triton'"):
+    with pytest.raises(ValueError, match=r"implementation='triton' is not valid; "
+                                         r"choose one of \[None, 'reference', 'ragged_dot', 'pallas'\]"):
         moe.grouped_matmul(x, w, gs, implementation="triton")
     with pytest.raises(ValueError, match=r"expected x_sorted \(M, d\), w \(E, d, f\)"):
         moe.grouped_matmul(x[:, :2], w, gs)

@@ -70,8 +70,8 @@ def test_recurrence_errors():
         linear_recurrence(jnp.ones((2, 4, 3)), jnp.ones((2, 4, 1)))  # a must not grow b
     with pytest.raises(ValueError, match="2-D"):
         linear_recurrence(jnp.ones(4), jnp.ones(4))
-    for bad in (0, -1, 2.0, True, None):
-        with pytest.raises(ValueError, match="chunk_size"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match=f"chunk_size must be a positive int, got {bad!r}"):
             chunked_linear_recurrence(jnp.ones((1, 4)), jnp.ones((1, 4)), chunk_size=bad)
 
 

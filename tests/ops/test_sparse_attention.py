@@ -230,7 +230,7 @@ def test_pattern_errors():
         strided_mask(8, 0)
     with pytest.raises(ValueError, match=r"num_summary must be in \[0, block=4\]"):
         fixed_mask(8, 4, 5)
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="window_blocks must be a non-negative int, got -1"):
         local_global_mask(8, 2, window_blocks=-1)
     with pytest.raises(ValueError, match="length 10 must be a multiple of block_size 4"):
         strided_layout(10, 2, 4)

@@ -1,12 +1,14 @@
 """The Pallas grouped matmul (interpreted on CPU) against a float64 NumPy loop and moe.grouped_matmul."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.ops import moe
-from jaxmodels.ops.grouped_matmul import Blocks, pallas_grouped_matmul, supports, tile_schedule
+from jaxmodels.ops import dispatch, moe
+from jaxmodels.ops.kernels.grouped_matmul import Blocks, pallas_grouped_matmul, supports, tile_schedule
 
 SMALL = Blocks(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 DW_SMALL = Blocks(block_m=32, block_n=16, block_k=16, num_warps=4, num_stages=2)
@@ -112,3 +114,18 @@ def test_errors():
     big = jax.ShapeDtypeStruct((2 ** 20, 2048), jnp.bfloat16), jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16)
     assert "32-bit offsets" in supports(*big)
     assert supports(x, w, SMALL) is None and "block_n=128 clamped to f=48" in supports(x, w)
+
+
+def test_moe_pallas_falls_back_to_ragged_dot_with_one_warning():
+    assert moe.IMPLEMENTATIONS == ("reference", "ragged_dot", "pallas")
+    x, w, gs = _case(4, (2, 3), 1, d=24)  # d = 24: no power-of-two block divides it
+    expected = moe.grouped_matmul(x, w, gs, implementation="ragged_dot")
+    dispatch._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [moe.grouped_matmul(x, w, gs, implementation="pallas") for _ in range(2)]
+    assert len(caught) == 1 and str(caught[0].message).startswith(
+        "grouped_matmul: implementation 'pallas' cannot run this case (block_k=64 clamped to d=24")
+    assert str(caught[0].message).endswith("; using 'ragged_dot'")
+    for y in ys:
+        np.testing.assert_array_equal(y, expected)

@@ -1,6 +1,7 @@
-"""Mamba's selective scan as one Pallas kernel that keeps the state in registers.
+"""Mamba's selective scan as one Pallas kernel that keeps the state in registers: implementation "fused" of
+`jaxmodels.ops.scan.selective_scan`, which checks the inputs and chooses the implementation.
 
-`selective_scan` (jaxmodels/ops/scan.py) builds Ā = exp(Δ·A) and B̄u = Δ·B·u for every position, a
+The associative form of `selective_scan` builds Ā = exp(Δ·A) and B̄u = Δ·B·u for every position, a
 (batch, L, d_inner, N) array, and scans it associatively: O(L·d·N) bytes through device memory, several
 times. The recurrence only ever needs the current state, so a kernel that walks the sequence can hold
 h (block_d, N) in registers and read each input and write each output once (Gu & Dao 2023, §3.3.2,
@@ -31,13 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from jaxmodels.ops import scan
-
-CHUNK = 256  # positions per chunk of the "chunked" implementation
-
 
 def supports(u, B, C) -> str | None:
-    """None if the fused kernel computes selective_scan for these inputs, else the reason it cannot."""
+    """None if the fused kernel computes selective_scan for these inputs, else the reason it cannot.
+
+    u (batch, L, d_inner) and B, C (batch, L, N) or grouped (batch, L, G, N), arrays or ShapeDtypeStructs."""
     if u.dtype == jnp.float64:
         return "float64 inputs (the kernel computes in float32)"
     if B.ndim != 3 or C.ndim != 3:
@@ -320,20 +319,21 @@ def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """`selective_scan` (same arguments, same results) through the fused Pallas kernel.
 
     Args as `jaxmodels.ops.scan.selective_scan` with ungrouped B, C (batch, L, N); N a power of two and
-    d_inner a multiple of 8. `interpret`: run the Pallas interpreter (default: on non-GPU backends).
-    `block_d`: channels per program (a power of two dividing d_inner; 8, with 1 warp, measured fastest
-    on an H200: fewer channels or more warps were slower); `num_warps`: Triton warps per program;
-    `unroll`: positions per loop iteration, whose inputs are loaded during the previous one (same result).
+    d_inner a multiple of 8. The shapes are those `selective_scan` checks before it calls this function
+    (call it with implementation="fused" for checked inputs). `interpret`: run the Pallas interpreter
+    (default: on non-GPU backends). `block_d`: channels per program (a power of two dividing d_inner; the
+    default 8 with 1 warp is the fastest of benchmarks/ssm.py's fused_d*_w*_u* variants); `num_warps`: Triton
+    warps per program; `unroll`: positions per loop iteration, whose inputs are loaded during the previous
+    one (same result).
 
     Returns:
       y (batch, L, d_inner) in u's dtype; with `return_last_state`, (y, last_state (batch, d_inner, N) f32).
 
     Raises:
-      ValueError / TypeError as selective_scan, and ValueError naming the reason when the kernel does not
-      cover the inputs (float64, grouped B/C, d_inner not a multiple of 8, N not a power of two).
+      ValueError naming the reason when the kernel does not cover the inputs (`supports`: float64, grouped
+      B/C, d_inner not a multiple of 8, N not a power of two) or block_d does not tile d_inner.
     """
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
-    scan._prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, step=False)  # validation only
     reason = supports(u, B, C)
     if reason:
         raise ValueError(f"fused_selective_scan does not cover these inputs: {reason}")
@@ -346,24 +346,3 @@ def fused_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     y, last = _fused(u, delta, A.astype(jnp.float32), B, C, D, z, delta_bias, bool(delta_softplus), interpret,
                      (int(block_d), int(num_warps), int(unroll)))
     return (y, last) if return_last_state else y
-
-
-IMPLEMENTATIONS = ("associative", "chunked", "fused")
-
-
-def selective_scan_fn(implementation: str | None, u, B, C):
-    """The selective-scan function (signature of `selective_scan`) for an implementation name.
-
-    "associative": `selective_scan`; "chunked": `selective_scan` in chunks of CHUNK positions;
-    "fused": this module's kernel; None: "fused" on GPU where `supports` the inputs, else "associative".
-    """
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"unknown selective-scan implementation {implementation!r}; valid: {IMPLEMENTATIONS}")
-    if implementation is None:
-        fused_ok = jax.default_backend() == "gpu" and supports(u, B, C) is None
-        implementation = "fused" if fused_ok else "associative"
-    if implementation == "fused":
-        return fused_selective_scan
-    if implementation == "chunked":
-        return functools.partial(scan.selective_scan, chunk_size=min(CHUNK, u.shape[1]))
-    return scan.selective_scan

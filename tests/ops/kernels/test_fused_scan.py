@@ -1,12 +1,16 @@
-"""The fused Pallas selective scan (interpreted on CPU) against the float64 loop and selective_scan."""
+"""The fused Pallas selective scan (interpreted on CPU) against the float64 loop and selective_scan, and
+selective_scan's choice of implementation."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.ops.fused_scan import fused_selective_scan, supports
-from jaxmodels.ops.scan import selective_scan
+from jaxmodels.ops import dispatch
+from jaxmodels.ops.kernels.fused_scan import fused_selective_scan, supports
+from jaxmodels.ops.scan import CHUNK, IMPLEMENTATIONS, selective_scan
 from tests.ops.test_scan import _np_selective_scan, _ssm_inputs
 
 SHAPE = dict(batch=2, length=9, d_inner=32, n_state=4)
@@ -73,17 +77,35 @@ def test_unsupported_inputs_are_named():
     narrow = _ssm_inputs(26, batch=1, length=3, d_inner=12, n_state=4)
     with pytest.raises(ValueError, match="d_inner=12 is not a multiple of 8"):
         fused_selective_scan(**narrow)
-    with pytest.raises(ValueError, match="delta must have u's shape"):
-        fused_selective_scan(**dict(args, delta=args["delta"][:, :-1]))
+    with pytest.raises(ValueError, match="delta must have u's shape"):  # checked before the kernel is chosen
+        selective_scan(**dict(args, delta=args["delta"][:, :-1]), implementation="fused")
 
 
-def test_selective_scan_fn_picks_an_implementation():
-    from jaxmodels.ops.fused_scan import selective_scan_fn
+def test_selective_scan_implementations_agree():
+    assert IMPLEMENTATIONS == ("associative", "chunked", "fused") and CHUNK == 256
     args, _ = _args("D_z", seed=27)
-    u, B, C = (jnp.asarray(args[k]) for k in ("u", "B", "C"))
-    y = {name: selective_scan_fn(name, u, B, C)(**args) for name in ("associative", "chunked", "fused")}
+    y = {name: selective_scan(**args, implementation=name) for name in IMPLEMENTATIONS}
     for name in ("chunked", "fused"):
         np.testing.assert_allclose(y[name], y["associative"], rtol=1e-5, atol=1e-5, err_msg=name)
-    assert selective_scan_fn(None, u, B, C) is selective_scan  # CPU: the associative scan
-    with pytest.raises(ValueError, match="unknown selective-scan implementation 'cuda'"):
-        selective_scan_fn("cuda", u, B, C)
+    # CPU: None is the associative scan, bit for bit; so is the default
+    np.testing.assert_array_equal(selective_scan(**args, implementation=None), y["associative"])
+    np.testing.assert_array_equal(selective_scan(**args), y["associative"])
+    with pytest.raises(ValueError, match=r"implementation='cuda' is not valid; choose one of \[None, 'associative'"):
+        selective_scan(**args, implementation="cuda")
+    with pytest.raises(ValueError, match="chunk_size=4 does not apply to implementation 'fused'"):
+        selective_scan(**args, implementation="fused", chunk_size=4)
+
+
+def test_fused_falls_back_with_one_warning():
+    narrow = _ssm_inputs(28, batch=1, length=3, d_inner=12, n_state=4)
+    expected = selective_scan(**narrow, implementation="associative")
+    dispatch._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = selective_scan(**narrow, implementation="fused")
+        second = selective_scan(**narrow, implementation="fused")
+    messages = [str(w.message) for w in caught]
+    assert messages == ["selective_scan: implementation 'fused' cannot run this case (d_inner=12 is not a multiple "
+                        "of 8); using 'associative'"]
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)

@@ -1,4 +1,5 @@
-"""Grouped matmul for dropless MoE as Pallas (Triton) kernels: forward, dx and dw.
+"""Grouped matmul for dropless MoE as Pallas (Triton) kernels: forward, dx and dw; implementation "pallas" of
+`jaxmodels.ops.moe.grouped_matmul`, which chooses the implementation.
 
 The dropless MoE layer (MegaBlocks, Gale et al. 2022) sorts the token-assignments by expert, so expert
 i owns rows [s_i, s_i + n_i) of x (M, d), s_i = Σ_{j<i} n_j, and multiplies them by its weight w[i]
@@ -36,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxmodels.ops.checks import check_grouped_operands
+
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -47,7 +50,7 @@ class Blocks(NamedTuple):
     Each block is clamped to its dimension and must then be a power of two >= 16 dividing it.
     num_warps, num_stages: `jax.experimental.pallas.triton.CompilerParams` (warps per program, software
     pipelining depth of the reduction loop).
-    The defaults were the fastest forward + backward of benchmarks/grouped_matmul.py on an H200
+    The defaults are the fastest forward + backward of benchmarks/grouped_matmul.py's --configs
     (d 1024 and 2048, f 2048, 64 experts, routed groups; benchmarks/results/grouped_matmul.json).
     """
 
@@ -259,13 +262,10 @@ def pallas_grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Ar
       (M, f) in x_sorted's dtype (float32 accumulation).
 
     Raises:
-      ValueError for bad shapes or blocks the kernels cannot tile, TypeError for dtypes (`supports`).
+      ValueError / TypeError of `checks.check_grouped_operands`; ValueError for blocks the kernels cannot tile,
+      TypeError for dtypes (`supports`).
     """
-    if x_sorted.ndim != 2 or w.ndim != 3 or w.shape[1] != x_sorted.shape[1] or group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"expected x_sorted (M, d), w (E, d, f), group_sizes (E,); got {x_sorted.shape}, "
-                         f"{w.shape}, {group_sizes.shape}")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
+    check_grouped_operands(x_sorted, w, group_sizes)
     blocks = Blocks(*(int(v) for v in blocks))
     dw_blocks = blocks if dw_blocks is None else Blocks(*(int(v) for v in dw_blocks))
     reason = supports(x_sorted, w, blocks, dw_blocks)
