@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from benchmarks.timing import median_time
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.gau import mixed_chunk_attention
-from jaxmodels.ops.linear_attention import (
-    linear_attention, orthogonal_random_features, performer_attention)
+from jaxmodels.ops.linear_attention import linear_attention, orthogonal_random_features, performer_attention
 
 TOKENS = int(os.environ.get("ATTN_TOKENS", 32 * 1024))  # B·T per case
 WIDTH = 2048  # N·H
@@ -54,7 +53,7 @@ def measure(attention, shapes, flops: float | None, **info) -> dict:
         row["time_s"] = median_time(compiled, *args, iters=10 if info["T"] <= 8192 else 5)
         if flops:
             row["tflops_per_s"] = flops / row["time_s"] / 1e12
-    except Exception as e:  # noqa: BLE001 -- out of memory is a result here, recorded as such
+    except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return row
 
@@ -81,7 +80,7 @@ def softmax_rows(lengths, head_dims, implementations, causals=(False, True)):
 def _per_head(attention, q, k, v):
     """(B, T, N, H) inputs through a single-head (B', T, H) attention with B' = B·N."""
     B, T, N, H = q.shape
-    fold = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * N, T, x.shape[-1])  # noqa: E731
+    fold = lambda x: jnp.moveaxis(x, 2, 1).reshape(B * N, T, x.shape[-1])
     return jnp.moveaxis(attention(fold(q), fold(k), fold(v)).reshape(B, N, T, -1), 1, 2)
 
 
@@ -120,7 +119,7 @@ def report(rows: list[dict], out_dir: str) -> str:
              "flash ms | flash temp GiB | flash speed vs XLA |", "|" + " --- |" * 11]
     for T, H, causal in cases:
         d, c, x, f = (softmax.get((impl, T, H, causal)) for impl in ("default", "cudnn", "xla", "flash"))
-        ok = lambda r: r is not None and "error" not in r  # noqa: E731
+        ok = lambda r: r is not None and "error" not in r
         lines.append(" | ".join([
             f"| {T}", str(H), str(causal), cell(d), cell(c),
             f"{c['time_s'] / d['time_s']:.2f}x" if ok(c) and ok(d) else "",

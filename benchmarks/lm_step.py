@@ -129,7 +129,9 @@ def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None, b
                                                       profile["ms_per_step_by_category"].items()})
         for name, ms in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms  {name[:110]}")
-    return {"init_compile_s": init_compile_s, "init_run_s": init_run_s, "prng_impl": str(jax.config.jax_default_prng_impl), "first_step_s": first_step_s, "profile": profile, "case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
+    return {"init_compile_s": init_compile_s, "init_run_s": init_run_s,
+            "prng_impl": str(jax.config.jax_default_prng_impl), "first_step_s": first_step_s, "profile": profile,
+            "case": size, "params": n_params, "seq_len": seq_len, "global_batch": batch, "remat": remat,
             "step_time_s": step_time, "tokens_per_s": batch * seq_len / step_time,
             "model_tflops_per_s": flops / step_time / 1e12}
 

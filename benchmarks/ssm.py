@@ -136,7 +136,7 @@ def main():
             fn = implementation(name)
             row, grads = bench_case(name, fn, data, args.iters, name in args.backward.split(","))
             row.update(length=length, must_move_bytes=must_move)
-            y = jax.jit(lambda *a: fn(*a, delta_softplus=True))(
+            y = jax.jit(lambda *a, fn=fn: fn(*a, delta_softplus=True))(
                 *(data[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")))
             y = np.asarray(y, np.float32)
             if reference is None:

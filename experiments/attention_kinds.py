@@ -23,14 +23,13 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from jaxmodels.models import make_model  # noqa: E402
-from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
+from jaxmodels.models import make_model
+from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 KINDS = ("softmax", "alibi", "linear", "performer", "norm", "diag", "transnormer", "sparse_strided",
          "sparse_fixed", "local_global", "gau", "flash_gau")
@@ -77,7 +76,8 @@ def plot(rows: list[dict], path: str) -> None:
         for r in (r for r in rows if r["length"] == length and "median_step_time_s" in r):
             ax.scatter(r["median_step_time_s"] * 1e3, r["eval_bits_per_byte"])
             ax.annotate(r["kind"], (r["median_step_time_s"] * 1e3, r["eval_bits_per_byte"]), fontsize=8)
-        ax.set(title=f"context {length}", xlabel="median step time on CPU (ms)", ylabel="eval bits/byte (lower is better)")
+        ax.set(title=f"context {length}", xlabel="median step time on CPU (ms)",
+               ylabel="eval bits/byte (lower is better)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"Attention kinds after {rows[0]['steps']} steps of {rows[0]['tokens_per_step']} tokens")
     fig.tight_layout()

@@ -28,12 +28,12 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from experiments.configs import diffusion_digits  # noqa: E402
-from jaxmodels.data import digits  # noqa: E402
-from jaxmodels.tasks.diffusion import digit_sample_metrics, fit_digit_classifier, generate  # noqa: E402
-from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
+from experiments.configs import diffusion_digits
+from jaxmodels.data import digits
+from jaxmodels.tasks.diffusion import digit_sample_metrics, fit_digit_classifier, generate
+from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 RUNS = {"ddpm": ("ddpm", "ddim"), "edm": ("heun",), "flow": ("euler",)}
 STEPS = (1, 2, 4, 8, 32)

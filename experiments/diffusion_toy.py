@@ -21,12 +21,12 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from experiments.configs import diffusion_toy2d  # noqa: E402
-from jaxmodels.data import toy2d  # noqa: E402
-from jaxmodels.tasks.diffusion import generate  # noqa: E402
-from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
+from experiments.configs import diffusion_toy2d
+from jaxmodels.data import toy2d
+from jaxmodels.tasks.diffusion import generate
+from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 DATA = ("checkerboard", "two_moons", "eight_gaussians")
 OBJECTIVES = {"ddpm": "ddim", "edm": "heun", "flow": "euler"}

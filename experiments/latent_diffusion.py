@@ -38,23 +38,22 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+from flax import nnx
+from sklearn.linear_model import LogisticRegression
+from tqdm import tqdm
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from jaxmodels.data.digits import NUM_CLASSES, load_split, to_unit_range  # noqa: E402
-from jaxmodels.models.autoencoder import KLAutoencoder, autoencoder_loss  # noqa: E402
-from jaxmodels.models.controlnet import ControlledUNet, ControlNet  # noqa: E402
-from jaxmodels.models.label_context_unet import LabelContextUNet  # noqa: E402
-from jaxmodels.ops import diffusion  # noqa: E402
-from jaxmodels.tasks.fit import fit  # noqa: E402
-from jaxmodels.train.optimizer import make_optimizer  # noqa: E402
+from jaxmodels.data.digits import NUM_CLASSES, load_split, to_unit_range
+from jaxmodels.models.autoencoder import KLAutoencoder, autoencoder_loss
+from jaxmodels.models.controlnet import ControlledUNet, ControlNet
+from jaxmodels.models.label_context_unet import LabelContextUNet
+from jaxmodels.ops import diffusion
+from jaxmodels.tasks.fit import fit
+from jaxmodels.train.optimizer import make_optimizer
 
 NULL_LABEL = NUM_CLASSES  # LabelEmbedding's extra row: "no class" for classifier-free guidance
 SIGMA_DATA = 1.0  # the latents are scaled to unit std
@@ -127,9 +126,9 @@ def _ldm_denoiser(model: LabelContextUNet, labels, *, controlnet: ControlNet | N
     """EDM denoiser D(z, sigma) of the latent UNet for `labels`, through the ControlNet when given."""
     context = model.context(labels)
     if controlnet is None:
-        net = lambda z, c_noise: model.unet(z, c_noise, context=context)  # noqa: E731
+        net = lambda z, c_noise: model.unet(z, c_noise, context=context)
     else:
-        net = lambda z, c_noise: ControlledUNet(model.unet, controlnet)(z, c_noise, hint, context=context)  # noqa: E731
+        net = lambda z, c_noise: ControlledUNet(model.unet, controlnet)(z, c_noise, hint, context=context)
     return diffusion.edm_denoiser(net, SIGMA_DATA)
 
 

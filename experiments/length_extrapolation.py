@@ -1,6 +1,7 @@
 """Experiment: train short, test long (Press et al. 2022) with training-free RoPE extensions.
 
-    python -m experiments.length_extrapolation [--train_length 256] [--steps 400] [--out experiments/results/length_extrapolation]
+    python -m experiments.length_extrapolation [--train_length 256] [--steps 400] \
+        [--out experiments/results/length_extrapolation]
 
 1. Trains two byte-level LMs at context `--train_length` on the embedded corpus: softmax attention
    with RoPE (experiments/configs/lm_softmax.py) and with ALiBi (lm_alibi.py); each run resumes
@@ -26,12 +27,12 @@ import numpy as np
 from flax import nnx
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from jaxmodels.data import lm as lm_data  # noqa: E402
-from jaxmodels.models import make_model  # noqa: E402
-from jaxmodels.ops.losses import softmax_cross_entropy  # noqa: E402
-from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
+from jaxmodels.data import lm as lm_data
+from jaxmodels.models import make_model
+from jaxmodels.ops.losses import softmax_cross_entropy
+from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 # method -> (model, attention overrides at eval time; "factor" is replaced by s = length / train length)
 METHODS = {

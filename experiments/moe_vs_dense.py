@@ -33,16 +33,15 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from experiments.configs import lm_moe, lm_tiny  # noqa: E402
-from jaxmodels.models import make_model  # noqa: E402
-from jaxmodels.nn.transformer import moe_spec_from_config  # noqa: E402
-from jaxmodels.train.loop import Trainer, train_and_evaluate  # noqa: E402
+from experiments.configs import lm_moe, lm_tiny
+from jaxmodels.models import make_model
+from jaxmodels.nn.transformer import moe_spec_from_config
+from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 NAMES = ("dense_active", "moe", "dense_total")
 BALANCE = ("max_expert_load", "dropped_fraction", "load_balancing_loss", "routing_entropy")

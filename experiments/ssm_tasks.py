@@ -11,7 +11,8 @@
 
 Each run lives in OUT/runs/<name>/ (train_and_evaluate resumes from its checkpoint); OUT/results.json is
 rewritten after every run and runs already in it are skipped, so re-running completes the table.
-Writes OUT/results.json and OUT/ssm_tasks.png and prints the results table (kept in OUT/results.md). --quick: a few steps of everything
+Writes OUT/results.json and OUT/ssm_tasks.png and prints the results table (kept in OUT/results.md).
+--quick: a few steps of everything
 at tiny lengths into /tmp/ssm_tasks_quick (a smoke test of this script, not a result).
 """
 
@@ -24,16 +25,15 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from experiments.configs import ssm_selective_copying  # noqa: E402
-from jaxmodels.tasks import make_task  # noqa: E402
-from jaxmodels.train.loop import Trainer, init_rngs, train_and_evaluate  # noqa: E402
+from experiments.configs import ssm_selective_copying
+from jaxmodels.tasks import make_task
+from jaxmodels.train.loop import Trainer, init_rngs, train_and_evaluate
 
 EXPERIMENTS = ("copying", "induction", "digits", "lm")
 
@@ -194,7 +194,8 @@ def main():
     p.add_argument("--digits_steps", type=int, default=400)
     p.add_argument("--lm_steps", type=int, default=150)
     p.add_argument("--batch_size", type=int, default=16, help="copying, induction and LM batch size")
-    p.add_argument("--seq_len", type=int, default=256, help="training length of copying and induction (the paper's: 256)")
+    p.add_argument("--seq_len", type=int, default=256,
+                   help="training length of copying and induction (the paper's: 256)")
     p.add_argument("--num_tokens", type=int, default=16, help="selective copying: data tokens to copy")
     p.add_argument("--learning_rate", type=float, default=None, help="copying and induction (default: the config's)")
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192", help="induction heads test lengths")

@@ -1,4 +1,5 @@
-"""lm_tiny with FLASH-Quad: GAU blocks with quadratic relu^2 attention (Hua et al. 2022, "Transformer Quality in Linear Time").
+"""lm_tiny with FLASH-Quad: GAU blocks with quadratic relu^2 attention (Hua et al. 2022, "Transformer Quality in
+Linear Time").
 
 Reproduces: the attention kind on the project's tiny byte-level LM (4 layers, d=128, 128-byte
 context, embedded py_stdlib corpus); not a published number. GAU blocks replace attention + MLP; 8 of them at

@@ -14,5 +14,6 @@ from experiments.configs import lm_tiny
 
 def get_config():
     c = lm_tiny.get_config()
-    c.model.attention = lm_tiny.attention_config(kind="local_global", sparse_block=16, window_blocks=1, global_blocks=1, block_size=16)
+    c.model.attention = lm_tiny.attention_config(kind="local_global", sparse_block=16, window_blocks=1, global_blocks=1,
+                                                 block_size=16)
     return c

@@ -14,8 +14,17 @@ from flax import nnx
 
 from jaxmodels.models.base import Model
 from jaxmodels.nn.diffusion import (
-    AdaLNModulation, LabelEmbedding, Linear, MultiHeadAttention, TimestepEmbedding, layer_norm, modulate, patchify,
-    sincos_2d_embedding, unpatchify)
+    AdaLNModulation,
+    LabelEmbedding,
+    Linear,
+    MultiHeadAttention,
+    TimestepEmbedding,
+    layer_norm,
+    modulate,
+    patchify,
+    sincos_2d_embedding,
+    unpatchify,
+)
 from jaxmodels.nn.layers import MLP
 from jaxmodels.nn.param import param
 

@@ -17,7 +17,14 @@ from flax import nnx
 from jaxmodels.models.base import Model
 from jaxmodels.models.dit import FinalLayer
 from jaxmodels.nn.diffusion import (
-    AdaLNModulation, Linear, TimestepEmbedding, layer_norm, modulate, patchify, unpatchify)
+    AdaLNModulation,
+    Linear,
+    TimestepEmbedding,
+    layer_norm,
+    modulate,
+    patchify,
+    unpatchify,
+)
 from jaxmodels.nn.layers import MLP, RMSNorm, dense
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.ops.attention import dot_product_attention

@@ -154,7 +154,7 @@ class UNet(Model):
         skips = list(self.encoder.skip_channels)
         ch, up = self.encoder.middle_channels, []
         for level in reversed(range(len(channel_mult))):
-            for i in range(num_res_blocks + 1):
+            for _ in range(num_res_blocks + 1):
                 up.append(_Stage(ch + skips.pop(), base_channels * channel_mult[level],
                                  attention=level in tuple(attention_levels), **stage))
                 ch = base_channels * channel_mult[level]

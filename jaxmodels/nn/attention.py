@@ -35,10 +35,25 @@ from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.linear_attention import (
-    FEATURE_MAPS, diagonal_block_attention, linear_attention, linear_attention_init_state,
-    linear_attention_step, norm_attention, norm_attention_step, orthogonal_random_features, performer_attention, performer_features)
+    FEATURE_MAPS,
+    diagonal_block_attention,
+    linear_attention,
+    linear_attention_init_state,
+    linear_attention_step,
+    norm_attention,
+    norm_attention_step,
+    orthogonal_random_features,
+    performer_attention,
+    performer_features,
+)
 from jaxmodels.ops.position import (
-    ROPE_SCALING_METHODS, alibi_bias, apply_rope, log_n_scale, rerope_attention, rope_inverse_frequencies)
+    ROPE_SCALING_METHODS,
+    alibi_bias,
+    apply_rope,
+    log_n_scale,
+    rerope_attention,
+    rope_inverse_frequencies,
+)
 
 SPARSE_KINDS = ("sparse_strided", "sparse_fixed", "local_global")
 GAU_KINDS = ("gau", "flash_gau")
@@ -172,8 +187,9 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim, self.feature_seed, self.dtype = num_heads, head_dim, feature_seed, dtype
         init = fan_in_init()
         self.w_q = param(rngs, init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
-        self.w_k = param(rngs, init, (embed_dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.w_v = param(rngs, init, (embed_dim, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), param_dtype)
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        self.w_k = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
+        self.w_v = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
         self.w_o = param(rngs, fan_in_init(fan_in_dims=2, scale=out_scale**2), (num_heads, head_dim, embed_dim),
                          ("heads", "head_dim", "embed"), param_dtype)
         if spec.qk_norm:
@@ -258,7 +274,7 @@ class Attention(nnx.Module):
             feature_map = spec.feature_map
             if kind == "performer":  # φ(x·scale^½) with the causal (unstabilised) features, for q and k alike
                 projection = self._projection(q.dtype)
-                feature_map = lambda x: performer_features(x * math.sqrt(scale), projection, is_query=False,  # noqa: E731
+                feature_map = lambda x: performer_features(x * math.sqrt(scale), projection, is_query=False,
                                                            causal=True)
 
             step_fn = norm_attention_step if kind == "norm" else linear_attention_step

@@ -88,7 +88,8 @@ class Embed(nnx.Module):
 
     def __init__(self, vocab_size: int, embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (vocab_size, embed_dim), ("vocab", "embed"), param_dtype)
+        self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (vocab_size, embed_dim), ("vocab", "embed"),
+                               param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)

@@ -17,13 +17,21 @@ from flax import nnx
 
 from jaxmodels.nn.layers import MLP, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
-from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_parallel, lru_step
 from jaxmodels.ops import scan
 from jaxmodels.ops.checks import one_of, positive_int
 from jaxmodels.ops.dispatch import check_implementation
+from jaxmodels.ops.lru import lru_chunked, lru_init, lru_init_state, lru_parallel, lru_step
 from jaxmodels.ops.scan import selective_scan, selective_scan_init_state, selective_scan_step
 from jaxmodels.ops.ssm import (
-    c_tilde_to_c, causal_conv, discretize_bilinear, discretize_zoh, nplr_legs, s4_kernel, s4d_kernel, ssm_step)
+    c_tilde_to_c,
+    causal_conv,
+    discretize_bilinear,
+    discretize_zoh,
+    nplr_legs,
+    s4_kernel,
+    s4d_kernel,
+    ssm_step,
+)
 
 
 def _constant(value):

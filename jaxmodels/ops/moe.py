@@ -392,7 +392,7 @@ def moe_dropless(x: jax.Array, gates: jax.Array, experts: jax.Array, w_gate: jax
     inverse = inverse_permutation(order)
     x_assignments = jnp.broadcast_to(x[:, None], (T, k, x.shape[1])).reshape(T * k, -1)  # row t * k + j = x_t
     xs = permute_rows(x_assignments, order, inverse)
-    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, implementation=implementation)  # noqa: E731
+    gmm = lambda a, w: grouped_matmul(a, w, group_sizes, implementation=implementation)
     h = jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up)
     y = permute_rows(gmm(h, w_down), inverse, order).reshape(T, k, -1)
     return jnp.einsum("tkd,tk->td", y, gates.astype(x.dtype))

@@ -25,7 +25,6 @@ import numpy as np
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.checks import as_scores_operand, check_qkv, non_negative_int, positive_int
 
-
 # ---------------------------------------------------------------- patterns as predicates of (i, j)
 
 def _strided(i, j, *, stride, causal):

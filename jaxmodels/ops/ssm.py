@@ -37,7 +37,12 @@ from jax import lax
 
 from jaxmodels.ops.checks import one_of, positive_int
 from jaxmodels.ops.scan import (  # noqa: F401 -- the selective (time-varying) half of the SSM family
-    chunked_linear_recurrence, linear_recurrence, selective_scan, selective_scan_init_state, selective_scan_step)
+    chunked_linear_recurrence,
+    linear_recurrence,
+    selective_scan,
+    selective_scan_init_state,
+    selective_scan_step,
+)
 
 # ----------------------------------------------------------------------------------------------
 # HiPPO matrices (Gu et al. 2020, "HiPPO: Recurrent Memory with Optimal Polynomial Projections")

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 import jax
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 

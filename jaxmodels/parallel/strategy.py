@@ -34,7 +34,8 @@ from typing import ClassVar
 import jax
 import ml_collections
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxmodels.parallel import zero
 from jaxmodels.parallel.sharding import Rules, parameter_mesh_axes

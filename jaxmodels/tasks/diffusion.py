@@ -191,7 +191,7 @@ def sample(model: nnx.Module, spec: DiffusionSpec, noise: jax.Array, labels: jax
             return D.edm_denoiser(lambda xs, c: net(xs, c, y), spec.sigma_data)(x, sigma)
 
     if labels is None or (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0):
-        fn = lambda x, s: conditional(x, s, labels)  # noqa: E731
+        fn = lambda x, s: conditional(x, s, labels)
     else:
         fn = D.cfg_denoiser(conditional, labels, spec.num_classes, guidance_scale)
     if spec.objective == "flow":

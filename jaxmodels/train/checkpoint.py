@@ -52,7 +52,7 @@ class Checkpointer:
             try:
                 state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
                 return step, state
-            except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
+            except Exception as e:
                 log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
                             step, type(e).__name__, str(e).splitlines()[0][:200])
         if steps:

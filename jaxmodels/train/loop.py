@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxmodels.parallel import sharding as sh
@@ -20,7 +21,7 @@ from jaxmodels.parallel.distributed import check_processes_agree
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.strategy import make_strategy
 from jaxmodels.tasks import make_task
-from jaxmodels.train.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
+from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer

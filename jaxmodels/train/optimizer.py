@@ -50,7 +50,7 @@ def clip_by_global_norm(max_norm: float, axis_name: str | None = None) -> optax.
     def update(updates, state, params=None):
         del params
         norm = global_norm(updates, axis_name)
-        clip = lambda t: jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
+        clip = lambda t: jnp.where(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)

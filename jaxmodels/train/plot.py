@@ -7,7 +7,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -49,7 +49,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     args = p.parse_args(argv)
     out = plot_loss(read_metrics(os.path.join(args.workdir, "metrics.jsonl")),
-                    args.out or os.path.join(args.workdir, "loss.png"), title=os.path.basename(args.workdir.rstrip("/")))
+                    args.out or os.path.join(args.workdir, "loss.png"),
+                    title=os.path.basename(args.workdir.rstrip("/")))
     print(out)
 
 

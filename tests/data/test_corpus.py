@@ -1,10 +1,7 @@
 """The stdlib corpus builder: prepared offline, exact bytes back, deterministic disjoint split."""
 
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-
-import pytest
 
 from jaxmodels.data import corpus, lm
 
@@ -34,15 +31,6 @@ def fake_config(base, files):
 def prepare_fake(base, files):
     """The builder of `files`, prepared into base/data (tfds name "py_stdlib/fake" there)."""
     return corpus.prepare(str(base / "data"), config=fake_config(base, files))
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to resolve a host or open a connection fails the test at once."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def read_split(builder, split):

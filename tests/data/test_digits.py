@@ -8,7 +8,6 @@ import pytest
 from sklearn.datasets import load_digits
 
 from jaxmodels.data import digits
-from tests.data.test_corpus import no_network  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmodels.data import corpus, lm
-from tests.data.test_corpus import no_network, prepare_fake  # noqa: F401 (no_network is a fixture)
+from tests.data.test_corpus import prepare_fake
 
 NAME = "py_stdlib/fake"  # read back through the generic tfds path, like lm1b would be
 _rng = np.random.default_rng(0)

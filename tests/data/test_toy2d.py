@@ -108,7 +108,7 @@ def test_sliced_w2_of_a_translation_in_2d():
 def mmd_reference(x, y, bandwidths):
     """Naive float64 double loops over Gretton et al.'s eq. 3."""
     x, y = np.float64(x), np.float64(y)
-    k = lambda a, b: sum(math.exp(-np.sum((a - b) ** 2) / (2 * h * h)) for h in bandwidths)  # noqa: E731
+    k = lambda a, b: sum(math.exp(-np.sum((a - b) ** 2) / (2 * h * h)) for h in bandwidths)
     n, m = len(x), len(y)
     kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
@@ -139,7 +139,7 @@ def test_distances_separate_distributions(samples):
 def test_sliced_w2_as_a_loss_moves_samples_towards_the_target(samples):
     target = samples["eight_gaussians"][:256]
     x = jax.random.normal(jax.random.key(1), (256, 2))
-    loss = lambda x, key: toy2d.sliced_wasserstein2(x, target, key) ** 2  # noqa: E731
+    loss = lambda x, key: toy2d.sliced_wasserstein2(x, target, key) ** 2
     before, grad = loss(x, jax.random.key(9)), jax.jit(jax.grad(loss))
     for step in range(10):
         g = grad(x, jax.random.key(step))

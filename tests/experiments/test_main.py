@@ -96,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(t
     r = subprocess.run(_main(tmp_path / "b", **steps), env=_env(), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    loss = lambda rows: {x["step"]: x["train/loss"] for x in rows if "train/loss" in x}  # noqa: E731
+    loss = lambda rows: {x["step"]: x["train/loss"] for x in rows if "train/loss" in x}
     assert loss(_rows(tmp_path / "a")) == loss(_rows(tmp_path / "b"))
 
 

@@ -108,7 +108,7 @@ def test_linear_position_interpolation_is_rope_at_scaled_positions():
 
 def test_qk_norm_adds_per_head_gains():
     plain, normed = _model(kind="softmax"), _model(kind="softmax", qk_norm=True)
-    count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert count(normed) - count(plain) == SMALL["num_layers"] * 2 * SMALL["head_dim"]
 
 

@@ -6,7 +6,12 @@ import pytest
 from flax import nnx
 
 from jaxmodels.models.autoencoder import (
-    KLAutoencoder, autoencoder_loss, kl_divergence, reconstruction_loss, sample_latent)
+    KLAutoencoder,
+    autoencoder_loss,
+    kl_divergence,
+    reconstruction_loss,
+    sample_latent,
+)
 from tests.models.test_dit import matmul_dtypes
 
 CONFIG = dict(in_channels=1, latent_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=0)

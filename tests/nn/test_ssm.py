@@ -201,8 +201,8 @@ def test_lru_layer_parallel_chunked_recurrent():
 def _np_mamba(block, x):
     """float64 NumPy loop of the Mamba mixer (Gu & Dao 2023, mamba_simple.Mamba, step by step)."""
     p = {k: np.asarray(v.value, np.float64) for k, v in nnx.state(block, nnx.Param).items()}
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-    softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    silu = lambda v: v / (1 + np.exp(-v))
+    softplus = lambda v: np.log1p(np.exp(v))
     x = np.asarray(x, np.float64)
     b, L, _ = x.shape
     xz = x @ p["in_proj"]

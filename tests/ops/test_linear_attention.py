@@ -15,8 +15,8 @@ from jaxmodels.ops.linear_attention import (
     linear_attention,
     linear_attention_init_state,
     linear_attention_step,
-    norm_attention_step,
     norm_attention,
+    norm_attention_step,
     orthogonal_random_features,
     performer_attention,
     performer_features,
@@ -192,7 +192,8 @@ def test_performer_features_positive():
         assert np.all(np.asarray(phi) > 0) and np.all(np.asarray(phi) <= 1 / math.sqrt(32) + 1e-7)
     # Causal keys are not stabilised: φ(x) = exp(ωᵀx − |x|²/2) / sqrt(m) exactly.
     phi = performer_features(x, w, is_query=False, causal=True)
-    exponent = np.einsum("blnh,mh->blnm", np.float64(x), np.float64(w)) - 0.5 * np.sum(np.float64(x) ** 2, -1)[..., None]
+    x64 = np.float64(x)
+    exponent = np.einsum("blnh,mh->blnm", x64, np.float64(w)) - 0.5 * np.sum(x64**2, -1)[..., None]
     np.testing.assert_allclose(phi, np.exp(exponent) / math.sqrt(32), rtol=1e-5, atol=1e-30)
 
 

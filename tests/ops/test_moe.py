@@ -349,7 +349,7 @@ def test_expert_parallel_equals_single_device(E, C):
     def per_group(x, gates, *w):  # the unsharded layer applied to each device's tokens (its GShard group)
         def group(x, g, e):
             return moe.moe_einsum(x, *moe.capacity_dispatch(g, e, E, C), *w)
-        split = lambda a: a.reshape(n, T_local, -1)  # noqa: E731
+        split = lambda a: a.reshape(n, T_local, -1)
         return jax.vmap(group)(split(x), split(gates), split(experts)).reshape(T, d)
 
     y = jax.jit(parallel)(x, gates, *w)

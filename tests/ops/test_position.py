@@ -9,11 +9,26 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxmodels.ops.attention import dot_product_attention
-from jaxmodels.ops.position import (ROPE_SCALING_METHODS, alibi_bias, alibi_slopes, apply_rope, apply_rope_2d,
-                                    dynamic_ntk_frequencies, image_positions, log_n_scale, ntk_frequencies,
-                                    position_interpolation_frequencies, rerope_attention, rope_frequencies,
-                                    rope_inverse_frequencies, sinusoidal_embedding, t5_bias,
-                                    t5_relative_position_bucket, yarn_frequencies, yarn_mscale)
+from jaxmodels.ops.position import (
+    ROPE_SCALING_METHODS,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    apply_rope_2d,
+    dynamic_ntk_frequencies,
+    image_positions,
+    log_n_scale,
+    ntk_frequencies,
+    position_interpolation_frequencies,
+    rerope_attention,
+    rope_frequencies,
+    rope_inverse_frequencies,
+    sinusoidal_embedding,
+    t5_bias,
+    t5_relative_position_bucket,
+    yarn_frequencies,
+    yarn_mscale,
+)
 
 
 def _np_rotate(v, position, theta, interleaved=False):

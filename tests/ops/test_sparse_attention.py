@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 
 from jaxmodels.ops.attention import dot_product_attention
-from jaxmodels.ops.sparse_attention import (block_layout, block_sparse_attention, fixed_layout, fixed_mask,
-                                            layout_indices, local_global_layout, local_global_mask, strided_layout,
-                                            strided_mask)
+from jaxmodels.ops.sparse_attention import (
+    block_layout,
+    block_sparse_attention,
+    fixed_layout,
+    fixed_mask,
+    layout_indices,
+    local_global_layout,
+    local_global_mask,
+    strided_layout,
+    strided_mask,
+)
 
 # ---------------------------------------------------------------- masks from the papers' set definitions
 

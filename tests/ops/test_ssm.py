@@ -404,7 +404,7 @@ def test_s4_kernel_dense_recurrence_equals_conv_float32_jit():
     H, L = 2, 32
     rng = np.random.default_rng(13)
     C = (rng.standard_normal((H, 8)) + 1j * rng.standard_normal((H, 8))).astype(np.complex64)
-    tile = lambda x: np.broadcast_to(x, (H, 8)).astype(np.complex64)  # noqa: E731
+    tile = lambda x: np.broadcast_to(x, (H, 8)).astype(np.complex64)
     step = np.array([0.05, 0.2], np.float32)
     K = jax.jit(s4_kernel, static_argnums=6)(tile(nplr.Lambda), tile(nplr.P), tile(nplr.P), tile(nplr.B), C,
                                              step, L)

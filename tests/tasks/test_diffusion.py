@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxmodels.data import digits
 from jaxmodels.models.classifier import DigitClassifier
 from jaxmodels.models.mlp_denoiser import MLPDenoiser
 from jaxmodels.ops import diffusion as D
 from jaxmodels.tasks import make_task
-from jaxmodels.data import digits
 from jaxmodels.tasks.diffusion import (
-    DiffusionSpec, diffusion_loss, digit_sample_metrics, fit_digit_classifier, generate, sample)
+    DiffusionSpec,
+    diffusion_loss,
+    digit_sample_metrics,
+    fit_digit_classifier,
+    generate,
+    sample,
+)
 from jaxmodels.tasks.metrics import frechet_distance
 
 

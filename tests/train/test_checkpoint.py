@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.train.checkpoint import CheckpointError, Checkpointer
+from jaxmodels.train.checkpoint import Checkpointer, CheckpointError
 
 
 def _state(v):

@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec as P
 from jaxmodels.parallel import sharding as sh
 from jaxmodels.parallel import zero
 from jaxmodels.parallel.mesh import make_mesh
+from jaxmodels.parallel.strategy import ZeRO
 from jaxmodels.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxmodels.train.optimizer import decay_mask, make_optimizer
-from jaxmodels.parallel.strategy import ZeRO
 from jaxmodels.train.step import make_train_step
 
 

@@ -48,7 +48,7 @@ def test_forward_and_gradients_match_loop_and_reference(sizes, extra):
     np.testing.assert_allclose(y, moe.grouped_matmul(x, w, gs, implementation="reference"), rtol=1e-5, atol=1e-5)
 
     ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
-    grad = lambda fn: jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w, gs) * ct), argnums=(0, 1)))  # noqa: E731
+    grad = lambda fn: jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w, gs) * ct), argnums=(0, 1)))
     dx, dw = grad(gmm)(x, w)
     ref_dx, ref_dw = grad(lambda x, w, gs: moe.grouped_matmul(x, w, gs, implementation="reference"))(x, w)
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
