@@ -18,6 +18,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_ALLOW_CHANGES = flags.DEFINE_bool(
+    "allow_config_changes", False, "Resume a workdir's checkpoints under a config that changes the model, "
+    "the objective or the data set (refused by default; the changes are printed either way).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -57,12 +60,14 @@ def main(argv):
     from jaxmodels.parallel.distributed import maybe_initialize
 
     maybe_initialize()
+    from jaxmodels.train.checkpoint import CheckpointError
     from jaxmodels.train.config import ConfigError
     from jaxmodels.train.loop import train_and_evaluate
+    from jaxmodels.train.workdir import WorkdirLockedError
 
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:  # raised before anything is built or compiled
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_changes=_ALLOW_CHANGES.value)
+    except (ConfigError, WorkdirLockedError, CheckpointError) as e:  # refusals: a config, workdir or resume to fix
         sys.exit(f"error: {e}")
     if summary["interrupted"]:
         sys.exit(143)

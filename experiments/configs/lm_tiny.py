@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_every=200,
         keep_checkpoints=3,
         nan_policy="skip",      # "skip": keep the old state and go on; "halt": raise
+        max_consecutive_skips=10,  # "skip" halts after this many non-finite steps in a row
         peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = look up the device table
         # PRNG of parameter initialisation. "threefry2x32": the same values on every backend and mesh.
         # "rbg": the GPU compiles the initialiser 5x faster (125M: 18 s vs 95 s on an H100,

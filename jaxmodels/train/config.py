@@ -33,7 +33,7 @@ CHOICES = {
 }
 
 POSITIVE = ("train.num_steps", "train.grad_accum_steps", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.log_every", "data.global_batch_size", "data.eval_batches")
+            "train.log_every", "train.max_consecutive_skips", "data.global_batch_size", "data.eval_batches")
 
 
 class ConfigError(ValueError):

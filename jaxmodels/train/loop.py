@@ -9,9 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -26,6 +24,7 @@ from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from jaxmodels.train.step import make_eval_step, make_train_step
+from jaxmodels.train.workdir import WorkdirLock
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,6 +52,8 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 
 # Config sections that decide the layout of the saved train state.
 STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules")
+# Fields a resumed run may not change without --allow_config_changes: what is learned and from what.
+PROTECTED = ("task", "model.", "diffusion.", "data.name")
 
 
 def _flat(tree, prefix=""):
@@ -69,13 +70,15 @@ def previous_config(config_json: str) -> dict | None:
         return json.load(f)
 
 
-def config_changes(previous: dict | None, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: old -> new' for the STATE_SECTIONS fields where `config` differs from `previous` (a previous
-    run's config, `previous_config`); empty when there is none."""
+def config_changes(previous: dict | None, config: ml_collections.ConfigDict,
+                   sections: tuple[str, ...] | None = None) -> list[str]:
+    """'field: old -> new' for the fields of `sections` (default: all) where `config` differs from `previous`
+    (a previous run's config, `previous_config`); empty when there is none."""
     if previous is None:
         return []
     current = json.loads(config.to_json_best_effort())
-    old, new = (_flat({k: c.get(k) for k in STATE_SECTIONS}) for c in (previous, current))
+    sections = sections or tuple(sorted(set(previous) | set(current)))
+    old, new = (_flat({k: c.get(k) for k in sections}) for c in (previous, current))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
@@ -161,17 +164,31 @@ class Trainer:
         """This process's rows of a batch (a pytree of NumPy arrays) -> the global, sharded batch."""
         return jax.tree.map(jax.make_array_from_process_local_data, self.batch_sharding, local_batch)
 
-    def restore_or_init(self):
-        """(start_step, state): the newest readable checkpoint, or a fresh sharded init."""
+    def restore_or_init(self, allow_config_changes: bool = False):
+        """(start_step, state): the newest readable checkpoint, or a fresh sharded init.
+
+        Resuming with a config that changes what is learned (PROTECTED fields: the task, the model, the
+        diffusion objective, the data set) raises CheckpointError naming the changes, unless
+        `allow_config_changes`; other changes (steps, schedule, mesh ...) are printed and allowed.
+        """
+        if not self.checkpointer.manager.all_steps():
+            return 0, self.init()
         previous = previous_config(os.path.join(self.workdir, "config.json"))
         changes = config_changes(previous, self.config)
+        protected = [c for c in changes if c.startswith(PROTECTED)]
+        if protected and not allow_config_changes:
+            raise CheckpointError(f"{self.workdir} holds a run of another model or objective: "
+                                  f"{'; '.join(protected)}. Resume with the same config, use another --workdir, "
+                                  "or pass --allow_config_changes to resume the old state under the new config")
         error = previous and self.strategy.resume_error(previous["parallel"]["strategy"])
         if error:
             raise CheckpointError(f"{self.workdir} holds checkpoints of another data-parallel strategy: {error}")
-        hint = (". The checkpoints were written with a different config (state layout): " + "; ".join(changes)
-                if changes else "")
+        if changes and jax.process_index() == 0:
+            print("resuming with config changes: " + "; ".join(changes), flush=True)
+        layout = config_changes(previous, self.config, STATE_SECTIONS)
+        hint = ". The checkpoints were written with a different config (state layout): " + "; ".join(layout)
         step, state = self.checkpointer.restore_latest(
-            abstract_with_shardings(self.abstract_state, self.state_shardings), hint)
+            abstract_with_shardings(self.abstract_state, self.state_shardings), hint if layout else "")
         return (0, self.init()) if step is None else (step, state)
 
     def evaluate(self, params, batches) -> dict[str, float]:
@@ -201,20 +218,50 @@ def _step_scalars(metrics, step_time: float | None, trainer: Trainer) -> dict[st
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None, *,
+                       allow_config_changes: bool = False) -> dict:
     """Train config.train.num_steps steps in workdir, resuming from its latest checkpoint.
 
     `devices` (default: all) restricts the mesh, e.g. to compare one device with several.
     Returns a summary dict (start/end eval metrics, baseline, final step, whether interrupted,
     generated sample). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
+    One run per workdir: a second one is refused while the first lives (`WorkdirLock`). A run that
+    already finished returns its summary without training or evaluating again. `allow_config_changes`:
+    see `Trainer.restore_or_init`.
     """
     workdir = os.path.abspath(workdir)
     trainer = Trainer(config, workdir, devices)  # validates the config first
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    try:
+        return _train(trainer, lock, allow_config_changes)
+    finally:
+        lock.release()
+
+
+def _finished_summary(trainer: Trainer, start: int) -> dict | None:
+    """The summary of a run that already trained its num_steps (None if it has not, or left no summary)."""
+    path = os.path.join(trainer.workdir, "summary.json")
+    if start < trainer.config.train.num_steps or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> dict:
+    config, workdir = trainer.config, trainer.workdir
     tc = config.train
     lead = jax.process_index() == 0
-    start, state = trainer.restore_or_init()
-    writer = MetricWriter(workdir, start_step=start, console_every=tc.log_every, enabled=lead)
+    start, state = trainer.restore_or_init(allow_config_changes)
+    finished = _finished_summary(trainer, start)
+    if finished is not None:
+        if lead:
+            print(f"{workdir} already finished at step {start} (train.num_steps={tc.num_steps}); nothing to do. "
+                  "Raise train.num_steps to train further.", flush=True)
+        return finished
+    # From scratch, rows a previous attempt left (killed before its first checkpoint) are dropped.
+    writer = MetricWriter(workdir, start_step=start if start else -1, console_every=tc.log_every, enabled=lead)
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -239,24 +286,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         summary["eval_start"] = run_eval(0)
     batches = trainer.task.train_batches(start, jax.process_index(), jax.process_count())
     bar = tqdm(total=tc.num_steps, initial=start, disable=not lead, desc="train", dynamic_ncols=True)
-    pending, last_time, step, interrupted = None, None, start, False
+    pending, last_time, step, interrupted, skipped = None, None, start, False, 0
 
     def report(step_done, metrics):
-        nonlocal last_time
+        nonlocal last_time, skipped
         metrics = jax.device_get(metrics)  # waits for that step only; the next one is already queued
         now = time.perf_counter()
         step_time, last_time = (now - last_time if last_time else None), now
+        skipped = skipped + 1 if metrics["nonfinite"] else 0
         if metrics["nonfinite"]:
             msg = f"non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}, " \
                   f"grad_norm={float(metrics['grad_norm'])}); the update was skipped"
             writer.print(msg)
             if tc.nan_policy == "halt":
                 raise NonFiniteLossError(msg + "; halting (train.nan_policy='halt')")
+            if skipped > tc.max_consecutive_skips:
+                raise NonFiniteLossError(f"{skipped} consecutive steps up to step {step_done} were not finite "
+                                         f"(train.max_consecutive_skips={tc.max_consecutive_skips}); halting. The "
+                                         "last checkpoint holds the last finite state: resume from it with a "
+                                         "lower learning rate, or find the data that breaks it")
         writer.write(step_done, _step_scalars(metrics, step_time, trainer))
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         bar.update(1)
 
-    with stop_on_signals() as stop_requested:
+    # One process handles SIGTERM/SIGINT itself; several rely on JAX's preemption sync point, at which
+    # every host saves the same step (orbax's PreemptionCheckpointingPolicy).
+    signums = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+    with stop_on_signals(signums) as stop_requested:
         try:
             for step in range(start, tc.num_steps):
                 state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
@@ -264,10 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                     report(*pending)
                 pending = (step + 1, metrics)
                 trainer.checkpointer.save(step + 1, state)
-                stop = stop_requested()
-                if jax.process_count() > 1:
-                    stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
-                if stop:
+                lock.heartbeat()
+                if stop_requested() or trainer.checkpointer.reached_preemption(step + 1):
                     interrupted = True
                     break
                 if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.num_steps:
@@ -278,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 report(*pending)
             step = int(state["step"])
             trainer.checkpointer.save_final(step, state)
+            interrupted = interrupted or stop_requested()  # a signal during the last step still ends the run
         finally:
             trainer.checkpointer.wait()
             bar.close()

@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +60,45 @@ def test_all_corrupt_is_a_clear_error(tmp_path):
 
 def test_empty_directory_restores_nothing(tmp_path):
     assert Checkpointer(str(tmp_path), every=1, keep=1).restore_latest(_abstract()) == (None, None)
+
+
+def _unreadable(tmp_path):
+    return sorted(p.name for p in (tmp_path / "unreadable").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "remove_item", "empty_step"])
+def test_an_unreadable_newest_step_is_moved_aside_and_training_goes_on(tmp_path, damage):
+    directory = tmp_path / "checkpoints"
+    ck = Checkpointer(str(directory), every=1, keep=5, unreadable_dir=str(tmp_path / "unreadable"))
+    for s in (1, 2, 3):
+        ck.save(s, _state(s))
+    ck.close()
+    if damage == "corrupt":
+        _corrupt(directory / "3")
+    elif damage == "remove_item":  # the reported case: rm -r checkpoints/40/default
+        shutil.rmtree(directory / "3" / "default")
+    else:
+        shutil.rmtree(directory / "3")
+        os.makedirs(directory / "3")
+    ck = Checkpointer(str(directory), every=1, keep=5, unreadable_dir=str(tmp_path / "unreadable"))
+    step, state = ck.restore_latest(_abstract())
+    assert step == 2 and int(state["step"]) == 2  # one damaged step does not condemn the older ones
+    assert _unreadable(tmp_path) == ["3"]  # kept for inspection, never deleted
+    assert ck.save(3, _state(3))  # no "checkpoint for step 3 already exists" crash loop
+    ck.wait()
+    assert Checkpointer(str(directory), every=1, keep=5).restore_latest(_abstract())[0] == 3
+    ck.close()
+
+
+def test_a_second_unreadable_copy_of_a_step_gets_its_own_name(tmp_path):
+    directory = tmp_path / "checkpoints"
+    for _ in range(2):
+        ck = Checkpointer(str(directory), every=1, keep=5, unreadable_dir=str(tmp_path / "unreadable"))
+        ck.save(1, _state(1))
+        ck.save(2, _state(2))
+        ck.close()
+        _corrupt(directory / "2")
+        ck = Checkpointer(str(directory), every=1, keep=5, unreadable_dir=str(tmp_path / "unreadable"))
+        assert ck.restore_latest(_abstract())[0] == 1
+        ck.close()
+    assert _unreadable(tmp_path) == ["2", "2.1"]
