@@ -47,13 +47,24 @@ def real_in_range(name: str, value, low: float = -math.inf, high: float = math.i
     as `include_low` / `include_high` say; an infinite end is open); TypeError for a non-number (bools and
     strings included), ValueError for a number outside (NaN included):
     "{name} must be a real number in [low, high), got ..."."""
-    include_low, include_high = include_low and low > -math.inf, include_high and high < math.inf
-    interval = f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
+    interval = _interval(low, high, include_low, include_high)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
-    if not ((value >= low if include_low else value > low) and (value <= high if include_high else value < high)):
+    if not _inside(np.asarray(value), low, high, include_low, include_high):
         raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
     return float(value)
+
+
+def _interval(low, high, include_low, include_high) -> str:
+    left = "[" if include_low and low > -math.inf else "("
+    return f"{left}{low}, {high}{']' if include_high and high < math.inf else ')'}"
+
+
+def _inside(values: np.ndarray, low, high, include_low, include_high) -> bool:
+    """Whether every element lies in the interval; NaN never does, nor an infinite end."""
+    above = values >= low if include_low and low > -math.inf else values > low
+    below = values <= high if include_high and high < math.inf else values < high
+    return bool(np.all(above & below))
 
 
 def concrete(x) -> np.ndarray | None:
@@ -63,17 +74,16 @@ def concrete(x) -> np.ndarray | None:
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
-def values_in_range(name: str, x, low: float, high: float, *, include_high: bool = False) -> None:
-    """If `x` is concrete (`concrete`), raise ValueError unless every element lies in [low, high) ([low, high]
-    with `include_high`): "{name} must hold values in [low, high), got values from min to max"."""
+def values_in_range(name: str, x, low: float = -math.inf, high: float = math.inf, *, include_low: bool = True,
+                    include_high: bool = False) -> None:
+    """If `x` is concrete (`concrete`), raise ValueError unless every element lies between `low` and `high`
+    (ends as in `real_in_range`; default [low, high)): "{name} must hold values in [low, high), got values from
+    min to max"."""
     values = concrete(x)
-    if values is None or values.size == 0:
+    if values is None or values.size == 0 or _inside(values, low, high, include_low, include_high):
         return
-    low_ok = values.min() >= low
-    high_ok = values.max() <= high if include_high else values.max() < high
-    if not (low_ok and high_ok):  # NaN fails both
-        raise ValueError(f"{name} must hold values in [{low}, {high}{']' if include_high else ')'}, "
-                         f"got values from {values.min()} to {values.max()}")
+    raise ValueError(f"{name} must hold values in {_interval(low, high, include_low, include_high)}, "
+                     f"got values from {values.min()} to {values.max()}")
 
 
 def monotone(name: str, x, *, decreasing: bool) -> None:
