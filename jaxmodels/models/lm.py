@@ -14,6 +14,7 @@ from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, spec_from_co
 from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
+from jaxmodels.ops.checks import non_negative_int, positive_int, real_in_range, values_in_range
 from jaxmodels.ops.moe import moe_flops_per_token
 from jaxmodels.ops.position import sinusoidal_embedding
 
@@ -67,7 +68,8 @@ class DecoderLM(Model):
     @classmethod
     def check_config(cls, config) -> None:
         """config.model: kinds, positive sizes, num_heads a multiple of num_kv_heads, the attention and moe
-        sections (`AttentionSpec`, `MoESpec`), and experts only in blocks that have an MLP."""
+        sections (`AttentionSpec`, `MoESpec`), experts only in blocks that have an MLP and in at least one
+        block when moe.num_experts > 0, and an even head_dim for RoPE / ReRoPE."""
         check_fields(config, "config.model", {"mlp_kind": MLP.KINDS, "norm_kind": tuple(NORMS),
                                               "remat": tuple(REMAT_POLICIES)},
                      ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"))
@@ -82,6 +84,13 @@ class DecoderLM(Model):
             raise ValueError(f"config.model.moe.num_experts={moe.num_experts} needs blocks with an MLP, but "
                              f"config.model.attention.kind={attention.kind!r} has none; set "
                              "config.model.moe.num_experts=0")
+        if moe.num_experts and not moe.num_moe_layers(config.num_layers):
+            raise ValueError(f"config.model.moe.num_experts={moe.num_experts} but no block is an MoE: "
+                             f"config.model.num_layers={config.num_layers} < config.model.moe.every={moe.every}; "
+                             "lower moe.every, add layers, or set moe.num_experts=0 for a dense model")
+        if attention.position in ("rope", "rerope") and config.head_dim % 2:
+            raise ValueError(f"config.model.head_dim={config.head_dim} must be even: "
+                             f"config.model.attention.position={attention.position!r} rotates pairs of dims")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False):
@@ -202,14 +211,30 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, embed_dim: int, n
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    """Draw token ids from logits (batch, vocab); greedy (argmax) when temperature == 0."""
+    """Draw token ids (batch,) int32 from logits (batch, vocab) at `temperature`, from the `top_k` most likely.
+
+    temperature: a real number >= 0 (Python scalar); 0 is greedy (argmax).
+    top_k: None or 0 (off: the whole vocabulary, as the CLI's `sample.top_k=0`) or an int in [1, vocab].
+    Raises ValueError / TypeError (at trace time) for values outside these ranges.
+    """
+    temperature = real_in_range("temperature", temperature, 0)
+    top_k = check_top_k(top_k, logits.shape[-1])
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
+    if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def check_top_k(top_k, vocab_size: int, name: str = "top_k") -> int:
+    """top_k as an int, 0 for off (None or 0); ValueError / TypeError naming `name` unless it is in
+    [0, vocab_size]."""
+    top_k = non_negative_int(name, 0 if top_k is None else top_k)
+    if top_k > vocab_size:
+        raise ValueError(f"{name} must be at most the vocabulary size {vocab_size} (0 or None: off), got {top_k}")
+    return top_k
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "use_cache"))
@@ -253,11 +278,20 @@ def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tok
     kinds silently decode without), the prompt is processed once and each new token attends to cached keys and
     values (O(L) per token); without, every step recomputes the full causal forward (O(L^2)),
     which is the reference the cached path must equal. Step t draws with key split(key)[t].
+
+    prompt: integer ids in [0, model.vocab_size), at least one per row (ValueError otherwise; a traced prompt's
+      ids cannot be checked). max_new_tokens: an int >= 1. temperature, top_k: as in `sample_logits`
+      (top_k None or 0: off).
     """
+    prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, prompt_len >= 1) token ids, got shape {prompt.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise TypeError(f"prompt must hold integer token ids, got {prompt.dtype}")
+    values_in_range("prompt", prompt, 0, model.vocab_size)
+    positive_int("max_new_tokens", max_new_tokens)
+    temperature = real_in_range("temperature", temperature, 0)
+    top_k = check_top_k(top_k, model.vocab_size)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt.astype(jnp.int32), key, max_new_tokens=max_new_tokens,
-                     temperature=float(temperature), top_k=top_k, use_cache=use_cache and model.has_cache)
+                     temperature=temperature, top_k=top_k, use_cache=use_cache and model.has_cache)

@@ -33,7 +33,7 @@ from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
-from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.checks import non_negative_int, one_of, positive_int, real_in_range
 from jaxmodels.ops.linear_attention import (
     FEATURE_MAPS,
     diagonal_block_attention,
@@ -85,6 +85,8 @@ class AttentionSpec:
     block_size: compute block of the sparse kinds (the sequence length must be a multiple).
     sparse_block: the pattern's l (strided stride, fixed block, local/global block);
     sparse_summary: fixed's c; window_blocks, global_blocks: local_global's band and global blocks.
+    Ranges (ValueError naming attention.X otherwise): the sizes in POSITIVE_INTS are ints >= 1, those in
+    NON_NEGATIVE_INTS ints >= 0, rope_base and rope_factor > 0, rerope_leaky >= 0.
     """
 
     kind: str = "softmax"
@@ -109,10 +111,21 @@ class AttentionSpec:
     window_blocks: int = 1
     global_blocks: int = 1
 
+    POSITIVE_INTS = ("max_positions", "rerope_window", "num_features", "chunk_size", "block_size", "sparse_block",
+                     "sparse_summary")
+    NON_NEGATIVE_INTS = ("train_length", "window", "window_blocks", "global_blocks")
+
     def __post_init__(self):
         for name, choices in (("kind", KINDS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALING_METHODS),
                               ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS))):
             one_of(f"attention.{name}", getattr(self, name), choices)
+        for name in self.POSITIVE_INTS:
+            positive_int(f"attention.{name}", getattr(self, name))
+        for name in self.NON_NEGATIVE_INTS:
+            non_negative_int(f"attention.{name}", getattr(self, name))
+        for name in ("rope_base", "rope_factor"):
+            real_in_range(f"attention.{name}", getattr(self, name), 0, include_low=False)
+        real_in_range("attention.rerope_leaky", self.rerope_leaky, 0)
         if self.position in ("alibi", "rerope") and self.kind != "softmax":
             raise ValueError(f"attention.position={self.position!r} needs attention.kind='softmax', got {self.kind!r}")
         if self.rope_scaling != "none" and self.position != "rope":

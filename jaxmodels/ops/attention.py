@@ -56,9 +56,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         inputs, and left-only windows unless causal). "flash": `flash_attention` with its default
         blocks (FLASH_BLOCK_Q x FLASH_BLOCK_K): blockwise, memory O((T + S)·H) per (batch, head)
         instead of O(T·S), numerics as "reference". None: "cudnn" where cuDNN takes the inputs, else "flash"
-        for long sequences (T·S >= 2048²), else "xla" (see `_select_implementation`). "cudnn" off an NVIDIA
-        GPU or with inputs that are not fp16/bf16 falls back to None's choice with a one-time warning; its
-        other limits (shapes, windows) are jax.nn's to report.
+        for long sequences (T·S >= 2048²), else "xla" (see `_select_implementation`), "reference" for float16
+        on the CPU. "cudnn" off an NVIDIA GPU or with inputs that are not fp16/bf16 falls back to None's choice
+        with a one-time warning; its other limits (shapes, windows) are jax.nn's to report. "xla" with float16
+        on the CPU (whose compiled dot_general rejects it) falls back to "reference" with a one-time warning.
+        "flash" needs T >= 1 and S >= 1 ("reference" and "xla" take empty sequences).
 
     Returns:
       (B, T, N, H) in `query`'s dtype.
@@ -81,9 +83,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       Rows with at least one allowed key agree across implementations.
 
     Raises:
-      ValueError / TypeError (at trace time) for wrong ranks or shapes, mismatched dtypes,
-      N not a multiple of K, a non-boolean mask, bad segment_ids or local_window_size, or an
-      unknown implementation.
+      ValueError / TypeError (at trace time) for wrong ranks or shapes, mismatched dtypes, no heads,
+      head_dim 0, N not a multiple of K, an empty sequence with "flash", a non-boolean mask, bad
+      segment_ids or local_window_size, or an unknown implementation.
     """
     check_implementation(implementation, IMPLEMENTATIONS)
     query, key, value, bias, mask, segment_ids, local_window = _checked_inputs(
@@ -95,6 +97,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         fastest = _select_implementation(
             platform, query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window)
         implementation = fall_back("dot_product_attention", "cudnn", cudnn_reason, fastest) if cudnn_reason else fastest
+    xla_reason = _xla_unsupported(platform, query.dtype) if implementation == "xla" else None
+    if xla_reason:
+        implementation = fall_back("dot_product_attention", "xla", xla_reason, "reference")
     scale = head_dim**-0.5 if scale is None else scale
 
     if implementation == "flash":
@@ -248,6 +253,9 @@ def _flash_attention(query, key, value, bias, mask, segment_ids, *, scale, is_ca
     """`flash_attention` on checked inputs (see `_checked_inputs`): pads T and S up to multiples of
     the blocks, runs the custom-VJP core `_flash`, and drops the padded query rows. Autodiff of the
     padding and of the scale's dtype cast carries the core's gradients back to the inputs."""
+    if query.shape[1] < 1 or key.shape[1] < 1:
+        raise ValueError(f"implementation 'flash' needs query length T >= 1 and key length S >= 1, got "
+                         f"T={query.shape[1]}, S={key.shape[1]}; use 'reference' for empty sequences")
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     grid = _Grid(min(block_q, q_len), min(block_k, kv_len), q_len, kv_len, is_causal, local_window)
@@ -459,7 +467,7 @@ _FLASH_MIN_SCORES = 2048 * 2048
 def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_len: int, *,
                            is_causal: bool, local_window: tuple[int, int] | None) -> str:
     """"cudnn" where jax.nn's cuDNN flash attention accepts these inputs, else "flash" when
-    q_len · kv_len >= _FLASH_MIN_SCORES, else "xla".
+    q_len · kv_len >= _FLASH_MIN_SCORES, else "xla" ("reference" where "xla" cannot run, `_xla_unsupported`).
 
     platform: "cuda", "rocm", "cpu", "tpu" (see `_platform`). The cuDNN conditions, those of jax's
     `jax._src.cudnn.fused_attention_stablehlo` (`check_layout`, `check_is_flash_attention`) and
@@ -479,7 +487,17 @@ def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_l
     )
     if supported:
         return "cudnn"
-    return "flash" if q_len * kv_len >= _FLASH_MIN_SCORES else "xla"
+    if q_len * kv_len >= _FLASH_MIN_SCORES:
+        return "flash"
+    return "reference" if _xla_unsupported(platform, dtype) else "xla"
+
+
+def _xla_unsupported(platform: str, dtype) -> str | None:
+    """Why jax.nn's "xla" attention cannot run here for this dtype, or None: compiled for the CPU, its float16
+    score matmul asks for float32 accumulation, which XLA's CPU dot_general rejects."""
+    if platform == "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+        return "XLA's CPU dot_general takes no float16 operands with float32 accumulation"
+    return None
 
 
 def _cudnn_unsupported(platform: str, dtype) -> str | None:

@@ -6,9 +6,11 @@ what came. A module that needs a check imports it from here; it never reaches in
 module's private helpers.
 """
 
+import math
 import numbers
 from collections.abc import Collection
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +41,63 @@ def non_negative_int(name: str, value):
     return _int_at_least(name, value, 0, "a non-negative int")
 
 
+def real_in_range(name: str, value, low: float = -math.inf, high: float = math.inf, *,
+                  include_low: bool = True, include_high: bool = True) -> float:
+    """Return `value` as a float if it is a real number between `low` and `high` (each end closed or open
+    as `include_low` / `include_high` say; an infinite end is open); TypeError for a non-number (bools and
+    strings included), ValueError for a number outside (NaN included):
+    "{name} must be a real number in [low, high), got ..."."""
+    interval = _interval(low, high, include_low, include_high)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
+    if not _inside(np.asarray(value), low, high, include_low, include_high):
+        raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _interval(low, high, include_low, include_high) -> str:
+    left = "[" if include_low and low > -math.inf else "("
+    return f"{left}{low}, {high}{']' if include_high and high < math.inf else ')'}"
+
+
+def _inside(values: np.ndarray, low, high, include_low, include_high) -> bool:
+    """Whether every element lies in the interval; NaN never does, nor an infinite end."""
+    above = values >= low if include_low and low > -math.inf else values > low
+    below = values <= high if include_high and high < math.inf else values < high
+    return bool(np.all(above & below))
+
+
+def concrete(x) -> np.ndarray | None:
+    """`x` as a NumPy array when its value is known now (not a tracer of jit, vmap or grad), else None.
+    A public function checks the values of concrete arguments eagerly; traced ones cannot raise, so its
+    docstring states what it does with values out of range."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def values_in_range(name: str, x, low: float = -math.inf, high: float = math.inf, *, include_low: bool = True,
+                    include_high: bool = False) -> None:
+    """If `x` is concrete (`concrete`), raise ValueError unless every element lies between `low` and `high`
+    (ends as in `real_in_range`; default [low, high)): "{name} must hold values in [low, high), got values from
+    min to max"."""
+    values = concrete(x)
+    if values is None or values.size == 0 or _inside(values, low, high, include_low, include_high):
+        return
+    raise ValueError(f"{name} must hold values in {_interval(low, high, include_low, include_high)}, "
+                     f"got values from {values.min()} to {values.max()}")
+
+
+def monotone(name: str, x, *, decreasing: bool) -> None:
+    """If `x` (1-D) is concrete (`concrete`), raise ValueError unless it is non-increasing (`decreasing`) or
+    non-decreasing: "{name} must be non-increasing (..., in sampling order), got [...]"."""
+    values = concrete(x)
+    if values is None:
+        return
+    steps = np.diff(values)
+    if not np.all(steps <= 0 if decreasing else steps >= 0):  # NaN fails too
+        order = "non-increasing" if decreasing else "non-decreasing"
+        raise ValueError(f"{name} must be {order} (in sampling order), got {np.array2string(values, threshold=8)}")
+
+
 def _int_at_least(name, value, minimum, expected):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
@@ -50,7 +109,8 @@ def _int_at_least(name, value, minimum, expected):
 def check_qkv(query, key, value, *, value_head_dim_free: bool = False) -> None:
     """Check attention operands: query (B, T, N, H), key (B, S, K, H) and value (B, S, K, H), or (B, S, K, Hv)
     for any Hv with `value_head_dim_free` (linear attention): ranks, batch, head_dim, N a multiple of K
-    (grouped-query heads), one floating dtype. Raises ValueError (shapes) or TypeError (dtypes)."""
+    (grouped-query heads), heads and head_dim >= 1, one floating dtype. Raises ValueError (shapes) or TypeError
+    (dtypes)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D (batch, length, heads, head_dim), got shape {x.shape}")
@@ -62,6 +122,8 @@ def check_qkv(query, key, value, *, value_head_dim_free: bool = False) -> None:
         raise ValueError(f"query and key must have the same batch size, got {query.shape} and {key.shape}")
     if query.shape[3] != key.shape[3]:
         raise ValueError(f"query and key must have the same head_dim, got {query.shape} and {key.shape}")
+    if min(query.shape[2], key.shape[2], query.shape[3]) < 1:
+        raise ValueError(f"heads and head_dim must be >= 1, got query {query.shape} and key {key.shape}")
     if query.shape[2] % key.shape[2]:
         raise ValueError(f"number of query heads must be a multiple of key/value heads, "
                          f"got {query.shape[2]} query heads and {key.shape[2]} key/value heads")

@@ -68,9 +68,12 @@ def ring_reduce_scatter(x: jax.Array, axis_name: str, *, bidirectional: bool = F
 def ring_all_gather(x: jax.Array, axis_name: str, *, bidirectional: bool = False) -> jax.Array:
     """Concatenate every device's `x` along the leading dim, in device order.
 
-    x: (c, ...) on each of n devices -> (n * c, ...), equal to
+    x: (c, ...) on each of n devices, at least 1-D (ValueError for a scalar) -> (n * c, ...), equal to
     `lax.all_gather(x, axis_name, axis=0, tiled=True)`; n - 1 ppermute steps.
     """
+    if jnp.ndim(x) == 0:
+        raise ValueError(f"x must have a leading dim to gather along (at least 1-D), got a scalar; "
+                         f"gather x[None] for a ({lax.axis_size(axis_name)},) result")
     n = lax.axis_size(axis_name)
     if not bidirectional or n == 1 or x.shape[0] < 2:
         return _all_gather_one_way(x, axis_name, +1, n).reshape(n * x.shape[0], *x.shape[1:])

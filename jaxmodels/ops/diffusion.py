@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmodels.ops.checks import one_of, positive_int
+from jaxmodels.ops.checks import monotone, one_of, positive_int, real_in_range, values_in_range
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -72,12 +72,17 @@ def beta_schedule(schedule: str, num_timesteps: int, *, beta_start: float = 1e-4
     Args:
       schedule: one of "linear", "scaled_linear", "cosine".
       num_timesteps: T, a positive int.
+      beta_start, beta_end: in (0, 1) ("linear", "scaled_linear").
+      cosine_s: >= 0; max_beta: in (0, 1) ("cosine").
 
     Returns:
       (T,) float32 betas in (0, 1); computed in float64 NumPy (they are constants).
     """
     T = positive_int("num_timesteps", num_timesteps)
     one_of("schedule", schedule, BETA_SCHEDULES)
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end), ("max_beta", max_beta)):
+        real_in_range(name, value, 0, 1, include_low=False, include_high=False)
+    real_in_range("cosine_s", cosine_s, 0)
     if schedule == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
     elif schedule == "scaled_linear":
@@ -252,9 +257,10 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
 
     Returns:
       (num_steps + 1,) float32, decreasing from sigma_max to sigma_min, then 0. num_steps = 1 gives
-      [sigma_max, 0].
+      [sigma_max, 0]. rho must be > 0 (the paper uses 7).
     """
     n = positive_int("num_steps", num_steps)
+    real_in_range("rho", rho, 0, include_low=False)
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"edm_sigmas needs 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
     frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
@@ -533,7 +539,8 @@ def ddpm_loss(model: Callable, x0: jax.Array, key: jax.Array | None, alphas_cump
       alphas_cumprod_table: (T,) abar_t.
       target: "eps", "x0" or "v".
       min_snr_gamma: None (w = 1) or gamma > 0 (w = `min_snr_weight`).
-      t, noise: optional (B,) int timesteps and (B, ...) eps instead of drawing them.
+      t, noise: optional (B,) int timesteps in [0, T) and (B, ...) eps instead of drawing them. A t outside
+        [0, T) is refused (ValueError) when concrete; under a trace its example's loss is NaN.
 
     Returns:
       (B,) float32 per-example loss.
@@ -543,16 +550,25 @@ def ddpm_loss(model: Callable, x0: jax.Array, key: jax.Array | None, alphas_cump
     table = jnp.asarray(alphas_cumprod_table, jnp.float32)
     if table.ndim != 1:
         raise ValueError(f"alphas_cumprod_table must be 1-D (T,), got shape {table.shape}")
+    num_timesteps = table.shape[0]
     noise, t = _noise_and_level(key, x0, noise, t,
-                                lambda k: jax.random.randint(k, (x0.shape[0],), 0, table.shape[0]), "t")
-    ab = table[t]
+                                lambda k: jax.random.randint(k, (x0.shape[0],), 0, num_timesteps), "t")
+    values_in_range("t", t, 0, num_timesteps)
+    valid = (t >= 0) & (t < num_timesteps)
+    ab = table[jnp.clip(t, 0, num_timesteps - 1)]
     x_t = ddpm_noise(x0, noise, ab)
     a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
     tgt = {"eps": noise, "x0": x0, "v": _per_example(a, x0) * noise - _per_example(s, x0) * x0}[target]
     loss = _mse(model(x_t, t), tgt)
     if min_snr_gamma is not None:
         loss = loss * min_snr_weight(snr(ab), min_snr_gamma, target)
-    return loss
+    return _nan_where_invalid(loss, valid)
+
+
+def _nan_where_invalid(loss, valid):
+    """The per-example loss, NaN where the example's noise level was out of range (only possible under a
+    trace, where it cannot be refused): a defined result that NaN checks catch, not a silent wrong loss."""
+    return jnp.where(valid, loss, jnp.nan)
 
 
 def edm_sigma_sample(key: jax.Array, shape, P_mean: float = -1.2, P_std: float = 1.2) -> jax.Array:
@@ -579,7 +595,8 @@ def edm_loss(denoiser: Denoiser, x0: jax.Array, key: jax.Array | None, *, sigma_
       denoiser: (x (B, ...), sigma (B,)) -> x0 estimate, usually `edm_denoiser(net, sigma_data)`.
       x0: (B, ...) data.
       key: PRNG key for sigma and eps (may be None when both `sigma` and `noise` are given).
-      sigma, noise: optional (B,) noise levels and (B, ...) eps instead of drawing them.
+      sigma, noise: optional (B,) noise levels > 0 and (B, ...) eps instead of drawing them. A sigma <= 0 is
+        refused (ValueError) when concrete; under a trace its example's loss is NaN.
 
     Returns:
       (B,) float32 per-example loss.
@@ -587,8 +604,10 @@ def edm_loss(denoiser: Denoiser, x0: jax.Array, key: jax.Array | None, *, sigma_
     x0 = _check_batched(x0, "x0")
     noise, sigma = _noise_and_level(key, x0, noise, sigma,
                                     lambda k: edm_sigma_sample(k, (x0.shape[0],), P_mean, P_std), "sigma")
+    values_in_range("sigma", sigma, 0, include_low=False)
     x = edm_noise(x0, noise, sigma)
-    return edm_loss_weight(sigma, sigma_data).astype(jnp.float32) * _mse(denoiser(x, sigma), x0)
+    loss = edm_loss_weight(sigma, sigma_data).astype(jnp.float32) * _mse(denoiser(x, sigma), x0)
+    return _nan_where_invalid(loss, sigma > 0)
 
 
 T_SAMPLINGS = ("uniform", "logit_normal")
@@ -614,7 +633,8 @@ def flow_matching_loss(velocity_fn: Callable, x0: jax.Array, key: jax.Array | No
       velocity_fn: (x_t (B, ...), t (B,) float32) -> (B, ...) velocity.
       x0: (B, ...) data.
       key: PRNG key for t and eps (may be None when both `t` and `noise` are given).
-      t, noise: optional (B,) times (used as given, unshifted) and (B, ...) eps.
+      t, noise: optional (B,) times in [0, 1] (used as given, unshifted) and (B, ...) eps. A t outside [0, 1]
+        is refused (ValueError) when concrete; under a trace its example's loss is NaN.
 
     Returns:
       (B,) float32 per-example loss.
@@ -630,8 +650,9 @@ def flow_matching_loss(velocity_fn: Callable, x0: jax.Array, key: jax.Array | No
         return shift_timesteps(u, shift)
 
     noise, t = _noise_and_level(key, x0, noise, t, draw_t, "t")
+    values_in_range("t", t, 0, 1, include_high=True)
     x_t = flow_noise(x0, noise, t)
-    return _mse(velocity_fn(x_t, t), noise - x0)
+    return _nan_where_invalid(_mse(velocity_fn(x_t, t), noise - x0), (t >= 0) & (t <= 1))
 
 
 def score_matching_loss(score_fn: Callable, x0: jax.Array, key: jax.Array | None, sde: SDE, *,
@@ -675,6 +696,14 @@ def _check_schedule(ab, name):
     ab = jnp.asarray(ab, jnp.float32)
     if ab.ndim != 1 or ab.shape[0] < 1:
         raise ValueError(f"{name} must be a non-empty 1-D array (num_steps,), got shape {ab.shape}")
+    return ab
+
+
+def _check_alphas_cumprod_steps(ab, name="alphas_cumprod_steps"):
+    """abar at the sampling steps, noisiest first: values in (0, 1], non-decreasing (checked when concrete)."""
+    ab = _check_schedule(ab, name)
+    values_in_range(name, ab, 0, 1, include_low=False, include_high=True)
+    monotone(f"{name} (noisiest first)", ab, decreasing=False)
     return ab
 
 
@@ -922,14 +951,14 @@ def ddpm_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.
         prediction="eps", path="vp", ...)` for a DDPM network.
       noise: (B, ...) z_T ~ N(0, I) (the VP prior).
       alphas_cumprod_steps: (N,) abar at the steps, noisiest first (strictly increasing), e.g.
-        `alphas_cumprod(betas)[spaced_timesteps(T, N)]`.
+        `alphas_cumprod(betas)[spaced_timesteps(T, N)]`; checked as in `ddim_sample`.
       key: PRNG key, split into one key per step.
 
     Returns:
       (B, ...) samples in noise's dtype.
     """
     noise = _check_batched(noise, "noise")
-    ab = _check_schedule(alphas_cumprod_steps, "alphas_cumprod_steps")
+    ab = _check_alphas_cumprod_steps(alphas_cumprod_steps)
     keys = _keys(key, ab.shape[0], True, "ddpm_sample")
 
     def step(z, inputs):
@@ -949,7 +978,8 @@ def ddim_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       noise: (B, ...) z_T ~ N(0, I).
-      alphas_cumprod_steps: (N,) abar at the steps, noisiest first.
+      alphas_cumprod_steps: (N,) abar at the steps in (0, 1], noisiest first (non-decreasing); checked when
+        concrete (ValueError), not under a trace, where a wrong order gives meaningless samples.
       eta: >= 0, the stochasticity.
       key: PRNG key, required when eta > 0 (split into one key per step).
 
@@ -957,7 +987,7 @@ def ddim_sample(denoiser: Denoiser, noise: jax.Array, alphas_cumprod_steps: jax.
       (B, ...) samples in noise's dtype.
     """
     noise = _check_batched(noise, "noise")
-    ab = _check_schedule(alphas_cumprod_steps, "alphas_cumprod_steps")
+    ab = _check_alphas_cumprod_steps(alphas_cumprod_steps)
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     keys = _keys(key, ab.shape[0], eta > 0, "ddim_sample with eta > 0")
@@ -982,13 +1012,14 @@ def ddim_invert(denoiser: Denoiser, x: jax.Array, alphas_cumprod_steps: jax.Arra
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       x: (B, ...) data.
-      alphas_cumprod_steps: (N,) abar at the steps, noisiest first (the same array as for sampling).
+      alphas_cumprod_steps: (N,) abar at the steps, noisiest first (the same array as for sampling, checked
+        as there).
 
     Returns:
       (B, ...) latent z_T in x's dtype.
     """
     x = _check_batched(x, "x")
-    ab = _check_schedule(alphas_cumprod_steps, "alphas_cumprod_steps")[::-1]
+    ab = _check_alphas_cumprod_steps(alphas_cumprod_steps)[::-1]
 
     def step(z, inputs):
         ab_t, ab_s = inputs  # ab_s < ab_t: s is noisier
@@ -1007,7 +1038,8 @@ def edm_sample(denoiser: Denoiser, noise: jax.Array, sigmas: jax.Array, *, solve
     Args:
       denoiser: D(x, sigma) in EDM coordinates.
       noise: (B, ...) standard normal.
-      sigmas: (N + 1,) decreasing noise levels, usually `edm_sigmas(N)` (last 0).
+      sigmas: (N + 1,) non-increasing noise levels >= 0, usually `edm_sigmas(N)` (last 0); checked when
+        concrete (ValueError), not under a trace, where a wrong order gives meaningless samples.
       solver: "heun" (2nd order) or "euler".
       S_churn, S_tmin, S_tmax, S_noise: stochasticity (Algorithm 2). key is required when S_churn > 0
         (split into one key per step).
@@ -1020,6 +1052,8 @@ def edm_sample(denoiser: Denoiser, noise: jax.Array, sigmas: jax.Array, *, solve
     sigmas = _check_schedule(sigmas, "sigmas")
     if sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must hold at least 2 levels (one step), got shape {sigmas.shape}")
+    values_in_range("sigmas", sigmas, 0)
+    monotone("sigmas", sigmas, decreasing=True)
     n = sigmas.shape[0] - 1
     keys = _keys(key, n, S_churn > 0, "edm_sample with S_churn > 0")
 
@@ -1108,7 +1142,8 @@ def rectified_flow_sample(velocity_fn: Callable, noise: jax.Array, timesteps: ja
       velocity_fn: (x_t (B, ...), t (B,)) -> (B, ...) velocity ~ eps - x0 on x_t = (1 - t) x0 + t eps
         (a flow-matching network, or `velocity_from_denoiser(D)` with timesteps[0] < 1).
       noise: (B, ...) standard normal, x at timesteps[0].
-      timesteps: (N + 1,) decreasing times, usually `flow_timesteps(N, shift)` (1 -> 0).
+      timesteps: (N + 1,) non-increasing times in [0, 1], usually `flow_timesteps(N, shift)` (1 -> 0); checked
+        when concrete (ValueError), not under a trace, where a wrong order gives meaningless samples.
       solver: "euler" or "heun".
 
     Returns:
@@ -1119,6 +1154,8 @@ def rectified_flow_sample(velocity_fn: Callable, noise: jax.Array, timesteps: ja
     ts = _check_schedule(timesteps, "timesteps")
     if ts.shape[0] < 2:
         raise ValueError(f"timesteps must hold at least 2 times (one step), got shape {ts.shape}")
+    values_in_range("timesteps", ts, 0, 1, include_high=True)
+    monotone("timesteps", ts, decreasing=True)
 
     def step(x, inputs):
         t, t_next = inputs

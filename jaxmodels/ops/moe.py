@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels.ops.checks import check_grouped_operands, one_of, positive_int
+from jaxmodels.ops.checks import check_grouped_operands, concrete, one_of, positive_int, values_in_range
 from jaxmodels.ops.dispatch import check_implementation, fall_back
 from jaxmodels.ops.kernels import grouped_matmul as pallas_gmm
 
@@ -70,9 +70,22 @@ def _check_k(k, num_experts):
 def _check_routing(gates, experts, num_experts):
     if gates.ndim != 2 or gates.shape != experts.shape:
         raise ValueError(f"gates and experts must both be (num_tokens, k), got {gates.shape} and {experts.shape}")
+    _check_expert_ids(experts, num_experts)
+    _check_k(gates.shape[1], num_experts)
+
+
+def _check_expert_ids(experts, num_experts):
+    """Integer expert ids, in [0, num_experts) where they are concrete (`checks.values_in_range`)."""
+    positive_int("num_experts", num_experts)
     if not jnp.issubdtype(experts.dtype, jnp.integer):
         raise TypeError(f"experts must be integer expert indices, got {experts.dtype}")
-    _check_k(gates.shape[1], num_experts)
+    values_in_range("experts", experts, 0, num_experts)
+
+
+def _drop_invalid(experts, num_experts):
+    """Expert ids with those outside [0, E) (possible only under a trace, where they cannot be refused) replaced
+    by E, which no expert's count or group includes: such assignments are dropped."""
+    return jnp.where((experts >= 0) & (experts < num_experts), experts, num_experts)
 
 
 def _check_expert_weights(x, w_gate, w_up, w_down):
@@ -202,7 +215,8 @@ def capacity_dispatch(gates: jax.Array, experts: jax.Array, num_experts: int, ca
     An assignment's slot is its rank among the earlier assignments to the same expert.
 
     Args:
-      gates: (T, k) float gate weights. experts: (T, k) int expert indices (distinct per token).
+      gates: (T, k) float gate weights. experts: (T, k) int expert indices (distinct per token) in [0, E):
+        refused (ValueError) when concrete; under a trace an id outside is dropped (it claims no slot).
       num_experts: E. capacity: C >= 1 slots per expert.
       priority: "slot" or "gate".
 
@@ -289,11 +303,13 @@ def moe_einsum(x: jax.Array, dispatch: jax.Array, combine: jax.Array, w_gate: ja
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """Order of the token-assignments grouped by expert, and the group sizes (MegaBlocks §5.1).
 
-    experts: (T, k) int. Assignment (t, j) is flattened to a = t * k + j. Returns order (T * k,)
-    int32, a stable argsort of the flattened experts (within an expert, token order), and
-    group_sizes (E,) int32, the number of assignments per expert.
+    experts: (T, k) int in [0, E) (refused with ValueError when concrete). Assignment (t, j) is flattened to
+    a = t * k + j. Returns order (T * k,) int32, a stable argsort of the flattened experts (within an expert,
+    token order), and group_sizes (E,) int32, the number of assignments per expert. Under a trace, ids outside
+    [0, E) sort after every group and count in none (`grouped_matmul` gives zeros for those rows).
     """
-    flat = experts.reshape(-1)
+    _check_expert_ids(experts, num_experts)
+    flat = _drop_invalid(experts.reshape(-1), num_experts)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     return order, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
 
@@ -334,14 +350,25 @@ def _grouped_matmul_reference(x_sorted, w, group_sizes):
     return jnp.einsum("me,md,edf->mf", mask, x_sorted, w)
 
 
+def _checked_group_sizes(group_sizes, num_rows):
+    """group_sizes, refused unless each is >= 0 and they sum to <= num_rows (when concrete); traced ones with
+    negative sizes raised to 0 and the running sum cut at num_rows."""
+    sizes = concrete(group_sizes)
+    if sizes is not None and (sizes.min(initial=0) < 0 or sizes.sum() > num_rows):
+        raise ValueError(f"group_sizes must be >= 0 and sum to at most M = {num_rows} rows, got {sizes.tolist()}")
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), num_rows)
+    return jnp.diff(ends, prepend=0).astype(group_sizes.dtype)
+
+
 def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                    implementation: str | None = None) -> jax.Array:
     """Grouped (ragged) matmul: rows [s_i, s_i + group_sizes[i]) of x_sorted times w[i], with
     s_i = Σ_{j<i} group_sizes[j] (MegaBlocks' block-sparse expert computation, Gale et al. 2022).
 
     Args:
-      x_sorted: (M, d) rows grouped by expert. w: (E, d, f). group_sizes: (E,) int32, sum <= M; rows
-        past the sum give zeros.
+      x_sorted: (M, d) rows grouped by expert. w: (E, d, f). group_sizes: (E,) int32, each >= 0, sum <= M;
+        rows past the sum give zeros. Sizes breaking this are refused (ValueError) when concrete; under a
+        trace a negative size counts as 0 and the groups are cut at row M.
       implementation: one of `IMPLEMENTATIONS` or None. "reference": per-group masked einsum, the test
         oracle; "ragged_dot": `jax.lax.ragged_dot`; "pallas":
         `jaxmodels.ops.kernels.grouped_matmul.pallas_grouped_matmul`, tiled Pallas kernels (interpreted
@@ -354,6 +381,7 @@ def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     """
     check_implementation(implementation, IMPLEMENTATIONS)
     check_grouped_operands(x_sorted, w, group_sizes)
+    group_sizes = _checked_group_sizes(group_sizes, x_sorted.shape[0])
     if implementation is None:
         on_gpu = jax.default_backend() == "gpu"
         implementation = "pallas" if on_gpu and pallas_gmm.supports(x_sorted, w) is None else "ragged_dot"
@@ -376,7 +404,8 @@ def moe_dropless(x: jax.Array, gates: jax.Array, experts: jax.Array, w_gate: jax
     to (T, k, d) and add them weighted by the gates: y_t = Σ_j gates[t, j] E_{experts[t, j]}(x_t).
 
     Args:
-      x: (T, d). gates: (T, k) float. experts: (T, k) int.
+      x: (T, d). gates: (T, k) float. experts: (T, k) int in [0, E): refused (ValueError) when concrete; under
+        a trace an assignment to an id outside is dropped (it contributes nothing, `sort_by_expert`).
       w_gate, w_up: (E, d, f); w_down: (E, f, d).
       implementation: passed to `grouped_matmul`.
 
@@ -438,8 +467,11 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 def expert_load(experts: jax.Array, num_experts: int) -> jax.Array:
     """Histogram of expert indices as fractions: (E,) float32 summing to 1.
 
-    experts: int array of any shape (e.g. (T, k) token choices, counted before capacity dropping)."""
-    counts = jnp.bincount(experts.reshape(-1), length=num_experts)
+    experts: int array of any shape (e.g. (T, k) token choices, counted before capacity dropping), in [0, E):
+    refused (ValueError) when concrete; under a trace an id outside counts for no expert, and the fractions
+    then sum to less than 1."""
+    _check_expert_ids(experts, num_experts)
+    counts = jnp.bincount(_drop_invalid(experts.reshape(-1), num_experts), length=num_experts)
     return counts.astype(jnp.float32) / experts.size
 
 

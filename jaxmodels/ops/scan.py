@@ -231,6 +231,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
       y: (batch, L, d_inner) in `u`'s dtype; with `return_last_state`, (y, last_state) where
       last_state is (batch, d_inner, N) in the compute dtype (float32, float64 for float64 `u`).
+      L = 0 is allowed with every implementation: y is empty and last_state the initial state, zeros.
 
     Raises:
       ValueError for wrong ranks or shapes (A not (d_inner, N), B/C not matching, d_inner not divisible
@@ -240,12 +241,23 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     check_implementation(implementation, IMPLEMENTATIONS)
     raw = tuple(jnp.asarray(x) for x in (u, delta, A, B, C))
     prepared = _prepare(*raw, D, z, delta_bias, delta_softplus, step=False)
+    if raw[0].shape[1] == 0:  # nothing to scan: every implementation's answer is the empty y and h_{-1} = 0
+        positive_int("chunk_size", chunk_size, allow_none=True)
+        _scan_implementation(implementation, raw[0], raw[3], raw[4], chunk_size)  # its errors, whatever L
+        return _empty_scan(prepared[0], prepared[2], raw[0].dtype, return_last_state)
     implementation = _scan_implementation(implementation, raw[0], raw[3], raw[4], chunk_size)
     if implementation == "fused":
         return fused_scan.fused_selective_scan(*raw, D, z, delta_bias, delta_softplus, return_last_state)
     if implementation == "chunked" and chunk_size is None:
         chunk_size = min(CHUNK, raw[0].shape[1])
     return _associative_scan(*prepared, D, z, raw[0].dtype, return_last_state, chunk_size)
+
+
+def _empty_scan(u, A, out_dtype, return_last_state):
+    """`selective_scan` of L = 0 positions: y (batch, 0, d_inner) and, with `return_last_state`, the initial
+    state h_{-1} = 0 (batch, d_inner, N)."""
+    y = jnp.zeros(u.shape, out_dtype)
+    return (y, jnp.zeros((u.shape[0],) + A.shape, u.dtype)) if return_last_state else y
 
 
 def _scan_implementation(implementation, u, B, C, chunk_size) -> str:

@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmodels.data import lm as lm_data
-from jaxmodels.models.lm import generate
+from jaxmodels.models.lm import check_top_k, generate
+from jaxmodels.ops.checks import positive_int, real_in_range
 from jaxmodels.ops.losses import softmax_cross_entropy
 from jaxmodels.tasks.base import Task
 
@@ -33,6 +34,18 @@ def next_token_loss(model: nnx.Module, batch: jax.Array) -> tuple[jax.Array, dic
     return loss, {"loss": loss, **metrics}
 
 
+def check_sample_config(sample: ml_collections.ConfigDict, vocab_size: int) -> None:
+    """config.sample, checked before training so that the final sample cannot fail: prompt a non-empty string,
+    max_new_tokens an int >= 1, temperature a real >= 0 (0: greedy), top_k an int in [0, vocab_size] (0: off).
+    Raises ValueError / TypeError naming config.sample.X."""
+    if not isinstance(sample.prompt, str) or not sample.prompt:
+        raise ValueError(f"config.sample.prompt must be a non-empty string (generation continues it), "
+                         f"got {sample.prompt!r}")
+    positive_int("config.sample.max_new_tokens", sample.max_new_tokens)
+    real_in_range("config.sample.temperature", sample.temperature, 0)
+    check_top_k(sample.top_k, vocab_size, "config.sample.top_k")
+
+
 def decode_bytes(tokens) -> str:
     """Byte token ids -> text (invalid UTF-8 replaced)."""
     return bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", errors="replace")
@@ -50,6 +63,7 @@ class LanguageModeling(Task):
     def __init__(self, config: ml_collections.ConfigDict):
         if config.model.vocab_size != 256:
             raise ValueError(f"byte-level data needs model.vocab_size=256, got {config.model.vocab_size}")
+        check_sample_config(config.sample, config.model.vocab_size)
         super().__init__(config)
 
     loss = staticmethod(next_token_loss)
@@ -88,6 +102,6 @@ class LanguageModeling(Task):
         s = self.config.sample
         prompt = jnp.asarray([list(s.prompt.encode("utf-8"))], jnp.int32)
         tokens = generate(model, prompt, jax.random.key(seed), max_new_tokens=s.max_new_tokens,
-                          temperature=s.temperature, top_k=s.top_k if s.top_k > 0 else None)
+                          temperature=s.temperature, top_k=s.top_k)
         return decode_bytes(tokens[0])
 

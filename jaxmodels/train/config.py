@@ -4,7 +4,7 @@ Each part validates its own section: the model its `config.model` (`Model.check_
 data and sample sections against the model (the task's constructor), the strategy its mesh
 (`Strategy.check`). This module checks the fields of the training sections (train, optimizer, parallel,
 mesh) and what spans sections: the batch against the mesh and the processes, the sequence length against
-the attention's blocks.
+the attention's blocks and learned positions.
 """
 
 import jax
@@ -12,12 +12,12 @@ import ml_collections
 
 from jaxmodels.models import check_model_config
 from jaxmodels.models.base import check_fields
-from jaxmodels.nn.attention import SPARSE_KINDS, AttentionSpec
+from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES
 from jaxmodels.parallel.zero import COLLECTIVES
-from jaxmodels.tasks import TASKS
-from jaxmodels.train.optimizer import SCHEDULES
+from jaxmodels.tasks import TASKS, make_task
+from jaxmodels.train.optimizer import check_optimizer_config
 
 NAN_POLICIES = ("skip", "halt")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -25,7 +25,6 @@ PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # field path -> valid values, for every experiment.
 CHOICES = {
     "task": tuple(TASKS),
-    "optimizer.schedule": SCHEDULES,
     "train.nan_policy": NAN_POLICIES,
     "train.prng_impl": PRNG_IMPLS,
     "parallel.strategy": tuple(STRATEGIES),
@@ -52,8 +51,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
     check_fields(config, "config", CHOICES, POSITIVE)
+    check_optimizer_config(config.optimizer)
     check_model_config(config.model)
-    _check_sequence_blocks(config)
+    make_task(config)  # the task checks its data and sample sections against the model
+    _check_sequence_length(config)
     if set(config.mesh) - set(MESH_AXES):
         raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "
                          f"valid: {list(MESH_AXES)}")
@@ -69,12 +70,24 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
         raise ValueError(f"config.data.global_batch_size must be divisible by the {jax.process_count()} processes")
 
 
-def _check_sequence_blocks(config: ml_collections.ConfigDict) -> None:
-    """Block-sparse attention kinds need data.seq_len to be a multiple of model.attention.block_size."""
+def _check_sequence_length(config: ml_collections.ConfigDict) -> None:
+    """Block-sparse attention kinds need data.seq_len to be a multiple of model.attention.block_size; learned
+    positions need it, and the sampled text (sample.prompt's bytes + sample.max_new_tokens), to be at most
+    model.attention.max_positions."""
     section = config.model.get("attention")
     if section is None or "seq_len" not in config.data:
         return
-    kind, block_size = section.get("kind", AttentionSpec.kind), section.get("block_size", AttentionSpec.block_size)
-    if kind in SPARSE_KINDS and config.data.seq_len % block_size:
-        raise ValueError(f"config.data.seq_len={config.data.seq_len} must be a multiple of "
-                         f"config.model.attention.block_size={block_size} for kind {kind!r}")
+    spec, seq_len = spec_from_config(section), config.data.seq_len
+    if spec.kind in SPARSE_KINDS and seq_len % spec.block_size:
+        raise ValueError(f"config.data.seq_len={seq_len} must be a multiple of "
+                         f"config.model.attention.block_size={spec.block_size} for kind {spec.kind!r}")
+    if spec.position == "learned" and seq_len > spec.max_positions:
+        raise ValueError(f"config.data.seq_len={seq_len} is longer than the learned positions: "
+                         f"config.model.attention.max_positions={spec.max_positions}")
+    sample = config.get("sample", {})
+    if spec.position == "learned" and "prompt" in sample and "max_new_tokens" in sample:
+        length = len(sample.prompt.encode("utf-8")) + sample.max_new_tokens
+        if length > spec.max_positions:
+            raise ValueError(f"config.sample.prompt's {length - sample.max_new_tokens} bytes + config.sample."
+                             f"max_new_tokens={sample.max_new_tokens} exceed config.model.attention.max_positions="
+                             f"{spec.max_positions}")

@@ -5,14 +5,29 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxmodels.ops.checks import non_negative_int, one_of, real_in_range
+
 SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_optimizer_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming config.optimizer.X for a field outside its range: learning_rate > 0, b1 and b2 in
+    [0, 1) (Adam's averages diverge at 1 and beyond), eps > 0, weight_decay >= 0, warmup_steps an int >= 0,
+    min_lr_ratio in [0, 1], grad_clip_norm >= 0 (0 = off), schedule one of SCHEDULES."""
+    prefix = "config.optimizer"
+    one_of(f"{prefix}.schedule", config.schedule, SCHEDULES)
+    non_negative_int(f"{prefix}.warmup_steps", config.warmup_steps)
+    for name, low, high, include_low, include_high in (
+            ("learning_rate", 0, float("inf"), False, False), ("b1", 0, 1, True, False), ("b2", 0, 1, True, False),
+            ("eps", 0, float("inf"), False, False), ("weight_decay", 0, float("inf"), True, False),
+            ("min_lr_ratio", 0, 1, True, True), ("grad_clip_norm", 0, float("inf"), True, False)):
+        real_in_range(f"{prefix}.{name}", config[name], low, high, include_low=include_low, include_high=include_high)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to config.learning_rate over warmup_steps, then decay to
     learning_rate * min_lr_ratio at num_steps (cosine: Loshchilov & Hutter 2017)."""
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule={config.schedule!r}; valid: {list(SCHEDULES)}")
+    one_of("optimizer.schedule", config.schedule, SCHEDULES)
     peak, warmup = config.learning_rate, config.warmup_steps
     end = peak * config.min_lr_ratio
     decay_steps = max(num_steps - warmup, 1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmodels.models.lm import DecoderLM, generate, train_flops_per_token
+from jaxmodels.models.lm import DecoderLM, generate, sample_logits, train_flops_per_token
 
 SMALL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
 
@@ -86,3 +86,27 @@ def test_generate_errors():
         generate(model, jnp.zeros((1, 2), jnp.int32), jax.random.key(0), max_new_tokens=0)
     with pytest.raises(ValueError, match="num_kv_heads"):
         _model(num_kv_heads=3)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(temperature=-1.0), ValueError, r"temperature must be a real number in \[0, inf\)"),
+    (dict(temperature=float("nan")), ValueError, r"temperature must be a real number in \[0, inf\)"),
+    (dict(top_k=65), ValueError, "top_k must be at most the vocabulary size 64"),
+    (dict(top_k=-1), ValueError, "top_k must be a non-negative int"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be a positive int"),
+    (dict(prompt=[[1, 64]]), ValueError, r"prompt must hold values in \[0, 64\)"),
+    (dict(prompt=[[-1, 2]]), ValueError, r"prompt must hold values in \[0, 64\)"),
+])
+def test_generate_refuses_arguments_out_of_range(kw, error, match):
+    kw = {"prompt": [[1, 2]], "max_new_tokens": 2, **kw}
+    with pytest.raises(error, match=match):
+        generate(_model(), jnp.asarray(kw.pop("prompt"), jnp.int32), jax.random.key(0), **kw)
+
+
+def test_top_k_zero_and_none_both_mean_off():
+    model, prompt, key = _model(), jnp.array([[1, 2, 3]], jnp.int32), jax.random.key(3)
+    off = generate(model, prompt, key, max_new_tokens=4, top_k=None)
+    np.testing.assert_array_equal(generate(model, prompt, key, max_new_tokens=4, top_k=0), off)
+    np.testing.assert_array_equal(generate(model, prompt, key, max_new_tokens=4, top_k=64), off)
+    logits = jnp.array([[0.0, 5.0, 1.0]])
+    assert sample_logits(logits, key, 0.0, 0)[0] == 1  # greedy

@@ -294,3 +294,32 @@ def test_cudnn_off_the_gpu_falls_back_with_one_warning():
         "the platform is 'cpu'); using 'xla'"]
     for out in outs:
         np.testing.assert_array_equal(out, dot_product_attention(q, k, v, implementation="xla"))
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(0, 3), (3, 0)])
+def test_flash_refuses_empty_sequences(q_len, kv_len):
+    q, k = jnp.ones((1, q_len, 2, 4)), jnp.ones((1, kv_len, 2, 4))
+    with pytest.raises(ValueError, match=r"'flash' needs query length T >= 1 and key length S >= 1"):
+        dot_product_attention(q, k, k, implementation="flash")
+    out = dot_product_attention(q, k, k, implementation="reference")  # defined: empty rows, or zeros
+    np.testing.assert_array_equal(out, np.zeros((1, q_len, 2, 4)))
+
+
+@pytest.mark.parametrize("implementation", [None, *IMPLEMENTATIONS])
+def test_zero_head_dim_or_heads_is_a_value_error(implementation):
+    for shape in ((1, 3, 2, 0), (1, 3, 0, 4)):
+        x = jnp.ones(shape)
+        with pytest.raises(ValueError, match="heads and head_dim must be >= 1"):
+            dot_product_attention(x, x, x, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_float16_under_jit_on_cpu(implementation):
+    q, k, v, kw = _inputs(CASES["causal"], seed=4, dtype=jnp.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "xla" falls back to "reference" on the CPU, with a warning
+        out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation, **kw))(q, k, v)
+    assert out.dtype == jnp.float16
+    expected, _ = _np_attention(q, k, v, **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1e-2)
+    assert _select_implementation("cpu", jnp.float16, 64, 64, 64, is_causal=True, local_window=None) == "reference"

@@ -80,3 +80,9 @@ def test_reduce_scatter_rejects_indivisible_leading_dim():
     mesh = _mesh((4,), ("x",))
     with pytest.raises(ValueError, match="divisible by the 4 devices"):
         _run(lambda a: C.ring_reduce_scatter(a, "x"), jnp.zeros((4 * 3, 2)), mesh, P("x"), P("x"))
+
+
+def test_ring_all_gather_refuses_a_scalar():
+    mesh = _mesh((1,), ("x",))
+    with pytest.raises(ValueError, match=r"x must have a leading dim to gather along \(at least 1-D\), got a scalar"):
+        _run(lambda a: C.ring_all_gather(a[0], "x"), jnp.ones((1,)), mesh, P("x"), P())

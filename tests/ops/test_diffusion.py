@@ -750,3 +750,69 @@ def test_classifier_guidance_samples_the_posterior():
                                rtol=1e-5, atol=1e-6)
     samples = df.edm_sample(guided, _noise(seed=10), df.edm_sigmas(40))
     assert_gaussian_moments(samples, post_cov, post_mean)
+
+
+def _zero_model(x, level):
+    del level
+    return jnp.zeros_like(x)
+
+
+@pytest.mark.parametrize("t", [5000, 1000, -1])
+def test_ddpm_loss_refuses_timesteps_outside_the_table(t):
+    table = df.alphas_cumprod(df.beta_schedule("linear", 1000))
+    x0, noise = jnp.ones((2, 3)), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"t must hold values in \[0, 1000\)"):
+        df.ddpm_loss(_zero_model, x0, None, table, t=jnp.array([0, t]), noise=noise)
+    loss = jax.jit(lambda t: df.ddpm_loss(_zero_model, x0, None, table, t=t, noise=noise))(jnp.array([0, t]))
+    assert np.isfinite(loss[0]) and np.isnan(loss[1])  # under jit: NaN for that example, documented
+
+
+@pytest.mark.parametrize("loss_fn, level, good, bad, match", [
+    (df.edm_loss, "sigma", 1.0, 0.0, r"sigma must hold values in \(0, inf\)"),
+    (df.edm_loss, "sigma", 1.0, -1.0, r"sigma must hold values in \(0, inf\)"),
+    (df.flow_matching_loss, "t", 0.5, 3.0, r"t must hold values in \[0, 1\]"),
+    (df.flow_matching_loss, "t", 0.5, -0.1, r"t must hold values in \[0, 1\]"),
+])
+def test_losses_refuse_noise_levels_out_of_range(loss_fn, level, good, bad, match):
+    x0, levels = jnp.ones((2, 3)), jnp.array([good, bad])
+    with pytest.raises(ValueError, match=match):
+        loss_fn(_zero_model, x0, None, **{level: levels}, noise=x0)
+    loss = jax.jit(lambda v: loss_fn(_zero_model, x0, None, **{level: v}, noise=x0))(levels)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1])  # under jit: NaN for that example, documented
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(beta_end=1.5), r"beta_end must be a real number in \(0, 1\)"),
+    (dict(beta_start=0.0), r"beta_start must be a real number in \(0, 1\)"),
+    (dict(max_beta=1.0), r"max_beta must be a real number in \(0, 1\)"),
+    (dict(cosine_s=-0.1), r"cosine_s must be a real number in \[0, inf\)"),
+])
+def test_beta_schedule_refuses_betas_outside_unit_interval(kw, match):
+    with pytest.raises(ValueError, match=match):
+        df.beta_schedule("linear", 10, **kw)
+
+
+@pytest.mark.parametrize("rho", [0, -1.0])
+def test_edm_sigmas_refuses_non_positive_rho(rho):
+    with pytest.raises(ValueError, match=r"rho must be a real number in \(0, inf\)"):
+        df.edm_sigmas(4, rho=rho)
+
+
+def test_samplers_refuse_schedules_in_the_wrong_order():
+    noise = jnp.ones((2, 3))
+    ab = df.alphas_cumprod(df.beta_schedule("linear", 100))[df.spaced_timesteps(100, 5)]
+    with pytest.raises(ValueError, match=r"alphas_cumprod_steps \(noisiest first\) must be non-decreasing"):
+        df.ddim_sample(_zero_model, noise, ab[::-1])
+    with pytest.raises(ValueError, match=r"alphas_cumprod_steps must hold values in \(0, 1\]"):
+        df.ddim_sample(_zero_model, noise, ab.at[0].set(0.0))
+    with pytest.raises(ValueError, match="must be non-decreasing"):
+        df.ddpm_sample(_zero_model, noise, ab[::-1], key=jax.random.key(0))
+    with pytest.raises(ValueError, match="sigmas must be non-increasing"):
+        df.edm_sample(_zero_model, noise, df.edm_sigmas(4)[::-1])
+    with pytest.raises(ValueError, match=r"sigmas must hold values in \[0, inf\)"):
+        df.edm_sample(_zero_model, noise, jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="timesteps must be non-increasing"):
+        df.rectified_flow_sample(_zero_model, noise, df.flow_timesteps(4)[::-1])
+    with pytest.raises(ValueError, match=r"timesteps must hold values in \[0, 1\]"):
+        df.rectified_flow_sample(_zero_model, noise, jnp.array([2.0, 0.0]))
+    assert np.isfinite(df.ddim_sample(_zero_model, noise, ab)).all()  # the right order passes

@@ -413,3 +413,55 @@ def test_permute_rows_values_and_gather_gradient():
     ct = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
     grad = jax.grad(lambda x: jnp.sum(moe.permute_rows(x, order, inverse) * ct))(x)
     np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(x[order] * ct))(x))
+
+
+def _expert_weights(E=3, d=4, f=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, d, f), (E, d, f), (E, f, d)))
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_expert_ids_out_of_range_are_refused_when_concrete(bad):
+    experts = jnp.array([[0, 1], [2, bad]], jnp.int32)
+    gates = jnp.full((2, 2), 0.5)
+    x = jnp.ones((2, 4))
+    calls = {"capacity_dispatch": lambda: moe.capacity_dispatch(gates, experts, 3, 2),
+             "sort_by_expert": lambda: moe.sort_by_expert(experts, 3),
+             "expert_load": lambda: moe.expert_load(experts, 3),
+             "moe_dropless": lambda: moe.moe_dropless(x, gates, experts, *_expert_weights())}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"experts must hold values in \[0, 3\)"):
+            call()
+            pytest.fail(f"{name} accepted expert id {bad}")
+
+
+def test_expert_ids_out_of_range_under_jit_are_dropped():
+    """Under a trace the ids cannot be refused; the documented behaviour: the assignment is dropped."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4)), jnp.float32)
+    gates = jnp.array([[0.6, 0.4], [0.7, 0.3]])
+    bad, valid = jnp.array([[0, 1], [2, 7]], jnp.int32), jnp.array([[0, 1], [2, 0]], jnp.int32)
+    weights = _expert_weights()
+    load = jax.jit(moe.expert_load, static_argnums=1)(jnp.array([[0, -1], [2, 7]]), 3)
+    np.testing.assert_allclose(load, [0.25, 0.0, 0.25])
+    dispatch, combine = jax.jit(moe.capacity_dispatch, static_argnums=(2, 3))(gates, bad, 3, 2)
+    assert int(dispatch[1].sum()) == 1 and dispatch[1, 2].any()  # token 1 keeps only its valid expert, 2
+    out = jax.jit(moe.moe_dropless)(x, gates, bad, *weights)
+    dropped_gates = gates.at[1, 1].set(0.0)  # the same tokens with the bad assignment's weight zeroed
+    np.testing.assert_allclose(out, moe.moe_dropless(x, dropped_gates, valid, *weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [[-1, 3], [3, 2]])
+def test_grouped_matmul_refuses_bad_group_sizes(sizes):
+    x, w = jnp.ones((4, 2)), jnp.ones((2, 2, 3))
+    with pytest.raises(ValueError, match=r"group_sizes must be >= 0 and sum to at most M = 4"):
+        moe.grouped_matmul(x, w, jnp.array(sizes, jnp.int32))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "ragged_dot"])
+def test_grouped_matmul_clamps_traced_group_sizes(implementation):
+    """Under jit: a negative size counts as 0, groups are cut at row M."""
+    rng = np.random.default_rng(2)
+    x, w = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32), jnp.asarray(rng.normal(size=(2, 2, 3)), jnp.float32)
+    gmm = jax.jit(lambda s: moe.grouped_matmul(x, w, s, implementation=implementation))
+    np.testing.assert_allclose(gmm(jnp.array([-1, 3], jnp.int32)), gmm(jnp.array([0, 3], jnp.int32)), rtol=1e-6)
+    np.testing.assert_allclose(gmm(jnp.array([3, 2], jnp.int32)), gmm(jnp.array([3, 1], jnp.int32)), rtol=1e-6)

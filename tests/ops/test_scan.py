@@ -236,3 +236,22 @@ def test_selective_scan_errors():
         selective_scan_step(jnp.zeros((2, 4, 2)), **tok)
     with pytest.raises(ValueError, match="2-D"):
         selective_scan_step(jnp.zeros((2, 4, 3)), **{**tok, "u": args["u"]})
+
+
+@pytest.mark.parametrize("implementation", [None, "associative", "chunked", "fused"])
+def test_selective_scan_of_no_positions(implementation):
+    """L = 0 is a defined case for every implementation: y is empty and the last state is h_{-1} = 0."""
+    u = jnp.ones((2, 0, 8))
+    A, B = -jnp.ones((8, 4)), jnp.ones((2, 0, 4))
+    y, last = selective_scan(u, u, A, B, B, D=jnp.ones(8), z=u, return_last_state=True, implementation=implementation)
+    assert y.shape == (2, 0, 8) and y.dtype == u.dtype
+    np.testing.assert_array_equal(last, np.zeros((2, 8, 4)))
+    assert selective_scan(u, u, A, B, B, implementation=implementation).shape == (2, 0, 8)
+
+
+def test_selective_scan_of_no_positions_checks_chunk_size_as_usual():
+    u, A, B = jnp.ones((1, 0, 8)), -jnp.ones((8, 4)), jnp.ones((1, 0, 4))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        selective_scan(u, u, A, B, B, chunk_size=0)
+    with pytest.raises(ValueError, match="does not apply to implementation 'fused'"):
+        selective_scan(u, u, A, B, B, chunk_size=4, implementation="fused")
