@@ -16,7 +16,7 @@ from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES
 from jaxmodels.parallel.zero import COLLECTIVES
-from jaxmodels.tasks import TASKS, make_task
+from jaxmodels.tasks import TASKS, Task, make_task
 from jaxmodels.train.optimizer import check_optimizer_config
 
 NAN_POLICIES = ("skip", "halt")
@@ -39,21 +39,23 @@ class ConfigError(ValueError):
     """An invalid experiment config; the message names the field and, where there are some, the valid choices."""
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ConfigError (a ValueError) naming the field (and the valid choices) for any invalid setting.
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Task:
+    """Raise ConfigError (a ValueError) naming the field (and the valid choices) for any invalid setting;
+    return the task built on the way (it checks its data and sample sections against the model), so that
+    the caller builds it once.
 
     num_devices: the devices the mesh will span (default: all of this run's devices)."""
     try:
-        _validate(config, num_devices)
+        return _validate(config, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Task:
     check_fields(config, "config", CHOICES, POSITIVE)
     check_optimizer_config(config.optimizer)
     check_model_config(config.model)
-    make_task(config)  # the task checks its data and sample sections against the model
+    task = make_task(config)
     _check_sequence_length(config)
     if set(config.mesh) - set(MESH_AXES):
         raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "
@@ -68,6 +70,7 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Non
                          f"data x fsdp x expert x train.grad_accum_steps = {shards}")
     if config.data.global_batch_size % jax.process_count():
         raise ValueError(f"config.data.global_batch_size must be divisible by the {jax.process_count()} processes")
+    return task
 
 
 def _check_sequence_length(config: ml_collections.ConfigDict) -> None:

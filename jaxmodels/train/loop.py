@@ -18,7 +18,6 @@ from jaxmodels.parallel import sharding as sh
 from jaxmodels.parallel.distributed import check_processes_agree
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.strategy import make_strategy
-from jaxmodels.tasks import make_task
 from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from jaxmodels.train.config import validate_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
@@ -98,9 +97,8 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
         if jax.process_count() > 1:  # first: a process that fails alone would leave the others waiting
             check_processes_agree(config)
-        validate_config(config, num_devices=len(devices) if devices else None)
+        self.task = validate_config(config, num_devices=len(devices) if devices else None)
         self.config, self.workdir = config, os.path.abspath(workdir)  # orbax needs absolute paths
-        self.task = make_task(config)
         self.mesh = make_mesh(dict(config.mesh), devices)
         self.strategy = make_strategy(config.parallel, self.mesh)
         rules = tuple(tuple(r) for r in config.sharding_rules)
