@@ -9,6 +9,7 @@ import argparse
 import os
 import shlex
 import subprocess
+import sys
 
 
 class LaunchError(Exception):
@@ -23,13 +24,29 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i], argv[i + 1:]
 
 
-def add_commit_args(parser: argparse.ArgumentParser) -> None:
-    """The options every remote launcher has: which commit, the run's name, --dry-run."""
+def launcher_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser with the options every remote launcher has: which commit, the run's name, --dry-run."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", default=None, help="git commit every worker runs (default: local HEAD)")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="launch although the local checkout has uncommitted changes (the run will not have them)")
     parser.add_argument("--name", default=None, help="run name of logs and pid files (default: the workdir's basename)")
     parser.add_argument("--dry-run", action="store_true", help="print every command and script without running any")
+    return parser
+
+
+def run_launcher(parser: argparse.ArgumentParser, launch, argv: list[str] | None) -> int:
+    """Parse `argv` (default: the command line) at `--`, call launch(options, entry-point args), and turn a
+    LaunchError into its message and exit code 2."""
+    own, main_args = split_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    if not main_args:
+        parser.error("give the entry point's arguments after `--`")
+    try:
+        return launch(args, main_args)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def git(repo: str, *args: str) -> str:

@@ -38,14 +38,14 @@ from dataclasses import dataclass
 
 from launch import (
     LaunchError,
-    add_commit_args,
     checkout_lines,
     git,
+    launcher_parser,
     repo_root,
     resolve_commit,
+    run_launcher,
     run_name,
     shell_path,
-    split_args,
     verify_lines,
 )
 
@@ -158,11 +158,9 @@ def how_to_follow(pod: Pod, name: str) -> str:
         "resume:            run this launch command again with the same --workdir"])
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(the launcher's options, the entry point's arguments)."""
-    own, main_args = split_args(argv)
-    p = argparse.ArgumentParser(prog="python -m launch.tpu_pod", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    """This launcher's command line."""
+    p = launcher_parser("python -m launch.tpu_pod", __doc__)
     p.add_argument("--tpu", required=True, help="TPU VM name")
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default=None, help="default: gcloud's configured project")
@@ -171,11 +169,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--python", default=".venv/bin/python", help="the interpreter, relative to --repo_dir or absolute")
     p.add_argument("--skip-setup", action="store_true",
                    help="skip uv, venv, install and checkout; check that the workers are at the commit")
-    add_commit_args(p)
-    args = p.parse_args(own)
-    if not main_args:
-        p.error("give the entry point's arguments after `--`")
-    return args, main_args
+    return p
 
 
 def launch(args: argparse.Namespace, main_args: list[str]) -> int:
@@ -209,12 +203,7 @@ def launch(args: argparse.Namespace, main_args: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    args, main_args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return launch(args, main_args)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_launcher(parser(), launch, argv)
 
 
 if __name__ == "__main__":

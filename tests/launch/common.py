@@ -3,7 +3,6 @@ and the environment of simulated hosts (fake CPU devices, fast compiles)."""
 
 import os
 import stat
-import sys
 
 from tests.tiny import cli_overrides
 
@@ -27,13 +26,12 @@ def fake_command(bin_dir, name: str, text: str) -> None:
 
 
 def hosts_env(bin_dir, devices_per_host: int, **extra) -> dict:
-    """This environment with the fakes in `bin_dir` first on PATH, this Python's directory next (the worker
-    scripts run `python3`), and `devices_per_host` fake CPU devices per process, compiled at level 0."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra,
-               PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host} "
-                         "--xla_backend_optimization_level=0")
-    return env
+    """This environment with the fakes in `bin_dir` first on PATH and `devices_per_host` fake CPU devices
+    per process, compiled at optimisation level 0. The runs import jaxmodels from the folder they start
+    in, as `python -m` does on a worker."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PATH=os.pathsep.join([str(bin_dir), os.environ["PATH"]]),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_host} "
+                          "--xla_backend_optimization_level=0", **extra)
 
 
 def checkpoint_steps(workdir) -> list[int]:
