@@ -76,12 +76,12 @@ def join_failure_message(*, process: str, source: str, timeout_s: int) -> str:
     """What a worker prints when the others did not join within the timeout, and what to check."""
     coordinator = coordinator_in_use()
     port = coordinator.rsplit(":", 1)[-1]
-    return (f"error: process {process} did not join the distributed start-up within {timeout_s}s "
-            f"(coordinator {coordinator}, found through {source}). Check that: every worker was started with "
-            "the same command (a worker that failed earlier, e.g. during setup, leaves the others waiting: "
-            f"read its log); process 0 runs on the coordinator host and port {port} there is reachable from this "
-            "host (firewall, same network); no process of an earlier run still holds that port or the "
-            f"accelerator. Set {TIMEOUT_ENV}=SECONDS to wait longer.")
+    return (f"error: the distributed start-up did not complete within {timeout_s}s: process {process} waited "
+            f"for the others at coordinator {coordinator} (found through {source}). Check that: every worker "
+            "was started with the same command (a worker that failed earlier, e.g. during setup, leaves the "
+            f"others waiting: read its log); process 0 runs on the coordinator host and port {port} there is "
+            "reachable from this host (firewall, same network); no process of an earlier run still holds that "
+            f"port or the accelerator. Set {TIMEOUT_ENV}=SECONDS to wait longer.")
 
 
 def initialize_within(timeout_s: int, *, process: str, source: str, **kwargs) -> None:
