@@ -103,6 +103,12 @@ def run_name(main_args: list[str], name: str | None = None) -> str:
     return "jaxmodels"
 
 
+def follow_table(rows: dict[str, str]) -> str:
+    """The "label: command" lines a launcher prints last (follow, stop ...), ending with how to resume."""
+    rows = {**rows, "resume": "run this launch command again with the same --workdir"}
+    return "\n".join(f"{label + ':':<19}{command}" for label, command in rows.items())
+
+
 def repo_root() -> str:
     """The root of the git checkout this launcher runs from."""
     return git(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rev-parse", "--show-toplevel")

@@ -30,7 +30,16 @@ import subprocess
 import sys
 import tempfile
 
-from launch import LaunchError, checkout_lines, launcher_parser, repo_root, resolve_commit, run_launcher, run_name
+from launch import (
+    LaunchError,
+    checkout_lines,
+    follow_table,
+    launcher_parser,
+    repo_root,
+    resolve_commit,
+    run_launcher,
+    run_name,
+)
 
 SIGNAL_BEFORE_LIMIT_S = 120  # SIGTERM this long before the time limit: time to save a checkpoint
 
@@ -59,12 +68,9 @@ def sbatch_script(*, nodes: int, gpus_per_node: int, partition: str | None, time
 
 def how_to_follow(log_dir: str, name: str, job: str) -> str:
     """The commands to follow the job's logs, see its state and stop it."""
-    return "\n".join([
-        f"follow task 0:     tail -f {log_dir}/{name}-{job}-task0.log",
-        f"job state:         squeue -j {job}",
-        f"stop (checkpoint): scancel --signal=TERM {job}",
-        f"stop now:          scancel {job}",
-        "resume:            run this launch command again with the same --workdir"])
+    return follow_table({"follow task 0": f"tail -f {log_dir}/{name}-{job}-task0.log",
+                         "job state": f"squeue -j {job}", "stop (checkpoint)": f"scancel --signal=TERM {job}",
+                         "stop now": f"scancel {job}"})
 
 
 def parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from launch import (
     LaunchError,
     checkout_lines,
+    follow_table,
     git,
     launcher_parser,
     repo_root,
@@ -151,11 +152,9 @@ def check_tpu(pod: Pod) -> None:
 def how_to_follow(pod: Pod, name: str) -> str:
     """The commands to follow the run's logs and to stop it."""
     log, pid = f"{LOG_DIR}/{name}.log", f"{LOG_DIR}/{name}.pid"
-    return "\n".join([
-        f"follow worker 0:   {shlex.join(pod.ssh(f'tail -f {log}', worker='0'))}",
-        f"all workers' tail: {shlex.join(pod.ssh(f'tail -n 3 {log}'))}",
-        f"stop (checkpoint): {shlex.join(pod.ssh(f'kill -TERM $(cat {pid})'))}",
-        "resume:            run this launch command again with the same --workdir"])
+    return follow_table({"follow worker 0": shlex.join(pod.ssh(f"tail -f {log}", worker="0")),
+                         "all workers' tail": shlex.join(pod.ssh(f"tail -n 3 {log}")),
+                         "stop (checkpoint)": shlex.join(pod.ssh(f"kill -TERM $(cat {pid})"))})
 
 
 def parser() -> argparse.ArgumentParser:
