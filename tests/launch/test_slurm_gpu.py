@@ -5,6 +5,7 @@ variables SLURM sets, so JAX's own SLURM detection joins them. They train and wr
 import socket
 import subprocess
 import sys
+import tempfile
 
 from launch import slurm_gpu
 from tests.launch.common import ROOT, checkpoint_steps, entry_args, fake_command, hosts_env
@@ -34,7 +35,8 @@ exit $status
 """
 
 
-def test_dry_run_prints_the_script_and_submits_nothing(capsys):
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code = slurm_gpu.main(["--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--log_dir", "/shared/logs",
                            "--code_dir", "/shared/code", "--allow-dirty", "--dry-run", "--",
                            "--config", "c.py", "--workdir", "/shared/runs/lm"])
@@ -57,7 +59,8 @@ def test_a_two_node_job_initialises_through_slurm_trains_and_checkpoints(tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = hosts_env(tmp_path / "bin", 4, FAKE_JOB_ID="4242", FAKE_DIR=str(tmp_path), FAKE_PORT=str(port))
+    env = hosts_env(tmp_path / "bin", 4, FAKE_JOB_ID="4242", FAKE_DIR=str(tmp_path), FAKE_PORT=str(port),
+                    TMPDIR=str(tmp_path))
     workdir, logs = tmp_path / "shared" / "run", tmp_path / "logs"
     r = subprocess.run([sys.executable, "-m", "launch.slurm_gpu", "--nodes", "2", "--gpus_per_node", "1",
                         "--allow-dirty", "--python", sys.executable, "--code_dir", str(tmp_path / "code"),

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -51,7 +52,7 @@ def slice_env(tmp_path):
     fake_command(tmp_path / "bin", "gcloud", FAKE_GCLOUD)
     (tmp_path / "homes").mkdir()
     return hosts_env(tmp_path / "bin", 4, FAKE_WORKERS="2", FAKE_HOMES=str(tmp_path / "homes"),
-                     FAKE_PORT=str(_free_port()))
+                     FAKE_PORT=str(_free_port()), TMPDIR=str(tmp_path))  # the launcher's script lands in TMPDIR
 
 
 def _launch(env, *own, workdir):
@@ -74,7 +75,8 @@ def _commit(repo, text):
     return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def test_dry_run_prints_the_script_and_every_command_and_runs_nothing(tmp_path, capsys):
+def test_dry_run_prints_the_script_and_every_command_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code = tpu_pod.main(["--tpu", "my-v5p-64", "--zone", "us-east5-a", "--repo", "https://example.com/j.git",
                          "--allow-dirty", "--dry-run", "--", "--config", "c.py", "--workdir", "gs://b/runs/lm"])
     out = capsys.readouterr().out
