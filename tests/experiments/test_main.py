@@ -1,4 +1,5 @@
-"""The command line: override errors before compiling, SIGTERM checkpointing, the launchers (2 processes == 1)."""
+"""The command line: override errors before compiling, SIGTERM checkpointing, the local launcher (2 processes ==
+1). The remote launchers are tested in tests/launch/."""
 
 import json
 import os
@@ -11,7 +12,6 @@ import ml_collections
 import pytest
 
 from jaxmodels.main import unknown_override
-from launch import slurm_gpu, tpu_pod
 from tests.tiny import cli_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,14 +58,6 @@ def test_the_checkout_shim_runs_the_same_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.main", *cmd[3:]], env=_env(), capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "unknown config field 'model.num_layerz'" in r.stderr, r.stderr[-2000:]
-
-
-def test_remote_launchers_run_the_entry_point_as_a_module():
-    args = ["--config", "experiments/configs/lm_tiny.py", "--workdir", "/w"]
-    script = slurm_gpu.sbatch_script(nodes=2, gpus_per_node=8, partition=None, time_limit="01:00:00", job_name="j",
-                                     repo_dir="/repo", main_args=args)
-    assert "srun python3 -m jaxmodels.main --config experiments/configs/lm_tiny.py --workdir /w" in script
-    assert tpu_pod.remote_command("/repo", args).endswith("python3 -m jaxmodels.main " + " ".join(args))
 
 
 def _rows(workdir):
