@@ -14,13 +14,14 @@ The files differ between Python versions, so the builder config is named after
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import os
 import sys
 import sysconfig
 
 import tensorflow_datasets as tfds
+
+from jaxmodels.data import integrity
 
 NAME = "py_stdlib"
 SPLITS = ("train", "validation")
@@ -93,14 +94,10 @@ def prepare(data_dir: str | None = None, *, config: PyStdlibConfig | None = None
     Safe when several processes call it at once: preparation holds an exclusive `fcntl.flock`
     on `data_dir/py_stdlib.lock`. `data_dir` defaults to `default_data_dir()`; `config` to the
     running interpreter's `py{major}.{minor}` (tests pass a `PyStdlibConfig` with a small
-    `root`). Read the result with `builder.as_data_source(split)`, whose items are
-    `{"text": bytes, "path": bytes}`.
+    `root`). Every call reads the prepared files back (tens of ms); damaged ones are prepared
+    again after a warning (`integrity.prepare_embedded`). Read the result with
+    `builder.as_data_source(split)`, whose items are `{"text": bytes, "path": bytes}`.
     """
     data_dir = data_dir or default_data_dir()
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f"{NAME}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = PyStdlib(data_dir=data_dir, config=config, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder
+    return integrity.prepare_embedded(data_dir, NAME, lambda: PyStdlib(data_dir=data_dir, config=config,
+                                                                       file_format="array_record"))

@@ -20,7 +20,6 @@ as pixel sequences `(B, 64, 1)` in row-major order.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -31,7 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxmodels.data import corpus
+from jaxmodels.data import corpus, integrity
 from jaxmodels.ops.checks import one_of
 
 NAME = "sklearn_digits"
@@ -107,22 +106,20 @@ def prepare(data_dir: str | None = None) -> SklearnDigits:
 
     Needs scikit-learn only to prepare. Safe when several processes call it at once (an exclusive
     `fcntl.flock` on `data_dir/sklearn_digits.lock`). `data_dir` defaults to
-    `corpus.default_data_dir()`. Read it with `builder.as_data_source(split)`, whose items are
+    `corpus.default_data_dir()`. Every call reads the prepared files back (a few ms); damaged ones
+    are prepared again after a warning (`integrity.prepare_embedded`). Read it with
+    `builder.as_data_source(split)`, whose items are
     `{"image": uint8 (8, 8, 1), "label": int64, "index": int64}`.
     """
     data_dir = data_dir or corpus.default_data_dir()
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f"{NAME}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder
+    return integrity.prepare_embedded(data_dir, NAME, lambda: SklearnDigits(data_dir=data_dir,
+                                                                            file_format="array_record"))
 
 
 @functools.lru_cache(maxsize=8)
 def _split_arrays(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    source = prepare(data_dir).as_data_source(split)  # an unknown split raises ValueError naming the splits
+    builder = prepare(data_dir)
+    source = integrity.CheckedSource(builder.as_data_source(split), integrity.embedded_fix(builder.data_path))
     items = [source[i] for i in range(len(source))]
     arrays = (np.stack([x["image"] for x in items]), np.array([x["label"] for x in items], np.int64),
               np.array([x["index"] for x in items], np.int64))

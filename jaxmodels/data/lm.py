@@ -14,38 +14,40 @@ real data set already prepared as ArrayRecord in `data_dir` (e.g. lm1b). Nothing
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
-from jaxmodels.data import corpus
+from jaxmodels.data import corpus, integrity
+from jaxmodels.data.errors import DataError
 
 VOCAB_SIZE = 256
 _CACHED_DOCUMENTS = 1024  # per TokenWindows; reading a window from a cached document is ~40x faster
 
 
-def text_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
+def text_source(name: str, split: str, data_dir: str | None = None) -> integrity.CheckedSource:
     """Random-access documents of a prepared tfds data set; never downloads.
 
     `name` is a tfds name (`"lm1b"`, `"py_stdlib/py3.11"`, ...); `"py_stdlib"` is prepared on
-    first use. `data_dir` defaults to `corpus.default_data_dir()`. Items are feature dicts,
-    text features as `bytes`. Raises ValueError if the data set is unknown, not prepared in
-    `data_dir`, or has no split `split`.
+    first use (and again if damaged). `data_dir` defaults to `corpus.default_data_dir()`. Items are
+    feature dicts, text features as `bytes`. Raises ValueError if the data set is unknown, not
+    prepared in `data_dir`, or has no split `split`; DataError (naming the file and the fix) if its
+    files fail `integrity.verify`'s cheap checks, or later when a record cannot be read.
     """
     data_dir = data_dir or corpus.default_data_dir()
     if name == corpus.NAME:
         builder = corpus.prepare(data_dir)
+        fix = integrity.embedded_fix(builder.data_path)
     else:
-        builder = tfds.builder(name, data_dir=data_dir)  # raises DatasetNotFoundError (a ValueError)
-        if not builder.is_prepared():
-            raise ValueError(f"data set {name!r} is not prepared in {builder.data_dir}; jaxmodels never downloads: "
-                             "prepare it there first with tfds (file_format='array_record')")
-    return builder.as_data_source(split=split)  # an unknown split raises ValueError naming the splits
+        builder = integrity.tfds_builder(name, data_dir)
+        fix = integrity.tfds_fix(name, data_dir, builder.data_path)
+    return integrity.open_split(builder, split, fix)  # an unknown split raises ValueError naming the splits
 
 
 def _text(source: Sequence[dict], text_feature: str, index: int) -> bytes:
@@ -60,19 +62,36 @@ def _texts(source: Sequence[dict], text_feature: str) -> Iterator[bytes]:
     return (_text(source, text_feature, i) for i in range(len(source)))
 
 
-def _cached(source: Sequence[dict], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """`compute()`, cached as `{split}-{key}.npy` in a tfds source's data directory when writable."""
+def _load_cache(path: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The int64 array of `shape` stored at `path`; None, with a warning naming the file, if it is not one."""
+    try:
+        value = np.load(path)
+    except (OSError, ValueError, EOFError) as error:
+        problem = f"cannot be read ({error})"
+    else:
+        if value.shape == shape and value.dtype == np.int64 and (value >= 0).all():
+            return value
+        problem = f"holds {value.dtype}{list(value.shape)}, not non-negative int64{list(shape)}"
+    warnings.warn(f"cache {path} {problem}; computing it again", stacklevel=3)
+    return None
+
+
+def _cached(source: Sequence[dict], key: str, shape: tuple[int, ...], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """`compute()`, a non-negative int64 array of `shape`, cached as `{split}-{key}.npy` in a tfds source's
+    data directory when writable. A cache file that is not such an array is computed and written again."""
     info = getattr(source, "dataset_info", None)
     directory = None if info is None else os.fspath(info.data_dir)
     if directory is None or not os.access(directory, os.W_OK):  # in-memory source, or remote/read-only data
         return compute()
     path = os.path.join(directory, f"{source.split}-{key}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    value = compute()
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npy", delete=False) as f:
-        np.save(f, value)
-    os.replace(f.name, path)  # atomic: concurrent processes never see a partial file
+    value = _load_cache(path, shape) if os.path.exists(path) else None
+    if value is None:
+        value = compute()
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".npy", delete=False) as f:
+            np.save(f, value)
+            f.flush()
+            os.fsync(f.fileno())  # the rename below never exposes a file whose bytes are not on disk yet
+        os.replace(f.name, path)  # atomic: concurrent processes never see a partial file
     return value
 
 
@@ -90,7 +109,7 @@ class TokenWindows:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if len(source) and text_feature not in source[0]:
             raise ValueError(f"source has no feature {text_feature!r}; it has {sorted(source[0])}")
-        lengths = _cached(source, f"{text_feature}-lengths",
+        lengths = _cached(source, f"{text_feature}-lengths", (len(source),),
                           lambda: np.fromiter(map(len, _texts(source, text_feature)), np.int64, len(source)))
         self._seq_len = seq_len
         self._document = functools.lru_cache(maxsize=_CACHED_DOCUMENTS)(functools.partial(_text, source, text_feature))
@@ -143,11 +162,23 @@ def lm_batches(name: str, split: str, data_dir: str | None, seq_len: int, global
     [p*B_l, (p+1)*B_l) of the global batch, so the processes' batches stacked in order make the
     one-process batch. Resuming at `start_step` gives exactly the batches an uninterrupted run
     gets there. `prefetch` batches are read ahead by as many background threads (0: none).
-    Raises ValueError on bad arguments (global batch not divisible by process_count, ...).
+    Raises ValueError on bad arguments (global batch not divisible by process_count, ...); DataError
+    (naming the file, the fix and, once iterating, the step) on damaged data files.
     """
     ds = _local_batches(name, split, data_dir, seq_len, global_batch_size, seed, process_index, process_count,
                         start_step)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)))
+    return _naming_steps(iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                                                   prefetch_buffer_size=prefetch))), start_step)
+
+
+def _naming_steps(batches: Iterator[np.ndarray], first_step: int) -> Iterator[np.ndarray]:
+    """`batches` (those of steps first_step, first_step + 1, ...), with a DataError naming the step it arose in."""
+    for step in itertools.count(first_step):
+        try:
+            batch = next(batches)
+        except DataError as error:
+            raise error.at_step(step) from error.__cause__
+        yield batch
 
 
 def lm_batch(name: str, split: str, data_dir: str | None, seq_len: int, global_batch_size: int, seed: int, step: int,
@@ -166,7 +197,7 @@ def eval_batches(name: str, split: str, data_dir: str | None, seq_len: int, batc
     if num_batches < 0:
         raise ValueError(f"num_batches must be >= 0, got {num_batches}")
     ds = _local_batches(name, split, data_dir, seq_len, batch_size, seed, 0, 1, 0)
-    return [ds[step] for step in range(num_batches)]
+    return list(itertools.islice(_naming_steps(map(ds.__getitem__, itertools.count()), 0), num_batches))
 
 
 def _byte_counts(source: Sequence[dict], text_feature: str, max_bytes: int) -> np.ndarray:
@@ -190,7 +221,7 @@ def unigram_entropy_bits(name: str, split: str, data_dir: str | None, text_featu
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
     source = text_source(name, split, data_dir)
-    counts = _cached(source, f"{text_feature}-bytecounts-{max_bytes}",
+    counts = _cached(source, f"{text_feature}-bytecounts-{max_bytes}", (VOCAB_SIZE,),
                      lambda: _byte_counts(source, text_feature, max_bytes))
     if counts.sum() == 0:
         raise ValueError(f"split {split!r} of {name!r} has no text")
