@@ -86,7 +86,7 @@ def test_gs_workdir_trains_resumes_and_writes_nothing_locally(gcs_emulator, tmp_
     The fake is a GCS emulator on localhost (`gcp-storage-emulator`, pure Python from PyPI), not a mock of
     our own code: every client talks the real GCS JSON API to it. epath's gs:// backend (gcsfs: config.json,
     metrics.jsonl, summary.json, the checkpoint directories orbax lists and finalises, TensorBoard events,
-    the profile) honours STORAGE_EMULATOR_HOST, and TensorStore's GCS driver (orbax's arrays) honours
+    the profile, the loss plot) honours STORAGE_EMULATOR_HOST, and TensorStore's GCS driver (orbax's arrays) honours
     TENSORSTORE_GCS_HTTP_URL. We chose it over fsspec/epath mocks because those cannot reach TensorStore,
     which writes the arrays in C++; fake-gcs-server would need a Go binary. Only localhost is contacted.
     """
@@ -106,6 +106,9 @@ def test_gs_workdir_trains_resumes_and_writes_nothing_locally(gcs_emulator, tmp_
         assert any(n.startswith(prefix) for n in names), prefix
     assert any(n.startswith("run/profile/") and n.endswith(".xplane.pb") for n in names)
     assert json.loads(_read(gcs_emulator, "run/summary.json"))["start_step"] == 4
+    plot = subprocess.run([sys.executable, "-m", "jaxmodels.train.plot", "gs://bucket/run"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=ROOT, **env), capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0 and "run/loss.png" in _objects(gcs_emulator, "run/"), plot.stderr[-3000:]
 
     # The same two runs with a local workdir give the same losses, bit for bit.
     local = tmp_path.parent / f"{tmp_path.name}_local"
