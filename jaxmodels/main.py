@@ -60,14 +60,17 @@ def main(argv):
     from jaxmodels.parallel.distributed import maybe_initialize
 
     maybe_initialize()
+    from jaxmodels.data.errors import DataError
     from jaxmodels.train.checkpoint import CheckpointError
     from jaxmodels.train.config import ConfigError
     from jaxmodels.train.loop import train_and_evaluate
+    from jaxmodels.train.paths import WorkdirError
     from jaxmodels.train.workdir import WorkdirLockedError
 
     try:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_changes=_ALLOW_CHANGES.value)
-    except (ConfigError, WorkdirLockedError, CheckpointError) as e:  # refusals: a config, workdir or resume to fix
+    # Refusals and failures with a fix to state: a config, a workdir, a resume, damaged data.
+    except (ConfigError, WorkdirError, WorkdirLockedError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     if summary["interrupted"]:
         sys.exit(143)

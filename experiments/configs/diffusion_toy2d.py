@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
                        b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
     c.train = dict(num_steps=3000, seed=0, grad_accum_steps=1, log_every=500, eval_every=1000,
                    checkpoint_every=3000, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32")
+                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
+                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels")
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.sharding_rules = DEFAULT_RULES
     c.parallel = dict(strategy="replicated", collectives="ring")

@@ -98,6 +98,13 @@ def get_config() -> ml_collections.ConfigDict:
         # "rbg": the GPU compiles the initialiser 5x faster (125M: 18 s vs 95 s on an H100,
         # benchmarks/results/lm_step_notes.md), but its values depend on the backend.
         prng_impl="threefry2x32",
+        # (start, count): a jax.profiler trace of the `count` steps after step `start`, in WORKDIR/profile/
+        # (process 0); (0, 0): none. E.g. --config.train.profile_steps="(10, 5)".
+        profile_steps=(0, 0),
+        # Where metrics go (jaxmodels/train/trackers.py): "jsonl" (WORKDIR/metrics.jsonl), "tensorboard"
+        # (WORKDIR/tensorboard/), "wandb" (Weights & Biases: pip install 'jaxmodels[wandb]').
+        trackers=("jsonl", "tensorboard"),
+        wandb_project="jaxmodels",
     )
 
     # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over

@@ -1,28 +1,34 @@
-"""The training loop: sharded init or restore, jitted steps, eval, metrics, checkpoints, signals."""
+"""The training loop: sharded init or restore, jitted steps, eval, metrics, checkpoints, signals, profiles,
+goodput. Every file goes through etils.epath (`jaxmodels.train.paths`), so the workdir may be a gs:// URL."""
 
 import contextlib
 import json
-import os
 import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxmodels.data.errors import DataError
 from jaxmodels.parallel import sharding as sh
-from jaxmodels.parallel.distributed import check_processes_agree
+from jaxmodels.parallel.distributed import check_processes_agree, describe_processes
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.strategy import make_strategy
 from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from jaxmodels.train.config import validate_config
+from jaxmodels.train.goodput import Goodput, goodput_text
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from jaxmodels.train.paths import check_writable, workdir_path
+from jaxmodels.train.profiling import StepProfiler, check_profile_steps
 from jaxmodels.train.step import make_eval_step, make_train_step
+from jaxmodels.train.trackers import check_trackers, make_trackers
 from jaxmodels.train.workdir import WorkdirLock
 
 
@@ -61,12 +67,11 @@ def _flat(tree, prefix=""):
     return {prefix[:-1]: tree}
 
 
-def previous_config(config_json: str) -> dict | None:
+def previous_config(config_json: epath.Path) -> dict | None:
     """The config.json a previous run left in the workdir, as a dict; None when there is none."""
-    if not os.path.exists(config_json):
+    if not config_json.exists():
         return None
-    with open(config_json) as f:
-        return json.load(f)
+    return json.loads(config_json.read_text())
 
 
 def config_changes(previous: dict | None, config: ml_collections.ConfigDict,
@@ -91,14 +96,18 @@ class Trainer:
 
     The task (`jaxmodels.tasks.base.Task`) supplies the model, loss and batches; config.parallel.strategy
     (`jaxmodels.parallel.strategy.Strategy`) supplies the optimiser-state layout and the collectives of the
-    one train step (`make_train_step`). The config is validated first, before anything is built.
+    one train step (`make_train_step`). The config and the workdir (a local path or a URL such as
+    gs://bucket/run, which every process must be able to write) are checked first, before anything is built.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
         if jax.process_count() > 1:  # first: a process that fails alone would leave the others waiting
             check_processes_agree(config)
+        self.config, self.workdir = config, workdir_path(workdir)  # a local path made absolute: orbax needs that
+        check_writable(self.workdir, jax.process_index())
         self.task = validate_config(config, num_devices=len(devices) if devices else None)
-        self.config, self.workdir = config, os.path.abspath(workdir)  # orbax needs absolute paths
+        check_trackers(config.train.trackers)
+        check_profile_steps(config.train.profile_steps)
         self.mesh = make_mesh(dict(config.mesh), devices)
         self.strategy = make_strategy(config.parallel, self.mesh)
         rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -136,7 +145,7 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
                                  in_shardings=(self.state_shardings["params"], self.batch_sharding),
                                  out_shardings=replicated)
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), every=config.train.checkpoint_every,
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", every=config.train.checkpoint_every,
                                          keep=config.train.keep_checkpoints)
         peak = device_peak_flops(self.mesh.devices.flat[0].device_kind, config.train.peak_flops)
         self.peak_flops_total = peak * self.mesh.size if peak else None
@@ -171,7 +180,7 @@ class Trainer:
         """
         if not self.checkpointer.manager.all_steps():
             return 0, self.init()
-        previous = previous_config(os.path.join(self.workdir, "config.json"))
+        previous = previous_config(self.workdir / "config.json")
         changes = config_changes(previous, self.config)
         protected = [c for c in changes if c.startswith(PROTECTED)]
         if protected and not allow_config_changes:
@@ -222,34 +231,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
 
     `devices` (default: all) restricts the mesh, e.g. to compare one device with several.
     Returns a summary dict (start/end eval metrics, baseline, final step, whether interrupted,
-    generated sample). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
+    generated sample, goodput). SIGTERM/SIGINT save a checkpoint and return early with interrupted=True.
     One run per workdir: a second one is refused while the first lives (`WorkdirLock`). A run that
     already finished returns its summary without training or evaluating again. `allow_config_changes`:
     see `Trainer.restore_or_init`.
+
+    Goodput (`jaxmodels.train.goodput`) splits the host's wall time into disjoint parts: "compile" is the
+    ahead-of-time compilation of the train step; "eval" each evaluation, its step's first compilation
+    included; "checkpoint" the time the loop is blocked in saves (orbax finishes writing in the
+    background, and that overlaps the steps); "data" fetching and sharding each batch; "steps"
+    dispatching each step plus waiting for its metrics. The loop fetches a step's metrics only after
+    dispatching the next one, so the device runs step k while the host loads batch k+1: "data" is an
+    upper bound on the time data loading cost, and goodput = steps / wall a lower bound.
     """
-    workdir = os.path.abspath(workdir)
-    trainer = Trainer(config, workdir, devices)  # validates the config first
-    os.makedirs(workdir, exist_ok=True)
-    lock = WorkdirLock(workdir)
+    goodput = Goodput()
+    trainer = Trainer(config, workdir, devices)  # validates the config and checks the workdir first
+    lock = WorkdirLock(trainer.workdir)
     lock.acquire()
     try:
-        return _train(trainer, lock, allow_config_changes)
+        return _train(trainer, lock, goodput, allow_config_changes)
     finally:
         lock.release()
 
 
 def _finished_summary(trainer: Trainer, start: int) -> dict | None:
     """The summary of a run that already trained its num_steps (None if it has not, or left no summary)."""
-    path = os.path.join(trainer.workdir, "summary.json")
-    if start < trainer.config.train.num_steps or not os.path.exists(path):
+    path = trainer.workdir / "summary.json"
+    if start < trainer.config.train.num_steps or not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
-def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> dict:
-    config, workdir = trainer.config, trainer.workdir
-    tc = config.train
+def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_changes: bool) -> dict:
+    config, workdir, tc = trainer.config, trainer.workdir, trainer.config.train
     lead = jax.process_index() == 0
     start, state = trainer.restore_or_init(allow_config_changes)
     finished = _finished_summary(trainer, start)
@@ -259,14 +273,16 @@ def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> d
                   "Raise train.num_steps to train further.", flush=True)
         return finished
     # From scratch, rows a previous attempt left (killed before its first checkpoint) are dropped.
-    writer = MetricWriter(workdir, start_step=start if start else -1, console_every=tc.log_every, enabled=lead)
+    writer = MetricWriter(make_trackers(tc, workdir, start if start else -1) if lead else [],
+                          console_every=tc.log_every, enabled=lead)
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer.print(f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind}, "
-                 f"mesh {dict(trainer.mesh.shape)}, strategy {config.parallel.strategy!r}; "
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        writer.log_config(json.loads(config.to_json_best_effort()))
+    profiler = StepProfiler(tc.profile_steps, workdir, enabled=lead)
+    writer.print(f"{describe_processes(trainer.mesh)}, strategy {config.parallel.strategy!r}; "
                  f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
-    summary_memory = trainer.compile_train_step()
+    with goodput.timing("compile"):
+        summary_memory = trainer.compile_train_step()
     writer.print(f"train step per-device memory ({config.parallel.strategy}; params and optimizer state as "
                  "stored, the rest from XLA memory analysis): "
                  + ", ".join(f"{k.removesuffix('_gib')} {v * 2**10:,.2f} MiB" for k, v in summary_memory.items()))
@@ -276,7 +292,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> d
                "memory_per_device": summary_memory}
 
     def run_eval(step):
-        metrics = trainer.evaluate(state["params"], eval_batches)
+        with goodput.timing("eval"):
+            metrics = trainer.evaluate(state["params"], eval_batches)
         writer.write(step, {**metrics, **baseline}, prefix="eval")
         return metrics
 
@@ -288,7 +305,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> d
 
     def report(step_done, metrics):
         nonlocal last_time, skipped
-        metrics = jax.device_get(metrics)  # waits for that step only; the next one is already queued
+        with goodput.timing("steps"):
+            metrics = jax.device_get(metrics)  # waits for that step only; the next one is already queued
         now = time.perf_counter()
         step_time, last_time = (now - last_time if last_time else None), now
         skipped = skipped + 1 if metrics["nonfinite"] else 0
@@ -313,11 +331,23 @@ def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> d
     with stop_on_signals(signums) as stop_requested:
         try:
             for step in range(start, tc.num_steps):
-                state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+                with goodput.timing("data"):
+                    try:
+                        batch = trainer.global_batch(next(batches))
+                    except DataError:  # keep what was learned: resume from here once the data are fixed
+                        if pending is not None:
+                            report(*pending)
+                        trainer.checkpointer.save_final(step, state)
+                        raise
+                profiler.before_step(step)
+                with goodput.timing("steps"):
+                    state, metrics = trainer.train_step(state, batch)
+                profiler.after_step(step + 1, metrics)
                 if pending is not None:
                     report(*pending)
                 pending = (step + 1, metrics)
-                trainer.checkpointer.save(step + 1, state)
+                with goodput.timing("checkpoint"):
+                    trainer.checkpointer.save(step + 1, state)
                 lock.heartbeat()
                 if stop_requested() or trainer.checkpointer.reached_preemption(step + 1):
                     interrupted = True
@@ -329,21 +359,23 @@ def _train(trainer: Trainer, lock: WorkdirLock, allow_config_changes: bool) -> d
             if pending is not None:
                 report(*pending)
             step = int(state["step"])
-            trainer.checkpointer.save_final(step, state)
+            with goodput.timing("checkpoint"):
+                trainer.checkpointer.save_final(step, state)
             interrupted = interrupted or stop_requested()  # a signal during the last step still ends the run
         finally:
-            trainer.checkpointer.wait()
+            profiler.finish()
+            with goodput.timing("checkpoint"):
+                trainer.checkpointer.wait()
             bar.close()
     summary.update(final_step=step, interrupted=interrupted)
-    if interrupted:
-        writer.print(f"interrupted at step {step}: checkpoint saved in {workdir}; run the same command to resume")
-    else:
+    if not interrupted:
         summary["eval_end"] = run_eval(step)
         summary["sample"] = trainer.task.sample(trainer.model(state["params"]), tc.seed)
-        writer.print(_summary_text(summary))
-        if lead:
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+    summary["goodput"] = goodput.summary()
+    writer.print(f"interrupted at step {step}: checkpoint saved in {workdir}; run the same command to resume"
+                 if interrupted else _summary_text(summary))
+    if lead and not interrupted:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     writer.close()
     trainer.checkpointer.close()
     return summary
@@ -356,6 +388,7 @@ def _summary_text(summary: dict) -> str:
     for when in ("eval_start", "eval_end"):
         if when in summary:
             lines.append(f"{when}: " + "  ".join(f"{k}={v:.4f}" for k, v in summary[when].items()))
+    lines.append(goodput_text(summary["goodput"]))
     if "sample" in summary:
         lines += ["sample:", summary["sample"], "=" * 13]
     return "\n".join(lines)

@@ -1,10 +1,8 @@
-"""Metric writers: console, JSONL file and TensorBoard event files (tensorboardX, no TensorFlow)."""
-
-import json
-import math
-import os
+"""The metric writer (console and trackers) and the device peak FLOP/s table for MFU."""
 
 from tqdm.auto import tqdm
+
+from jaxmodels.train.trackers import Tracker
 
 # bf16 dense peak per chip, from vendor datasheets (dense, no sparsity); override with train.peak_flops.
 PEAK_FLOPS = {
@@ -27,40 +25,22 @@ def device_peak_flops(device_kind: str, override: float = 0.0) -> float | None:
     return PEAK_FLOPS.get(device_kind)
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop rows after `last_step` (written after the checkpoint a resumed run restarts from)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
 class MetricWriter:
-    """Writes each step's scalars to workdir/metrics.jsonl and workdir/tensorboard/; prints every
-    `console_every` steps above the progress bar. Only process 0 writes (`enabled`)."""
+    """Sends each step's scalars to the trackers (`jaxmodels.train.trackers`: metrics.jsonl, TensorBoard,
+    W&B ...) under "PREFIX/NAME" keys, and prints every `console_every` steps above the progress bar.
+    Only process 0 prints (`enabled`) and has trackers."""
 
-    def __init__(self, workdir: str, *, start_step: int, console_every: int, enabled: bool = True):
-        self.enabled, self.console_every = enabled, console_every
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        if not enabled:
-            return
-        truncate_jsonl(self.jsonl_path, start_step)
-        self._jsonl = open(self.jsonl_path, "a")
-        from tensorboardX import SummaryWriter
+    def __init__(self, trackers: list[Tracker], *, console_every: int, enabled: bool = True):
+        self.trackers, self.console_every, self.enabled = trackers, console_every, enabled
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    def log_config(self, config: dict) -> None:
+        for tracker in self.trackers:
+            tracker.log_config(config)
 
     def write(self, step: int, scalars: dict[str, float], *, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-        for k, v in scalars.items():
-            if v is not None and math.isfinite(float(v)):
-                self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+        row = {f"{prefix}/{k}": float(v) for k, v in scalars.items()}
+        for tracker in self.trackers:
+            tracker.write(step, row)
         if prefix != "train" or step % self.console_every == 0:
             self.print(f"[{prefix} {step}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()))
 
@@ -69,9 +49,8 @@ class MetricWriter:
             tqdm.write(text)
 
     def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _fmt(v) -> str:

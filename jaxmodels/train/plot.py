@@ -1,18 +1,22 @@
-"""Loss curves from a run's metrics.jsonl:  python -m jaxmodels.train.plot WORKDIR [--out loss.png]"""
+"""Loss curves from a run's metrics.jsonl:  python -m jaxmodels.train.plot WORKDIR [--out loss.png]
+
+WORKDIR and --out may be local paths or URLs (gs://bucket/run): they are read and written through etils.epath.
+"""
 
 import argparse
+import io
 import json
-import os
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics.jsonl (a local path or a URL)."""
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -20,9 +24,9 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_loss(rows: list[dict], out: str, title: str = "") -> str:
+def plot_loss(rows: list[dict], out, title: str = "") -> str:
     """Train loss (bits/byte when the task reports it) and eval points vs step, with the
-    unigram-entropy baseline if present. Writes a PNG to `out` and returns its path."""
+    unigram-entropy baseline if present. Writes a PNG to `out` (a local path or a URL) and returns its path."""
     key = "bits_per_byte" if any("train/bits_per_byte" in r for r in rows) else "loss"
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(*series(rows, f"train/{key}"), lw=1, alpha=0.8, label=f"train {key}")
@@ -38,9 +42,11 @@ def plot_loss(rows: list[dict], out: str, title: str = "") -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return out
+    epath.Path(out).write_bytes(png.getvalue())
+    return str(out)
 
 
 def main(argv=None):
@@ -48,9 +54,8 @@ def main(argv=None):
     p.add_argument("workdir", help="run directory containing metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: WORKDIR/loss.png)")
     args = p.parse_args(argv)
-    out = plot_loss(read_metrics(os.path.join(args.workdir, "metrics.jsonl")),
-                    args.out or os.path.join(args.workdir, "loss.png"),
-                    title=os.path.basename(args.workdir.rstrip("/")))
+    workdir = epath.Path(args.workdir)
+    out = plot_loss(read_metrics(workdir / "metrics.jsonl"), args.out or workdir / "loss.png", title=workdir.name)
     print(out)
 
 

@@ -87,3 +87,23 @@ def test_a_signal_during_the_last_step_ends_the_run_as_interrupted(tmp_path, mon
     s = train_and_evaluate(tiny_config(train__num_steps=2), str(tmp_path))
     assert s["interrupted"] and s["final_step"] == 2 and "eval_end" not in s
     assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_a_data_error_mid_run_saves_the_last_finished_step_first(tmp_path, monkeypatch):
+    from jaxmodels.data.errors import DataError
+    from jaxmodels.tasks.lm import LanguageModeling
+
+    original = LanguageModeling.train_batches
+
+    def damaged_after_three(self, start_step, process_index, process_count):
+        source = original(self, start_step, process_index, process_count)
+        for _ in range(start_step, 3):
+            yield next(source)
+        raise DataError("record 7 of the shard cannot be read (corrupt bytes)", ["/data/shard-0"],
+                        "re-prepare it", step=3)
+
+    monkeypatch.setattr(LanguageModeling, "train_batches", damaged_after_three)
+    with pytest.raises(DataError, match="while reading the batch of step 3: /data/shard-0"):
+        train_and_evaluate(tiny_config(train__num_steps=8), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "3").is_dir()  # nothing learned is lost
+    assert max(r["step"] for r in _rows(tmp_path)) == 3
