@@ -13,7 +13,7 @@ both fans. The defaults (-2, -1, ()) fit a dense or convolution kernel.
 
 Variance. A weight of variance `scale / fan` keeps the variance of activations (fan_in) or of back-propagated
 gradients (fan_out) constant through a linear map; fan_avg = (fan_in + fan_out) / 2 compromises between the two
-(Glorot & Bengio 2010, eq. 12-16). This is the same argument that makes attention divide q·k by sqrt(head_dim).
+(Glorot & Bengio 2010, eq. 10-12). This is the same argument that makes attention divide q·k by sqrt(head_dim).
 """
 
 import math
@@ -99,8 +99,8 @@ def variance_scaling(scale: float, mode: str = "fan_in", distribution: str = "tr
 
 def glorot(distribution: str = "truncated_normal", *, scale: float = 1.0, in_axis: Axes = -2, out_axis: Axes = -1,
            batch_axis: Axes = ()) -> Initializer:
-    """Glorot/Xavier: variance scale * 2 / (fan_in + fan_out) (Glorot & Bengio 2010, eq. 16; their "normalized
-    initialization" is `distribution="uniform"`, U(±sqrt(6 / (fan_in + fan_out))))."""
+    """Glorot/Xavier: variance scale * 2 / (fan_in + fan_out) (Glorot & Bengio 2010, eq. 12; their "normalized
+    initialization", eq. 16, is `distribution="uniform"`, U(±sqrt(6 / (fan_in + fan_out))))."""
     return variance_scaling(scale, "fan_avg", distribution, in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
 
 
@@ -122,8 +122,8 @@ def lecun(distribution: str = "truncated_normal", *, scale: float = 1.0, in_axis
 def residual_scale(num_layers: int, residual_branches_per_layer: int = 2) -> float:
     """Std factor 1 / sqrt(residual_branches_per_layer * num_layers) for the output projections of residual
     branches (attention W_o, MLP W_down), so the residual stream's variance stays O(1) at any depth: GPT-2
-    (Radford et al. 2019, §2.3: "scale the weights of residual layers at initialization by 1/sqrt(N)", N residual
-    layers = 2 per block). Multiplies a std; pass its square as a variance `scale`."""
+    (Radford et al. 2019, §2.3: "We scale the weights of residual layers at initialization by a factor of 1/sqrt(N)
+    where N is the number of residual layers", 2 per block). Multiplies a std; pass its square as a variance `scale`."""
     positive_int("num_layers", num_layers)
     positive_int("residual_branches_per_layer", residual_branches_per_layer)
     return (residual_branches_per_layer * num_layers) ** -0.5
