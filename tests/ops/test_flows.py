@@ -1,3 +1,4 @@
+import functools
 import math
 
 import jax
@@ -72,9 +73,12 @@ CASES = {
 CASE_SHAPES = [(name, shape) for name, (shapes, _, _) in CASES.items() for shape in shapes]
 
 
-def _build(name, shape, seed=0):
+@functools.cache
+def _build(name, shape):
+    """The case's bijector, jitted and shared by the tests (one compilation instead of one per operation per test:
+    the tests stay fast), and a random input."""
     _, build, sample = CASES[name]
-    return build(shape), sample(seed, shape)
+    return jax.jit(build(shape), static_argnames="inverse"), sample(sum(shape), shape)
 
 
 @pytest.mark.parametrize("name,shape", CASE_SHAPES)
@@ -92,12 +96,12 @@ def _autodiff_log_dets(bijector, x, inverse):
     """log|det J| of each example's flattened map by jax.jacfwd and slogdet."""
     def flat_map(v):
         return bijector(v.reshape((1,) + x.shape[1:]), inverse=inverse)[0].ravel()
-    return jnp.linalg.slogdet(jax.vmap(jax.jacfwd(flat_map))(x.reshape(x.shape[0], -1)))[1]
+    return jax.jit(lambda x: jnp.linalg.slogdet(jax.vmap(jax.jacfwd(flat_map))(x.reshape(x.shape[0], -1)))[1])(x)
 
 
 @pytest.mark.parametrize("name,shape", CASE_SHAPES)
 def test_log_det_is_slogdet_of_autodiff_jacobian(name, shape):
-    bijector, x = _build(name, shape, seed=1)
+    bijector, x = _build(name, shape)
     y, log_det = bijector(x, inverse=False)
     np.testing.assert_allclose(log_det, _autodiff_log_dets(bijector, x, False), atol=2e-4, rtol=1e-5)
     np.testing.assert_allclose(bijector(y, inverse=True)[1], _autodiff_log_dets(bijector, y, True), atol=2e-4,
@@ -131,7 +135,7 @@ def test_actnorm_init_gives_zero_mean_unit_variance_per_channel(shape):
     np.testing.assert_allclose(y.var(axes), 1, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 6])
+@pytest.mark.parametrize("channels", [1, 4])
 def test_conv_1x1_starts_orthogonal_and_lu_log_det_is_slogdet(channels):
     P, L, U, s = flows.invertible_conv_1x1_init(jax.random.key(channels), channels)
     w = np.asarray(flows.lu_weight(P, L, U, s), np.float64)
