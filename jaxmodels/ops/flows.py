@@ -122,7 +122,7 @@ def diagonal_scaling(x: jax.Array, log_scale: jax.Array, *, inverse: bool = Fals
     _check_batched(x)
     _check_example_operand("log_scale", log_scale, x)
     sign = -1 if inverse else 1
-    return x * jnp.exp(sign * log_scale), sign * _batch_sum(jnp.broadcast_to(log_scale, x.shape))
+    return x * jnp.exp(sign * log_scale).astype(x.dtype), sign * _batch_sum(jnp.broadcast_to(log_scale, x.shape))
 
 
 def affine_coupling(x: jax.Array, mask: jax.Array, shift_and_log_scale_fn: ShiftAndLogScaleFn, *,
@@ -181,9 +181,10 @@ def actnorm(x: jax.Array, bias: jax.Array, log_scale: jax.Array, *,
     _check_channel_vector("bias", bias, x)
     _check_channel_vector("log_scale", log_scale, x)
     log_det = _per_example(x, _positions(x) * jnp.sum(log_scale))
+    bias = bias.astype(x.dtype)
     if inverse:
-        return (x - bias) * jnp.exp(-log_scale), -log_det
-    return x * jnp.exp(log_scale) + bias, log_det
+        return (x - bias) * jnp.exp(-log_scale).astype(x.dtype), -log_det
+    return x * jnp.exp(log_scale).astype(x.dtype) + bias, log_det
 
 
 def actnorm_init(x: jax.Array, *, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:

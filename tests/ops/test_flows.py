@@ -117,6 +117,14 @@ def test_nice_additive_coupling_has_log_det_zero_and_keeps_masked_half(shape):
     np.testing.assert_array_equal(mask * y, mask * x)
 
 
+def test_bfloat16_input_keeps_its_dtype_and_float32_log_det():
+    x = _normal(0, (2, 4, 4, 2)).astype(jnp.bfloat16)
+    bias, log_scale = flows.actnorm_init(x)
+    for y, log_det in (flows.actnorm(x, bias, log_scale), flows.diagonal_scaling(x, log_scale),
+                       flows.invertible_conv_1x1(x, *_conv_params(x.shape)), flows.squeeze(x)):
+        assert y.dtype == jnp.bfloat16 and log_det.dtype == jnp.float32
+
+
 def test_masks():
     np.testing.assert_array_equal(flows.checkerboard_mask(2, 3)[..., 0], [[1, 0, 1], [0, 1, 0]])
     np.testing.assert_array_equal(flows.checkerboard_mask(2, 3, flip=True)[..., 0], [[0, 1, 0], [1, 0, 1]])
