@@ -96,7 +96,10 @@ def test_gs_workdir_trains_resumes_and_writes_nothing_locally(gcs_emulator, tmp_
     TENSORSTORE_GCS_HTTP_URL. We chose it over fsspec/epath mocks because those cannot reach TensorStore,
     which writes the arrays in C++; fake-gcs-server would need a Go binary. Only localhost is contacted.
     """
-    env = {"STORAGE_EMULATOR_HOST": gcs_emulator, "TENSORSTORE_GCS_HTTP_URL": gcs_emulator}
+    # The emulator serves one request at a time (http.server.HTTPServer); TensorStore's default of many
+    # concurrent requests then times out on a loaded machine and its retries confuse the emulator.
+    env = {"STORAGE_EMULATOR_HOST": gcs_emulator, "TENSORSTORE_GCS_HTTP_URL": gcs_emulator,
+           "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "1"}
     steps = dict(train__checkpoint_every=2, train__profile_steps=(1, 1), sample__max_new_tokens=2)
     first = _train_cli("gs://bucket/run", tmp_path, env, train__num_steps=4, **steps)
     assert first.returncode == 0, first.stderr[-3000:]
