@@ -74,14 +74,13 @@ def previous_config(config_json: epath.Path) -> dict | None:
     return json.loads(config_json.read_text())
 
 
-def config_changes(previous: dict | None, config: ml_collections.ConfigDict,
-                   sections: tuple[str, ...] | None = None) -> list[str]:
-    """'field: old -> new' for the fields of `sections` (default: all) where `config` differs from `previous`
-    (a previous run's config, `previous_config`); empty when there is none."""
+def config_changes(previous: dict | None, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: old -> new' for every field where `config` differs from `previous` (a previous run's config,
+    `previous_config`); empty when there is none."""
     if previous is None:
         return []
     current = json.loads(config.to_json_best_effort())
-    sections = sections or tuple(sorted(set(previous) | set(current)))
+    sections = tuple(sorted(set(previous) | set(current)))
     old, new = (_flat({k: c.get(k) for k in sections}) for c in (previous, current))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
@@ -192,7 +191,7 @@ class Trainer:
             raise CheckpointError(f"{self.workdir} holds checkpoints of another data-parallel strategy: {error}")
         if changes and jax.process_index() == 0:
             print("resuming with config changes: " + "; ".join(changes), flush=True)
-        layout = config_changes(previous, self.config, STATE_SECTIONS)
+        layout = [c for c in changes if c.split(".", 1)[0].split(":", 1)[0] in STATE_SECTIONS]
         hint = ". The checkpoints were written with a different config (state layout): " + "; ".join(layout)
         step, state = self.checkpointer.restore_latest(
             abstract_with_shardings(self.abstract_state, self.state_shardings), hint if layout else "")
