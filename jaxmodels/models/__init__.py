@@ -1,6 +1,5 @@
 """Complete architectures, each constructible from a config section (`make_model`)."""
 
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -14,13 +13,11 @@ from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
 from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.precision import DTYPES
 
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def check_model_config(config: ml_collections.ConfigDict) -> None:
     """Validate a model config section before anything is built: its name, its dtypes, and the model's own
     `check_config`. Raises ValueError naming the field (config.model.X) and the valid choices."""
