@@ -56,7 +56,7 @@ def _text(source: Sequence[dict], text_feature: str, index: int) -> bytes:
     return text.encode("utf-8") if isinstance(text, str) else text
 
 
-def _texts(source: Sequence[dict], text_feature: str) -> Iterator[bytes]:
+def document_texts(source: Sequence[dict], text_feature: str) -> Iterator[bytes]:
     """All documents' `text_feature`s in source order, one `source[i]` at a time (tfds's batched
     `__getitems__` runs a thread pool per call and measured slower here, even over a whole split)."""
     return (_text(source, text_feature, i) for i in range(len(source)))
@@ -110,7 +110,7 @@ class TokenWindows:
         if len(source) and text_feature not in source[0]:
             raise ValueError(f"source has no feature {text_feature!r}; it has {sorted(source[0])}")
         lengths = _cached(source, f"{text_feature}-lengths", (len(source),),
-                          lambda: np.fromiter(map(len, _texts(source, text_feature)), np.int64, len(source)))
+                          lambda: np.fromiter(map(len, document_texts(source, text_feature)), np.int64, len(source)))
         self._seq_len = seq_len
         self._document = functools.lru_cache(maxsize=_CACHED_DOCUMENTS)(functools.partial(_text, source, text_feature))
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # document d is stream[starts[d]:starts[d+1]]
@@ -204,7 +204,7 @@ def _byte_counts(source: Sequence[dict], text_feature: str, max_bytes: int) -> n
     """`np.int64[256]` histogram of the first `max_bytes` bytes of the stream."""
     counts = np.zeros(VOCAB_SIZE, np.int64)
     remaining = max_bytes
-    for text in _texts(source, text_feature):
+    for text in document_texts(source, text_feature):
         counts += np.bincount(np.frombuffer(text[:remaining], np.uint8), minlength=VOCAB_SIZE)
         remaining -= min(len(text), remaining)
         if remaining == 0:
