@@ -11,7 +11,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKED_DIRS = ("jaxmodels", "benchmarks", "experiments")
-HEAVY_LIBRARIES = ("matplotlib", "orbax", "tensorflow_datasets", "grain")
+# Data, checkpoint, plotting, tracking and interop libraries: a user who imports a primitive pays only for JAX.
+HEAVY_LIBRARIES = ("matplotlib", "orbax", "tensorflow_datasets", "grain", "array_record", "tensorboardX", "wandb",
+                   "tqdm", "tokenizers", "sentencepiece", "safetensors", "transformers", "torch", "pyarrow",
+                   "sklearn", "jaxmodels.data", "jaxmodels.train", "jaxmodels.interop")
 
 
 def _module_name(path: pathlib.Path) -> str:
