@@ -86,11 +86,20 @@ def test_the_command_reproduces_the_run_sample(run):
     assert "8 new tokens in" in speed and "tokens/s on cpu:0" in speed
 
 
-def test_the_command_defaults_to_the_run_settings(run, capsys):
+def test_the_command_defaults_to_the_run_settings(run, tmp_path, capsys):
     workdir, summary = run
     main(["--workdir", workdir])  # prompt, max_new_tokens, temperature, top_k and seed from the run's config
     out = capsys.readouterr().out
     assert out.startswith(f"=== 1/1: 'def '\n{summary['sample']}\n"), out
+    (tmp_path / "prompts.json").write_text(json.dumps(["def ", "x\ny"]))  # a JSON list: prompts with newlines
+    (tmp_path / "prompts.txt").write_text("if \n\nfor \n")  # one per line, empty lines skipped
+    main(["--workdir", workdir, "--prompts_file", str(tmp_path / "prompts.json")])
+    out = capsys.readouterr().out
+    assert out.startswith(f"=== 1/2: 'def '\n{summary['sample']}\n=== 2/2: 'x\\ny'\n"), out
+    main(["--workdir", workdir, "--prompt", "a", "--prompts_file", str(tmp_path / "prompts.txt"), "--max_new_tokens",
+          "2"])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("===")] == [
+        "=== 1/3: 'a'", "=== 2/3: 'if '", "=== 3/3: 'for '"]
 
 
 class _Ids(ByteTokenizer):
@@ -148,6 +157,11 @@ def test_errors_name_the_workdir_and_what_to_do(run, tmp_path, capsys):
         main(["--workdir", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: --top_k must be at most the vocabulary size 256"):
         main(["--workdir", workdir, "--top_k", "300"])
+    with pytest.raises(SystemExit, match="error: .*No such file"):
+        main(["--workdir", workdir, "--prompts_file", str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(SystemExit, match=f"error: --prompts_file {tmp_path / 'empty.json'} holds no prompt"):
+        main(["--workdir", workdir, "--prompts_file", str(tmp_path / "empty.json")])
     for flag, value, message in [("--top_p", "1.5", r"--top_p must be a real number in (0, 1], got 1.5"),
                                  ("--max_new_tokens", "0", "--max_new_tokens must be a positive int"),
                                  ("--temperature", "hot", "expected a real number, got 'hot'"),
