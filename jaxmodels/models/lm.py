@@ -2,7 +2,7 @@
 mixture-of-experts MLPs in every k-th block)."""
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -210,22 +210,49 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, embed_dim: int, n
     return 6.0 * matmul_params + 3.0 * (attn_fwd + moe_fwd)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    """Draw token ids (batch,) int32 from logits (batch, vocab) at `temperature`, from the `top_k` most likely.
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                  top_p: float | None = None, vocab_limit: int | None = None) -> jax.Array:
+    """Draw token ids (batch,) int32 from logits (batch, vocab) float: ids >= `vocab_limit` are excluded, then
+    the logits are divided by `temperature`, restricted to the `top_k` most likely, then to the nucleus of
+    mass `top_p`, and sampled. The order of the warpers is Hugging Face transformers' (`TemperatureLogitsWarper`,
+    `TopKLogitsWarper`, `TopPLogitsWarper`).
 
-    temperature: a real number >= 0 (Python scalar); 0 is greedy (argmax).
+    temperature: a real number >= 0 (Python scalar); 0 is greedy (argmax over the ids below vocab_limit).
     top_k: None or 0 (off: the whole vocabulary, as the CLI's `sample.top_k=0`) or an int in [1, vocab].
+    top_p: None or 1.0 (off) or a real in (0, 1): nucleus sampling (Holtzman et al. 2020, "The Curious Case of
+      Neural Text Degeneration", sec. 3.1): the smallest set of most likely tokens whose probability mass
+      reaches top_p, i.e. token i is kept when the tokens more likely than it hold less than top_p (tokens tied
+      with the least likely kept one are kept too); the draw is from the renormalised set.
+    vocab_limit: None (the whole vocabulary) or an int in [1, vocab]: ids >= vocab_limit (the padding of a
+      vocabulary rounded up, `jaxmodels.data.tokenizers.padded_vocab_size`) are never drawn, greedy included.
     Raises ValueError / TypeError (at trace time) for values outside these ranges.
     """
+    vocab = logits.shape[-1]
     temperature = real_in_range("temperature", temperature, 0)
-    top_k = check_top_k(top_k, logits.shape[-1])
+    top_k = check_top_k(top_k, vocab)
+    top_p = check_top_p(top_p)
+    vocab_limit = check_vocab_limit(vocab_limit, vocab)
+    if vocab_limit < vocab:
+        logits = jnp.where(jnp.arange(vocab) < vocab_limit, logits, -jnp.inf)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        logits = _nucleus(logits, top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """logits (batch, vocab) float32 with every token outside the nucleus of mass `top_p` set to -inf."""
+    descending = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # of the tokens more likely than each one
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the most likely token has 0 before it
+    threshold = jnp.take_along_axis(descending, kept - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def check_top_k(top_k, vocab_size: int, name: str = "top_k") -> int:
@@ -237,52 +264,73 @@ def check_top_k(top_k, vocab_size: int, name: str = "top_k") -> int:
     return top_k
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "use_cache"))
-def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k, use_cache):
+def check_top_p(top_p, name: str = "top_p") -> float:
+    """top_p as a float, 1.0 for off (None or 1.0); ValueError / TypeError naming `name` unless it is a real
+    number in (0, 1]."""
+    return 1.0 if top_p is None else real_in_range(name, top_p, 0, 1, include_low=False)
+
+
+def check_vocab_limit(vocab_limit, vocab_size: int, name: str = "vocab_limit") -> int:
+    """vocab_limit as an int, vocab_size for None; ValueError / TypeError naming `name` unless it is an int in
+    [1, vocab_size]."""
+    if vocab_limit is None:
+        return vocab_size
+    positive_int(name, vocab_limit)
+    if vocab_limit > vocab_size:
+        raise ValueError(f"{name} must be at most the model's vocabulary size {vocab_size} (None: all of it), "
+                         f"got {vocab_limit}")
+    return vocab_limit
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "eos_id", "vocab_limit", "use_cache"))
+def _generate(graphdef, state, prompt, key, *, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_limit,
+              use_cache):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
     keys = jax.random.split(key, max_new_tokens)
-    tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt)
+    # Positions a row never reaches (after an early exit) already hold what it would have produced: EOS.
+    tokens = jnp.full((batch, total), 0 if eos_id is None else eos_id, jnp.int32).at[:, :prompt_len].set(prompt)
+    done = jnp.zeros((batch,), bool)  # rows that produced EOS; always False without eos_id
+
+    def emit(tokens, done, t, logits):
+        """Draw the token of step t (at position prompt_len + t) from logits (batch, vocab)."""
+        nxt = sample_logits(logits, keys[t], temperature, top_k, top_p, vocab_limit)
+        if eos_id is not None:
+            nxt = jnp.where(done, eos_id, nxt)
+            done = done | (nxt == eos_id)
+        return tokens.at[:, prompt_len + t].set(nxt), done
+
+    def running(carry):
+        t, _, done = carry[:3]
+        return (t < max_new_tokens) & ~jnp.all(done)
+
     if use_cache:
         logits, cache = model(prompt, cache=model.init_cache(batch, total), cache_index=jnp.int32(0))
-        first = sample_logits(logits[:, -1], keys[0], temperature, top_k)
-        tokens = tokens.at[:, prompt_len].set(first)
+        tokens, done = emit(tokens, done, 0, logits[:, -1])
 
-        def step(carry, t):
-            tokens, cache = carry
+        def step(carry):
+            t, tokens, done, cache = carry
             pos = prompt_len + t - 1  # position of the token being fed
             logits, cache = model(jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), cache=cache, cache_index=pos)
-            nxt = sample_logits(logits[:, -1], keys[t], temperature, top_k)
-            return (tokens.at[:, pos + 1].set(nxt), cache), None
+            tokens, done = emit(tokens, done, t, logits[:, -1])
+            return t + 1, tokens, done, cache
 
-        (tokens, _), _ = jax.lax.scan(step, (tokens, cache), jnp.arange(1, max_new_tokens))
-        return tokens
+        return jax.lax.while_loop(running, step, (jnp.int32(1), tokens, done, cache))[1]
 
-    def step_nocache(tokens, t):
-        pos = prompt_len + t - 1  # last filled position; causal masking ignores the empty tail
+    def step_nocache(carry):
+        t, tokens, done = carry
+        pos = prompt_len + t - 1  # last filled position; causal masking ignores the tail
         logits = model(tokens)
-        nxt = sample_logits(jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), keys[t],
-                            temperature, top_k)
-        return tokens.at[:, pos + 1].set(nxt), None
+        return t + 1, *emit(tokens, done, t, jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False))
 
-    tokens, _ = jax.lax.scan(step_nocache, tokens, jnp.arange(max_new_tokens))
-    return tokens
+    return jax.lax.while_loop(running, step_nocache, (jnp.int32(0), tokens, done))[1]
 
 
-def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True) -> jax.Array:
-    """Autoregressive sampling. prompt (batch, prompt_len) int32 -> (batch, prompt_len + max_new_tokens).
-
-    With `use_cache` (and a model whose layers all have a cached form, `model.has_cache`; other
-    kinds silently decode without), the prompt is processed once and each new token attends to cached keys and
-    values (O(L) per token); without, every step recomputes the full causal forward (O(L^2)),
-    which is the reference the cached path must equal. Step t draws with key split(key)[t].
-
-    prompt: integer ids in [0, model.vocab_size), at least one per row (ValueError otherwise; a traced prompt's
-      ids cannot be checked). max_new_tokens: an int >= 1. temperature, top_k: as in `sample_logits`
-      (top_k None or 0: off).
-    """
+def _generate_arguments(model, prompt, *, max_new_tokens, temperature, top_k, top_p, eos_id, vocab_limit,
+                        use_cache) -> tuple[jax.Array, dict]:
+    """`generate`'s arguments checked: (prompt int32, the static keyword arguments of `_generate`)."""
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, prompt_len >= 1) token ids, got shape {prompt.shape}")
@@ -290,8 +338,55 @@ def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tok
         raise TypeError(f"prompt must hold integer token ids, got {prompt.dtype}")
     values_in_range("prompt", prompt, 0, model.vocab_size)
     positive_int("max_new_tokens", max_new_tokens)
-    temperature = real_in_range("temperature", temperature, 0)
-    top_k = check_top_k(top_k, model.vocab_size)
+    vocab_limit = check_vocab_limit(vocab_limit, model.vocab_size)
+    if eos_id is not None:
+        non_negative_int("eos_id", eos_id)
+        if eos_id >= vocab_limit:
+            raise ValueError(f"eos_id must be an id in [0, {vocab_limit}) (vocab_limit, or the model's vocabulary "
+                             f"size), got {eos_id}")
+    static = dict(max_new_tokens=max_new_tokens, temperature=real_in_range("temperature", temperature, 0),
+                  top_k=check_top_k(top_k, model.vocab_size), top_p=check_top_p(top_p), eos_id=eos_id,
+                  vocab_limit=vocab_limit, use_cache=use_cache and model.has_cache)
+    return prompt.astype(jnp.int32), static
+
+
+def generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, vocab_limit: int | None = None, use_cache: bool = True) -> jax.Array:
+    """Autoregressive sampling. prompt (batch, prompt_len) int -> tokens (batch, prompt_len + max_new_tokens) int32,
+    the prompt followed by the new tokens.
+
+    With `use_cache` (and a model whose layers all have a cached form, `model.has_cache`; other
+    kinds silently decode without), the prompt is processed once and each new token attends to cached keys and
+    values (O(L) per token); without, every step recomputes the full causal forward (O(L^2)),
+    which is the reference the cached path must equal. Step t draws with key split(key)[t] (`sample_logits`).
+
+    prompt: integer ids in [0, model.vocab_size), at least one per row (ValueError otherwise; a traced prompt's
+      ids cannot be checked). max_new_tokens: an int >= 1. temperature, top_k, top_p, vocab_limit: as in
+      `sample_logits` (top_k None or 0, top_p None or 1.0, vocab_limit None: off).
+    eos_id: None, or the id in [0, vocab_limit) that ends a sequence: a row that produced it produces only
+      eos_id afterwards, and decoding stops as soon as every row has (a `lax.while_loop`: the remaining steps
+      are not run), with the same tokens as decoding to the end and replacing each row's tokens after its
+      first eos_id by eos_id.
+    """
+    prompt, static = _generate_arguments(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, eos_id=eos_id, vocab_limit=vocab_limit,
+                                         use_cache=use_cache)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt.astype(jnp.int32), key, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_k=top_k, use_cache=use_cache and model.has_cache)
+    return _generate(graphdef, state, prompt, key, **static)
+
+
+def compile_generate(model: DecoderLM, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     eos_id: int | None = None, vocab_limit: int | None = None,
+                     use_cache: bool = True) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`generate` compiled ahead of time for `prompt`'s shape and dtype, `key`'s kind and these settings (checked
+    as `generate` checks them): returns run(prompt, key) -> tokens, equal to generate(model, prompt, key, ...),
+    which runs the compiled decode only, so that its time excludes compilation. `run` takes prompts of the
+    same shape and keys of the same kind, and `model`'s parameters as they were at compilation."""
+    prompt, static = _generate_arguments(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, eos_id=eos_id, vocab_limit=vocab_limit,
+                                         use_cache=use_cache)
+    graphdef, state = nnx.split(model)
+    compiled = _generate.lower(graphdef, state, prompt, key, **static).compile()
+    return lambda prompt, key: compiled(state, jnp.asarray(prompt, jnp.int32), key)
