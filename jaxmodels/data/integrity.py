@@ -160,13 +160,15 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
-def prepare_embedded(data_dir: str, lock_name: str,
-                     make_builder: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+def prepare_embedded(data_dir: str, lock_name: str, make_builder: Callable[[], tfds.core.DatasetBuilder], *,
+                     deep: bool = True, fix: Callable[[epath.Path], str] = embedded_fix) -> tfds.core.DatasetBuilder:
     """`make_builder()`'s data set, prepared in `data_dir` on first use (never downloads) and verified.
 
     Holds an exclusive `fcntl.flock` on `data_dir/{lock_name}.lock` throughout, so that several
-    processes may call it at once. A prepared copy that fails `verify(deep=True)` is deleted, with a
-    warning naming the file at fault, and prepared again; a fresh copy that fails raises DataError.
+    processes may call it at once. A prepared copy that fails `verify(deep=deep)` is deleted, with a
+    warning naming the file at fault, and prepared again; a fresh copy that fails raises DataError
+    with `fix(builder.data_path)`. `deep=False` (cheap checks only) suits data sets too large to read
+    at every start (local text files); their damaged records are named when read (`CheckedSource`).
     """
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(data_dir, f"{lock_name}.lock"), "w") as lock:
@@ -174,7 +176,7 @@ def prepare_embedded(data_dir: str, lock_name: str,
         builder = make_builder()
         if builder.data_path.exists():
             try:
-                verify(builder, embedded_fix(builder.data_path), deep=True)
+                verify(builder, fix(builder.data_path), deep=deep)
                 return builder
             except DataError as error:
                 warnings.warn(f"{error.problem}: {', '.join(error.files)}; deleting {builder.data_path} and "
@@ -182,5 +184,5 @@ def prepare_embedded(data_dir: str, lock_name: str,
                 shutil.rmtree(builder.data_path)
                 builder = make_builder()  # forget the damaged copy's metadata
         _prepare(builder)
-        verify(builder, embedded_fix(builder.data_path), deep=True)
+        verify(builder, fix(builder.data_path), deep=deep)
     return builder

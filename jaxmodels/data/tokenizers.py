@@ -41,6 +41,10 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str | bytes) -> list[int]:
         """Token ids of `text` (bytes are decoded as UTF-8, invalid sequences replaced); no EOS appended."""
 
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
+        """`[encode(t) for t in texts]`; tokenizers with a faster batched (parallel) encoder override it."""
+        return [self.encode(text) for text in texts]
+
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids` (special tokens dropped, invalid UTF-8 replaced)."""
@@ -132,6 +136,9 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str | bytes) -> list[int]:
         return self._sp.encode(_as_str(text))
 
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
+        return self._sp.encode([_as_str(t) for t in texts])  # SentencePiece encodes a list on several threads
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -185,6 +192,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def encode(self, text: str | bytes) -> list[int]:
         return self._tok.encode(_as_str(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[list[int]]:
+        encodings = self._tok.encode_batch([_as_str(t) for t in texts], add_special_tokens=False)  # parallel (Rust)
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

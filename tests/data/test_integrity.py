@@ -12,7 +12,7 @@ import pytest
 from jaxmodels.data import corpus, digits, integrity, lm
 from jaxmodels.data.errors import DataError
 from tests.data.test_corpus import fake_config, prepare_fake, read_split
-from tests.data.test_lm import DOCS, NAME
+from tests.data.test_lm import BYTE, DOCS, NAME
 
 VERSION = "py_stdlib/fake/1.0.0"  # the prepared directory, under data_dir
 TRAIN_SHARD = "py_stdlib-train.array_record-00000-of-00001"
@@ -56,10 +56,14 @@ def swap_for_validation(path):
     shutil.copy(path.parent / VALIDATION_SHARD, path)
 
 
+def lm_batches(data_dir, **kwargs):
+    data = {"name": NAME, "data_dir": str(data_dir), "seq_len": 8}
+    return lm.lm_batches(data, BYTE, **(dict(split="train", global_batch_size=8, seed=0, prefetch=0) | kwargs))
+
+
 def batches(data_dir, steps, **kwargs):
-    it = lm.lm_batches(NAME, "train", str(data_dir), **(dict(seq_len=8, global_batch_size=8, seed=0, prefetch=0)
-                                                       | kwargs))
-    return np.stack([next(it) for _ in range(steps)])
+    it = lm_batches(data_dir, **kwargs)
+    return np.stack([next(it)["tokens"] for _ in range(steps)])
 
 
 def assert_names_file_and_fix(error, path, problem):
@@ -98,11 +102,11 @@ def test_random_bytes_in_a_shard_name_the_shard_record_and_step(data_dir, prefet
     good = batches(data_dir, 40)
     scramble(shard)
     lm.text_source(NAME, "train", str(data_dir))  # the cheap checks at open time cannot see it
-    it = lm.lm_batches(NAME, "train", str(data_dir), 8, 8, 0, prefetch=prefetch)
+    it = lm_batches(data_dir, prefetch=prefetch)
     read = []
     with pytest.raises(DataError) as caught:
         while len(read) < 40:
-            read.append(next(it))
+            read.append(next(it)["tokens"])
     error = caught.value
     assert 0 < error.step == len(read) < 40  # mid-run, after the good batches, which are unchanged
     np.testing.assert_array_equal(np.stack(read), good[:len(read)])
@@ -110,13 +114,14 @@ def test_random_bytes_in_a_shard_name_the_shard_record_and_step(data_dir, prefet
                                             f"step {error.step}")
     assert isinstance(error.__cause__, RuntimeError) and "Riegeli" in str(error.__cause__)
     with pytest.raises(DataError, match=f"step {error.step}:"):  # a resume fails at the same step, with the same fix
-        next(lm.lm_batches(NAME, "train", str(data_dir), 8, 8, 0, start_step=error.step, prefetch=prefetch))
+        next(lm_batches(data_dir, start_step=error.step, prefetch=prefetch))
 
 
 def test_random_bytes_in_an_eval_shard_name_the_eval_batch(data_dir):
     scramble(data_dir / VERSION / TRAIN_SHARD)
     with pytest.raises(DataError, match="while reading the batch of step") as caught:
-        lm.eval_batches(NAME, "train", str(data_dir), seq_len=8, batch_size=8, num_batches=40)
+        lm.eval_batches({"name": NAME, "data_dir": str(data_dir), "seq_len": 8}, BYTE, split="train", batch_size=8,
+                        num_batches=40)
     assert str(data_dir / VERSION / TRAIN_SHARD) in str(caught.value)
 
 

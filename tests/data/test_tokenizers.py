@@ -37,6 +37,7 @@ def test_byte_tokenizer_is_the_byte_values():
     assert tok.encode(SAMPLE) == list(SAMPLE.encode())
     assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
     np.testing.assert_array_equal(tok.token_byte_lengths(), np.ones(256))
+    assert tok.encode_batch([SAMPLE, b"\xff"]) == [list(SAMPLE.encode()), [255]]
 
 
 @pytest.mark.parametrize("name", ["bpe", "sentencepiece_model"])
@@ -50,6 +51,8 @@ def test_round_trip_and_bytes_per_token(name, request):
         assert max(ids) < tok.vocab_size
         assert tok.token_byte_lengths()[ids].sum() == len(text.encode())  # every byte counted once
     assert tok.token_byte_lengths()[tok.eos_id] == 0
+    texts = [SAMPLE, "", TEXTS[7].encode()]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]  # the batched (parallel) encoder agrees
     assert len(tok.encode(TEXTS[3])) < 0.7 * len(TEXTS[3].encode())  # merges learned: fewer tokens than bytes
 
 
