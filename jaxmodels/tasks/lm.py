@@ -46,6 +46,8 @@ def next_token_loss(model: nnx.Module, tokens: jax.Array, segment_ids: jax.Array
         exactly: `Task.combine_metrics`).
     A batch with no counted target gives cross entropy 0 (the counts are floored at 1 in the divisions).
     """
+    if attend_within_documents and segment_ids is None:
+        raise ValueError("attend_within_documents=True needs the segment_ids of the documents, got None")
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     kwargs = {"segment_ids": segment_ids[:, :-1]} if attend_within_documents else {}
     logits, aux = model(inputs, return_aux=True, **kwargs)

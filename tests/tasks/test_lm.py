@@ -68,6 +68,8 @@ def test_attending_within_documents_gives_the_models_segment_logits():
     nats = _nats(model, tokens, segments)
     np.testing.assert_allclose(loss, nats[np.asarray(segments[:, 1:]) != 0].mean(), rtol=1e-5)
     assert not np.isclose(loss, next_token_loss(model, tokens, segments)[0], rtol=1e-4)
+    with pytest.raises(ValueError, match="attend_within_documents=True needs the segment_ids"):
+        next_token_loss(model, tokens, attend_within_documents=True)
 
 
 def test_attention_that_cannot_keep_documents_apart_fails_only_when_asked_to():
