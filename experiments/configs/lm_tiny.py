@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = dict(
         name="decoder_lm",
-        vocab_size=256,
+        vocab_size=256,         # 0: the tokenizer's vocabulary padded to a multiple of 128
         num_layers=4,
         embed_dim=128,
         num_heads=4,
@@ -63,12 +63,19 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.data = dict(
-        name="py_stdlib",       # any tfds data set with a "text" feature works with data_dir set
+        name="py_stdlib",       # any tfds data set with a text feature works with data_dir set
         data_dir=config_dict.placeholder(str),  # None: $JAXMODELS_DATA_DIR or ~/.cache/jaxmodels
+        # "byte" (ids = bytes, vocabulary 256, no end-of-document token), a SentencePiece .model or Hugging Face
+        # tokenizer.json (or a directory holding one), or "bpe:VOCAB" (byte-level BPE trained on train_split on
+        # first use). With an end-of-document token, documents in a window do not attend to each other.
+        tokenizer="byte",
+        train_split="train",
+        eval_split="validation",
+        text_key="text",        # the feature holding the documents' text
         seq_len=128,
         global_batch_size=32,
         seed=0,
-        eval_batches=8,
+        eval_batches=8,         # batches of eval_split per evaluation; 0 = every window of the split once
     )
 
     c.optimizer = dict(
@@ -117,5 +124,6 @@ def get_config() -> ml_collections.ConfigDict:
     # (ppermute rings of jaxmodels/ops/collectives.py) or "xla" (lax.psum_scatter / all_gather, NCCL on GPU).
     c.parallel = dict(strategy="replicated", collectives="ring")
 
-    c.sample = dict(prompt="def ", max_new_tokens=200, temperature=0.8, top_k=0)
+    # top_k=0 and top_p=1.0 are off (the whole vocabulary).
+    c.sample = dict(prompt="def ", max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0)
     return c

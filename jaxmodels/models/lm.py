@@ -10,13 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
-from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, spec_from_config
+from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, segments_error, spec_from_config
 from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
 from jaxmodels.ops.checks import non_negative_int, positive_int, real_in_range, values_in_range
 from jaxmodels.ops.moe import moe_flops_per_token
-from jaxmodels.ops.position import sinusoidal_embedding
+from jaxmodels.ops.position import segment_positions, sinusoidal_embedding
 
 REMAT_POLICIES = {
     "none": None,
@@ -93,11 +93,31 @@ class DecoderLM(Model):
                              f"config.model.attention.position={attention.position!r} rotates pairs of dims")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False):
-        """Without `cache`: causal forward over the whole sequence, returns logits.
+                 cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False,
+                 segment_ids: jax.Array | None = None):
+        """tokens (B, T) int32 -> logits (B, T, vocab_size) float32.
+
+        Without `cache`: causal forward over the whole sequence, returns logits.
         With `cache` (from `init_cache`): tokens are at positions cache_index.., returns (logits, cache).
         With `return_aux`, the MoE statistics (`combine_moe_aux`; {} for a dense model) come last:
-        (logits, aux) or (logits, cache, aux)."""
+        (logits, aux) or (logits, cache, aux).
+        segment_ids (B, T) int (no cache): the row packs several documents (ids 1, 2, ... per document, 0 for
+        padding); a token attends only to its own document, and positions (when not given) restart at 0 at each
+        document's first token (`ops.position.segment_positions`), so each document's logits are those it gets
+        alone. Attention kinds that cannot mask other documents raise ValueError naming the kind
+        (`nn.attention.segments_error`)."""
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are for a whole-sequence forward; decoding with a cache takes one "
+                                 "sequence per row")
+            if jnp.shape(segment_ids) != tokens.shape:
+                raise ValueError(f"segment_ids must have the tokens' shape {tokens.shape}, got "
+                                 f"{jnp.shape(segment_ids)}")
+            error = segments_error(self.attention.kind, self.attention.position)
+            if error:
+                raise ValueError(f"DecoderLM: {error}")
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
@@ -112,7 +132,7 @@ class DecoderLM(Model):
             if REMAT_POLICIES[self.remat] is not None:
                 block_fn = nnx.remat(_block_forward, policy=REMAT_POLICIES[self.remat])
             for block in self.blocks:
-                x, aux = block_fn(block, x, positions)
+                x, aux = block_fn(block, x, positions, segment_ids)
                 layer_aux.append(aux)
             out = (self._logits(x),)
         else:
@@ -157,8 +177,8 @@ class DecoderLM(Model):
         return [block.init_cache(batch, max_length) for block in self.blocks]
 
 
-def _block_forward(block, x, positions):
-    x, _, aux = block(x, positions)
+def _block_forward(block, x, positions, segment_ids):
+    x, _, aux = block(x, positions, segment_ids=segment_ids)
     return x, aux
 
 

@@ -49,13 +49,17 @@ class MambaLM(Model):
                      ("num_layers", "embed_dim", "d_state", "d_conv", "expand"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: list[dict] | None = None,
-                 cache_index: jax.Array | None = None, *, return_aux: bool = False):
+                 cache_index: jax.Array | None = None, *, return_aux: bool = False,
+                 segment_ids: jax.Array | None = None):
         """Without `cache`: the parallel (selective-scan) forward, returns logits (batch, length, vocab).
         With `cache` (from `init_cache`, or returned by a previous call): continues the recurrence over
         `tokens` (one token: the recurrent step; several: the parallel scan from the cached state) and
         returns (logits, new_cache). `positions` and `cache_index` are unused (the state carries them).
-        With `return_aux` (the `DecoderLM` interface) the auxiliary losses come last: always {} here."""
-        del positions, cache_index
+        With `return_aux` (the `DecoderLM` interface) the auxiliary losses come last: always {} here.
+        `segment_ids` (packed documents, the `DecoderLM` interface) are accepted and unused: the recurrent state
+        is NOT reset at document boundaries (the selective scan here has no reset input), so a document starts
+        from the state the previous one left; the end-of-document token is the model's only cue to forget."""
+        del positions, cache_index, segment_ids
         if return_aux:
             out = self(tokens, cache=cache)
             return (*out, {}) if cache is not None else (out, {})

@@ -18,6 +18,8 @@ optional log-n scaling), "alibi" (Press et al. 2022; softmax only), "rerope" (Su
 only, usually switched on at inference for a RoPE-trained model), the absolute "sinusoidal"
 (Vaswani et al. 2017) and "learned" (GPT-2) embeddings that the model adds to its input (ABSOLUTE_POSITIONS;
 the attention itself is then position-free), or "none".
+Packed documents (`segment_ids`): softmax attention with any position but ReRoPE masks the keys of other
+documents (`segments_error` names the rest, which cannot).
 """
 
 import dataclasses
@@ -146,6 +148,18 @@ class AttentionSpec:
         return self.kind
 
 
+def segments_error(kind: str, position: str) -> str | None:
+    """Why a layer of attention `kind` with `position` cannot keep packed documents apart (mask the keys of
+    other segments), or None when it can: softmax attention with any position but "rerope". The linear,
+    performer and norm kinds sum keys into one state, diag and the sparse kinds have their own kernels, and
+    ReRoPE its own score matrices, none of which takes a segment mask."""
+    if kind == "softmax" and position != "rerope":
+        return None
+    what = f"position {position!r}" if kind == "softmax" else f"attention kind {kind!r}"
+    return (f"{what} cannot keep packed documents apart (segment_ids): only kind 'softmax' with a position "
+            f"other than 'rerope' masks the keys of other documents")
+
+
 def spec_from_config(attention: dict | None) -> AttentionSpec:
     """AttentionSpec from a config section (a dict / ConfigDict of its fields); None gives the defaults."""
     return spec_from_section(AttentionSpec, attention, "attention")
@@ -228,10 +242,18 @@ class Attention(nnx.Module):
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
-        """x: (B, T, D); positions: (B, T) int absolute positions. With a cache (from `init_cache`),
-        x holds the tokens at positions cache_index .. cache_index + T - 1; returns the new cache."""
+                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, Cache | None]:
+        """x: (B, T, D); positions: (B, T) int positions (with segment_ids, each document's own, from 0). With a
+        cache (from `init_cache`), x holds the tokens at positions cache_index .. cache_index + T - 1; returns the
+        new cache. segment_ids: None or (B, T) int, packed documents: a query attends only to keys of its own
+        segment (no cache then; ValueError, from `segments_error`, for kinds that cannot)."""
         spec = self.spec
+        if segment_ids is not None:
+            error = segments_error(self.kind, spec.position)
+            if error or cache is not None:
+                raise ValueError(error or "segment_ids are for a whole-sequence forward; decoding with a cache "
+                                          "takes one sequence per row")
         q, k, v = (dense(x, w.value, self.dtype, "bld,dnh->blnh") for w in (self.w_q, self.w_k, self.w_v))
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -247,15 +269,17 @@ class Attention(nnx.Module):
             if spec.log_n:  # query at position p attends p + 1 keys
                 q = q * log_n_scale(positions + 1, spec.train_length)[..., None, None].astype(q.dtype)
         if cache is None:
-            out = self._attend(q, k, v, scale)
+            out = self._attend(q, k, v, scale, segment_ids)
         else:
             out, cache = self._attend_cached(q, k, v, scale, cache, cache_index)
         if self.kind == "norm":
             out = out * self.out_gain.value.astype(out.dtype)
         return dense(out, self.w_o.value, self.dtype, "blnh,nhd->bld"), cache
 
-    def _attend(self, q, k, v, scale):
-        """Causal attention of the whole sequence: q (B, T, N, H), k, v (B, T, K, H) -> (B, T, N, H)."""
+    def _attend(self, q, k, v, scale, segment_ids=None):
+        """Causal attention of the whole sequence: q (B, T, N, H), k, v (B, T, K, H) -> (B, T, N, H); softmax
+        also within segments (segment_ids (B, T) or None; ALiBi's and the window's distances are relative,
+        so they are those of each document alone)."""
         spec, kind = self.spec, self.kind
         if kind == "softmax":
             if spec.position == "rerope":
@@ -263,8 +287,8 @@ class Attention(nnx.Module):
                                         base=spec.rope_base, is_causal=True, scale=scale)
             bias = alibi_bias(self.num_heads, q.shape[1], k.shape[1]) if spec.position == "alibi" else None
             window = (spec.window - 1, 0) if spec.window else None
-            return dot_product_attention(q, k, v, bias, scale=scale, is_causal=bias is None, local_window_size=window,
-                                         implementation=spec.implementation)
+            return dot_product_attention(q, k, v, bias, scale=scale, is_causal=bias is None, segment_ids=segment_ids,
+                                         local_window_size=window, implementation=spec.implementation)
         if kind == "linear":
             return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True, chunk_size=spec.chunk_size)
         if kind == "performer":

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.attention import GAU_KINDS, Attention, AttentionSpec, Cache
+from jaxmodels.nn.attention import GAU_KINDS, Attention, AttentionSpec, Cache, segments_error
 from jaxmodels.nn.gau import GAU
 from jaxmodels.nn.layers import MLP, make_norm
 from jaxmodels.nn.moe import MoEFeedForward
@@ -101,8 +101,9 @@ class TransformerBlock(nnx.Module):
     With `moe` (an MoESpec) and `moe.is_moe_layer(layer)`, the MLP is a `MoEFeedForward` of
     moe.num_experts SwiGLU experts of width mlp_dim (mlp_kind applies to the dense blocks only).
 
-    Call: (x, positions, cache=None, cache_index=None) -> (x, cache, aux); aux is the MoE layer's
-    dict of float32 statistics (`MoEFeedForward`), None for a dense block.
+    Call: (x, positions, cache=None, cache_index=None, segment_ids=None) -> (x, cache, aux); aux is the MoE
+    layer's dict of float32 statistics (`MoEFeedForward`), None for a dense block. segment_ids (B, T) int:
+    packed documents, attention stays within each (`Attention`); GAU blocks cannot (ValueError).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_dim: int,
@@ -110,7 +111,7 @@ class TransformerBlock(nnx.Module):
                  attention: AttentionSpec = AttentionSpec(), kind: str | None = None, layer: int = 0,
                  moe: MoESpec = MoESpec(), dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         out_scale = (2 * num_layers) ** -0.5
-        kind = kind or attention.kind
+        kind = self.kind = kind or attention.kind
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = make_norm(norm_kind, embed_dim, **kw)
         if kind in GAU_KINDS:
@@ -141,12 +142,15 @@ class TransformerBlock(nnx.Module):
         return self.attn.init_cache(batch, max_length)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, Cache | None, dict | None]:
+                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, Cache | None, dict | None]:
         if self.mlp is None:
             if cache is not None:
                 raise ValueError("GAU blocks have no cached form; decode without a cache")
+            if segment_ids is not None:
+                raise ValueError(segments_error(self.kind, "none"))
             return x + self.attn(self.attn_norm(x), positions), None, None
-        h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index)
+        h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, segment_ids)
         x = x + h
         aux = None
         if isinstance(self.mlp, MoEFeedForward):

@@ -439,3 +439,20 @@ def sinusoidal_embedding(positions: jax.Array, dim: int, base: float = 10000.0) 
         raise ValueError(f"dim must be even (sin and cos halves), got {dim}")
     angles = jnp.asarray(positions).astype(jnp.float32)[..., None] * rope_frequencies(dim, base)
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed segment starts: (..., T) integer segment ids ->
+    (..., T) int32, position t of a row = t - (index of the first token of t's run of equal ids).
+
+    A packed window of documents (ids 1, 1, 1, 2, 2, 0, 0) gets (0, 1, 2, 0, 1, 0, 1): every document sees the
+    positions it would have alone (as in T5's and MaxText's packed inputs). A segment is a run of equal
+    consecutive ids, so ids need not be increasing (padding, id 0, is one more run).
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.ndim < 1 or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integer ids (..., T), got {segment_ids.dtype}{list(segment_ids.shape)}")
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+    first = jnp.ones(segment_ids.shape[:-1] + (1,), bool)
+    starts = jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)

@@ -13,6 +13,7 @@ import ml_collections
 from jaxmodels.models import check_model_config
 from jaxmodels.models.base import check_fields
 from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
+from jaxmodels.ops.checks import non_negative_int, positive_int
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES
 from jaxmodels.parallel.zero import COLLECTIVES
@@ -32,7 +33,7 @@ CHOICES = {
 }
 
 POSITIVE = ("train.num_steps", "train.grad_accum_steps", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.log_every", "train.max_consecutive_skips", "data.global_batch_size", "data.eval_batches")
+            "train.log_every", "train.max_consecutive_skips", "data.global_batch_size")
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,10 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Tas
     check_fields(config, "config", CHOICES, POSITIVE)
     check_optimizer_config(config.optimizer)
     check_model_config(config.model)
+    non_negative_int("config.data.eval_batches", config.data.eval_batches)
     task = make_task(config)
+    if config.data.eval_batches < task.min_eval_batches:  # 0 = the whole eval split, where the task reads it
+        positive_int("config.data.eval_batches", config.data.eval_batches)
     _check_sequence_length(config)
     if set(config.mesh) - set(MESH_AXES):
         raise ValueError(f"config.mesh has unknown axes {sorted(set(config.mesh) - set(MESH_AXES))}; "

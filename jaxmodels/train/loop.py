@@ -198,12 +198,10 @@ class Trainer:
         return (0, self.init()) if step is None else (step, state)
 
     def evaluate(self, params, batches) -> dict[str, float]:
-        """Mean of the task's metrics over the fixed eval batches."""
-        sums = None
-        for b in batches:
-            m = self.eval_step(params, self.global_batch(b))
-            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
-        return {k: float(v) / len(batches) for k, v in jax.device_get(sums).items()}
+        """The task's metrics over the fixed eval batches, combined by `Task.combine_metrics` (counts summed,
+        weighted means weighted by their counts: exact over batches of unequal size, e.g. a padded last one)."""
+        per_batch = [self.eval_step(params, self.global_batch(b)) for b in batches]  # dispatched, not awaited
+        return self.task.combine_metrics([{k: float(v) for k, v in m.items()} for m in jax.device_get(per_batch)])
 
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, nnx.State(params))

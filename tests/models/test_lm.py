@@ -110,3 +110,69 @@ def test_top_k_zero_and_none_both_mean_off():
     np.testing.assert_array_equal(generate(model, prompt, key, max_new_tokens=4, top_k=64), off)
     logits = jnp.array([[0.0, 5.0, 1.0]])
     assert sample_logits(logits, key, 0.0, 0)[0] == 1  # greedy
+
+
+DOCUMENTS = (5, 3, 4)  # a packed window: three documents then 2 padding tokens (segment 0)
+
+
+def _packed(key=6):
+    tokens = jax.random.randint(jax.random.key(key), (1, sum(DOCUMENTS) + 2), 0, 64)
+    segment_ids = jnp.asarray([np.repeat([1, 2, 3, 0], (*DOCUMENTS, 2))], jnp.int32)
+    return tokens, segment_ids
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                     # RoPE, grouped-query heads (4 query, 2 kv)
+    dict(num_kv_heads=1, attention=dict(qk_norm=True)),         # multi-query heads
+    dict(attention=dict(window=2)),                             # sliding window
+    dict(attention=dict(position="alibi")),
+    dict(attention=dict(position="learned", max_positions=16)),
+    dict(attention=dict(position="sinusoidal", implementation="reference")),
+])
+def test_packed_documents_get_the_logits_they_get_alone(kw):
+    model = _model(**kw)
+    tokens, segment_ids = _packed()
+    with jax.default_matmul_precision("float32"):
+        packed = model(tokens, segment_ids=segment_ids)
+        start = 0
+        for length in DOCUMENTS:
+            alone = model(tokens[:, start:start + length])  # positions 0 .. length - 1
+            np.testing.assert_allclose(packed[:, start:start + length], alone, atol=1e-5, rtol=1e-5)
+            start += length
+        # Without segment ids the later documents see the earlier ones: the mask is what makes them equal.
+        assert not np.allclose(model(tokens)[:, DOCUMENTS[0]:sum(DOCUMENTS)], packed[:, DOCUMENTS[0]:sum(DOCUMENTS)],
+                               atol=1e-3)
+
+
+def test_segment_ids_with_the_aux_and_remat_paths():
+    tokens, segment_ids = _packed()
+    plain = _model()(tokens, segment_ids=segment_ids)
+    logits, aux = _model(remat="full")(tokens, segment_ids=segment_ids, return_aux=True)
+    np.testing.assert_allclose(logits, plain, atol=1e-6)
+    assert aux == {}
+
+
+@pytest.mark.parametrize("attention, match", [
+    (dict(kind="linear"), "attention kind 'linear' cannot keep packed documents apart"),
+    (dict(kind="performer"), "attention kind 'performer'"),
+    (dict(kind="diag", chunk_size=4), "attention kind 'diag'"),
+    (dict(kind="transnormer", chunk_size=4), "attention kind 'transnormer'"),
+    (dict(kind="sparse_strided", block_size=7, sparse_block=7), "attention kind 'sparse_strided'"),
+    (dict(kind="gau"), "attention kind 'gau'"),
+    (dict(position="rerope"), "position 'rerope' cannot keep packed documents apart"),
+])
+def test_attention_that_cannot_keep_documents_apart_refuses_segment_ids(attention, match):
+    model = _model(attention=attention)
+    tokens, segment_ids = _packed()
+    model(tokens)  # fine without segment ids
+    with pytest.raises(ValueError, match=match):
+        model(tokens, segment_ids=segment_ids)
+
+
+def test_segment_ids_errors():
+    model = _model()
+    tokens, segment_ids = _packed()
+    with pytest.raises(ValueError, match="segment_ids must have the tokens' shape"):
+        model(tokens, segment_ids=segment_ids[:, 1:])
+    with pytest.raises(ValueError, match="decoding with a cache"):
+        model(tokens, cache=model.init_cache(1, 16), cache_index=jnp.int32(0), segment_ids=segment_ids)

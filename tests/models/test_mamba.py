@@ -138,3 +138,13 @@ def test_sequence_classifier_tokens_and_errors():
     with pytest.raises(ValueError, match="bidirectional"):
         SequenceClassifier(num_classes=2, d_model=8, num_layers=1, mixer="lru", in_features=1, bidirectional=True,
                            rngs=nnx.Rngs(0))
+
+
+def test_segment_ids_are_accepted_and_do_not_reset_the_state():
+    model = MambaLM(vocab_size=16, num_layers=1, embed_dim=8, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] % 16
+    segment_ids = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
+    np.testing.assert_array_equal(model(tokens, segment_ids=segment_ids), model(tokens))
+    logits, aux = model(tokens, segment_ids=segment_ids, return_aux=True)
+    np.testing.assert_array_equal(logits, model(tokens))
+    assert aux == {}

@@ -70,7 +70,7 @@ def test_dense_config_is_unchanged():
         np.testing.assert_array_equal(a, b)
     loss, metrics = loss_fn(off, tokens)
     np.testing.assert_array_equal(loss, cross_entropy(dense, tokens))
-    assert set(metrics) == {"loss", "bits_per_byte"}
+    assert set(metrics) == {"loss", "bits_per_byte", "perplexity", "num_tokens", "num_bytes"}
     assert forward_aux(off, tokens)[1] == {}
     flops = dict(mlp_kind="swiglu", seq_len=16)
     assert train_flops_per_token(**SMALL, **flops, moe=MoESpec()) == train_flops_per_token(**SMALL, **flops)

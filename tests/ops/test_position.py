@@ -23,6 +23,7 @@ from jaxmodels.ops.position import (
     rerope_attention,
     rope_frequencies,
     rope_inverse_frequencies,
+    segment_positions,
     sinusoidal_embedding,
     t5_bias,
     t5_relative_position_bucket,
@@ -642,3 +643,34 @@ def test_rope_2d_errors():
         apply_rope_2d(jnp.zeros((1, 4, 1, 8)), jnp.arange(4))
     with pytest.raises(ValueError, match=r"x must be 4-D .* got shape \(4, 8\)"):
         apply_rope_2d(jnp.zeros((4, 8)), image_positions(2, 2))
+
+
+def _np_segment_positions(ids):
+    """Loop reference: count up within a run of equal ids, restart at 0 where the id changes."""
+    out = np.zeros(ids.shape, np.int64)
+    for row in np.ndindex(ids.shape[:-1]):
+        for t in range(1, ids.shape[-1]):
+            out[row + (t,)] = out[row + (t - 1,)] + 1 if ids[row + (t,)] == ids[row + (t - 1,)] else 0
+    return out
+
+
+def test_segment_positions_restart_at_each_document():
+    ids = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 3, 3, 3, 3, 3]], jnp.int32)
+    np.testing.assert_array_equal(segment_positions(ids), [[0, 1, 2, 0, 1, 0, 1], [0, 0, 0, 1, 2, 3, 4]])
+    assert segment_positions(ids).dtype == jnp.int32
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 17), (2, 3, 9)])
+def test_segment_positions_match_loops(shape):
+    rng = np.random.default_rng(sum(shape))
+    ids = np.cumsum(rng.random(shape) < 0.3, axis=-1) % 3  # runs of random length, ids reused
+    np.testing.assert_array_equal(segment_positions(jnp.asarray(ids, jnp.int32)), _np_segment_positions(ids))
+    one_segment = jnp.ones(shape, jnp.int32)
+    np.testing.assert_array_equal(segment_positions(one_segment), np.broadcast_to(np.arange(shape[-1]), shape))
+
+
+def test_segment_positions_errors():
+    with pytest.raises(ValueError, match="integer ids"):
+        segment_positions(jnp.ones((2, 3), jnp.float32))
+    with pytest.raises(ValueError, match="integer ids"):
+        segment_positions(jnp.int32(1))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from experiments.configs import lm_moe
+from experiments.configs import diffusion_toy2d, lm_moe
 from jaxmodels.models import make_model
 from jaxmodels.train.config import ConfigError, validate_config
 from tests.tiny import apply_overrides, tiny_config
@@ -76,6 +76,8 @@ def test_odd_head_dim_with_rope_is_refused(position):
     ("max_new_tokens", 0, "config.sample.max_new_tokens must be a positive int"),
     ("prompt", "", "config.sample.prompt must be a non-empty string"),
     ("temperature", -0.5, r"config.sample.temperature must be a real number in \[0, inf\)"),
+    ("top_p", 0.0, r"config.sample.top_p must be a real number in \(0, 1\]"),
+    ("top_p", 1.5, r"config.sample.top_p must be a real number in \(0, 1\]"),
 ])
 def test_sample_section_is_checked_before_training(field, value, match):
     _refused(tiny_config(**{f"sample__{field}": value}), match)
@@ -95,3 +97,10 @@ def test_float16_model_runs_and_differentiates_on_the_cpu():
 
     value, grads = jax.value_and_grad(loss)(state)
     assert jnp.isfinite(value) and all(jnp.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_eval_batches_must_be_a_non_negative_int_and_positive_where_the_task_needs_batches():
+    _refused(tiny_config(data__eval_batches=-1), "config.data.eval_batches must be a non-negative int, got -1")
+    diffusion = diffusion_toy2d.get_config()
+    diffusion.data.eval_batches = 0  # only a task that reads its whole eval split for 0 takes 0 (lm does)
+    _refused(diffusion, "config.data.eval_batches must be a positive int, got 0")

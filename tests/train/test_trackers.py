@@ -77,4 +77,5 @@ def test_jsonl_rows_keep_their_format(tmp_path):
     train_and_evaluate(tiny_config(train__num_steps=2, train__trackers=("jsonl",)), str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 2]  # eval 0, train 1 and 2, eval 2
-    assert set(rows[0]) == {"step", "eval/loss", "eval/bits_per_byte", "eval/unigram_entropy_bits_per_byte"}
+    assert set(rows[0]) == {"step", "eval/loss", "eval/bits_per_byte", "eval/perplexity", "eval/num_tokens",
+                            "eval/num_bytes", "eval/unigram_entropy_bits_per_byte"}

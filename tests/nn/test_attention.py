@@ -1,0 +1,35 @@
+"""The attention layer and block refuse packed documents (segment ids) where they cannot mask them."""
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxmodels.nn.attention import Attention, AttentionSpec, segments_error
+from jaxmodels.nn.transformer import TransformerBlock
+
+X = jnp.ones((1, 6, 16))
+POSITIONS = jnp.arange(6)[None]
+SEGMENTS = jnp.asarray([[1, 1, 1, 2, 2, 2]], jnp.int32)
+
+
+def test_segments_error_names_what_cannot_mask():
+    assert segments_error("softmax", "rope") is None and segments_error("softmax", "alibi") is None
+    assert "attention kind 'norm'" in segments_error("norm", "none")
+    assert "position 'rerope'" in segments_error("softmax", "rerope")
+
+
+def test_attention_layer_refuses_segment_ids_it_cannot_honour():
+    layer = Attention(16, 2, 1, 8, spec=AttentionSpec(kind="linear"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention kind 'linear' cannot keep packed documents apart"):
+        layer(X, POSITIONS, segment_ids=SEGMENTS)
+    softmax = Attention(16, 2, 1, 8, rngs=nnx.Rngs(0))
+    assert softmax(X, POSITIONS, segment_ids=SEGMENTS)[0].shape == X.shape
+    with pytest.raises(ValueError, match="decoding with a cache"):
+        softmax(X, POSITIONS, softmax.init_cache(1, 6), jnp.int32(0), segment_ids=SEGMENTS)
+
+
+def test_gau_block_refuses_segment_ids():
+    block = TransformerBlock(embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, num_layers=1,
+                             attention=AttentionSpec(kind="gau"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention kind 'gau'"):
+        block(X, POSITIONS, segment_ids=SEGMENTS)
