@@ -23,6 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 import matplotlib
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -30,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from jaxmodels.data import lm as lm_data
+from jaxmodels.data.tokenizers import ByteTokenizer
 from jaxmodels.models import make_model
 from jaxmodels.ops.losses import softmax_cross_entropy
 from jaxmodels.train.loop import Trainer, train_and_evaluate
@@ -84,8 +86,9 @@ def evaluate(configs, params, args) -> dict:
     longest = max(args.eval_lengths)
     results = {"train_length": args.train_length, "steps": args.steps, "mean_bits_per_byte": {}, "per_position": {}}
     for length in args.eval_lengths:
-        batches = lm_data.eval_batches(configs["rope"].data.name, "validation", configs["rope"].data.data_dir, length,
-                                       args.eval_batch_size, args.eval_batches, seed=1)
+        data = ml_collections.ConfigDict({**configs["rope"].data.to_dict(), "seq_len": length})
+        batches = [lm_data.lm_batch(data, ByteTokenizer(), split="validation", global_batch_size=args.eval_batch_size,
+                                    seed=1, step=step)["tokens"] for step in range(args.eval_batches)]
         for method, (model, overrides) in METHODS.items():
             overrides = {k: (length / args.train_length if v == "factor" else v) for k, v in overrides.items()}
             if "rerope" in method:

@@ -243,8 +243,9 @@ def make_tokenizer(spec: str) -> Tokenizer:
                 return make_tokenizer(os.path.join(path, file_name))
         raise ValueError(f"data.tokenizer={spec!r} is a directory with neither tokenizer.json nor tokenizer.model")
     if not os.path.exists(path):
-        raise ValueError(f"data.tokenizer={spec!r}: no such file; expected 'byte', a SentencePiece .model, a "
-                         "Hugging Face tokenizer.json, or a directory holding one")
+        raise ValueError(f"data.tokenizer={spec!r}: no such file; expected 'byte', 'bpe:VOCAB' (a byte-level BPE "
+                         "trained on the data), a SentencePiece .model, a Hugging Face tokenizer.json, or a directory "
+                         "holding one")
     if path.endswith(".json"):
         return HuggingFaceTokenizer(path)
     if path.endswith(".model"):

@@ -58,7 +58,7 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 # Config sections that decide the layout of the saved train state.
 STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules")
 # Fields a resumed run may not change without --allow_config_changes: what is learned and from what.
-PROTECTED = ("task", "model.", "diffusion.", "data.name")
+PROTECTED = ("task", "model.", "diffusion.", "data.name", "data.files", "data.tokenizer", "data.text_key")
 
 
 def _flat(tree, prefix=""):

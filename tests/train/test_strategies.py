@@ -53,8 +53,9 @@ def test_strategies_match_single_device_training_and_shard_the_optimizer_state()
         else:  # 1/8, but the norms' scales ("norm" axis) are replicated
             assert 1 / 8 <= ratio < 1 / 8 * 1.05
             np.testing.assert_allclose(memory["params_gib"] / single_memory["params_gib"], ratio, rtol=1e-3)
-        # XLA's arguments = what we say is stored + this device's 2 batch rows of 33 int32 + the step counter
-        stored = (memory["params_gib"] + memory["opt_state_gib"]) * 2**30 + 2 * 33 * 4 + 4
+        # XLA's arguments = what we say is stored + this device's 2 batch rows of 33 int32 tokens and 33 segment ids
+        # + the step counter
+        stored = (memory["params_gib"] + memory["opt_state_gib"]) * 2**30 + 2 * 2 * 33 * 4 + 4
         np.testing.assert_allclose(memory["arguments_gib"] * 2**30, stored, rtol=1e-3, err_msg=strategy)
 
 
