@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=384,
         mlp_kind="swiglu",
         norm_kind="rms",
+        norm_eps=1e-6,          # epsilon of every norm (Llama checkpoints: 1e-5 or 1e-6)
+        tie_embeddings=False,   # True: the output head is the embedding table transposed (no w_out)
         attention=attention_config(),
         moe=moe_config(),       # mixture-of-experts MLPs; num_experts=0 (default) is the dense model
         remat="none",
