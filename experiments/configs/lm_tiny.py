@@ -107,6 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
         # (WORKDIR/tensorboard/), "wandb" (Weights & Biases: pip install 'jaxmodels[wandb]').
         trackers=("jsonl", "tensorboard"),
         wandb_project="jaxmodels",
+        # A params checkpoint to start from instead of a random init: the folder `python -m jaxmodels.interop.hf
+        # import` wrote, or another run's workdir (its latest checkpoint). Step 0, fresh optimizer state; the
+        # shapes must fit config.model. Ignored when this workdir has checkpoints (resuming wins). "": random.
+        init_from="",
     )
 
     # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over
