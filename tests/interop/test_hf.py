@@ -16,7 +16,15 @@ from safetensors.numpy import load_file
 
 from jaxmodels.interop.hf import hf_config, load_hf, save_hf
 from jaxmodels.models import make_model
-from jaxmodels.models.lm import generate
+from tests.interop.common import (
+    assert_trees_equal,
+    hf_model,
+    our_greedy,
+    our_logits,
+    params_of,
+    their_greedy,
+    their_logits,
+)
 
 ATOL = 1e-4
 LLAMA = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -25,53 +33,6 @@ LLAMA = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_
 MAMBA = dict(vocab_size=256, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=4, expand=2,
              layer_norm_epsilon=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 16))
-
-
-def _hf_model(cls, config, directory, seed=0):
-    """A transformers model of `config` with weights large enough that attention and the SSM are far from
-    uniform (its own init is std 0.02), saved as safetensors in `directory`."""
-    torch.manual_seed(seed)
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("norm_f.weight"):
-                p.uniform_(0.5, 1.5)
-            elif not name.endswith("A_log"):
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(directory, safe_serialization=True)
-    return model
-
-
-def _ours(model, tokens):
-    with jax.default_matmul_precision("float32"):
-        return np.asarray(model(jnp.asarray(tokens)))
-
-
-def _theirs(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
-def _greedy_ours(model, prompt, n=20):
-    with jax.default_matmul_precision("float32"):
-        return np.asarray(generate(model, jnp.asarray(prompt), jax.random.key(0), max_new_tokens=n, temperature=0))
-
-
-def _greedy_theirs(model, prompt, n=20):
-    prompt = torch.tensor(prompt)
-    with torch.no_grad():
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                              max_new_tokens=n).numpy()
-
-
-def _params(model):
-    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("arch, extra", [
@@ -85,14 +46,14 @@ def test_imported_logits_and_greedy_generation_equal_transformers(arch, extra, t
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                              "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM)}[arch]
-    theirs = _hf_model(model_cls, config_cls(**(MAMBA if arch == "mamba" else LLAMA), **extra), tmp_path)
+    theirs = hf_model(model_cls, config_cls(**(MAMBA if arch == "mamba" else LLAMA), **extra), tmp_path)
     section, ours = load_hf(tmp_path)
     assert section.tie_embeddings == extra.get("tie_word_embeddings", False)
     if arch == "mistral":
         assert section.attention.window == 5
-    np.testing.assert_allclose(_ours(ours, TOKENS), _theirs(theirs, TOKENS), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(our_logits(ours, TOKENS), their_logits(theirs, TOKENS), rtol=0, atol=ATOL)
     prompt = TOKENS[:, :4]
-    np.testing.assert_array_equal(_greedy_ours(ours, prompt), _greedy_theirs(theirs, prompt))
+    np.testing.assert_array_equal(our_greedy(ours, prompt), their_greedy(theirs, prompt))
 
 
 @pytest.mark.parametrize("rope_scaling", [{"rope_type": "linear", "factor": 2.0},
@@ -101,30 +62,30 @@ def test_rope_scalings_equal_transformers(rope_scaling, tmp_path):
     # max_position_embeddings 8 < 16 tokens: dynamic NTK rescales
     config = transformers.LlamaConfig(**{**LLAMA, "rope_theta": 10000.0}, max_position_embeddings=8,
                                       rope_scaling=rope_scaling)
-    theirs = _hf_model(transformers.LlamaForCausalLM, config, tmp_path)
+    theirs = hf_model(transformers.LlamaForCausalLM, config, tmp_path)
     section, ours = load_hf(tmp_path)
     assert section.attention.rope_scaling == {"linear": "linear", "dynamic": "dynamic_ntk"}[rope_scaling["rope_type"]]
-    np.testing.assert_allclose(_ours(ours, TOKENS), _theirs(theirs, TOKENS), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(our_logits(ours, TOKENS), their_logits(theirs, TOKENS), rtol=0, atol=ATOL)
 
 
 def test_sharded_checkpoint_loads_like_one_file(tmp_path):
-    theirs = _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "one")
+    theirs = hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "one")
     theirs.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    _assert_trees_equal(_params(load_hf(tmp_path / "one")[1]), _params(load_hf(tmp_path / "sharded")[1]))
+    assert_trees_equal(params_of(load_hf(tmp_path / "one")[1]), params_of(load_hf(tmp_path / "sharded")[1]))
 
 
 def test_bfloat16_checkpoint_reads_exactly(tmp_path):
-    theirs = _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "f32")
+    theirs = hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "f32")
     theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)  # as published
     section, ours = load_hf(tmp_path / "bf16", param_dtype="bfloat16")
     assert section.param_dtype == "bfloat16"
-    assert {x.dtype for x in jax.tree.leaves(_params(ours))} == {np.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(params_of(ours))} == {np.dtype(jnp.bfloat16)}
     upcast = load_hf(tmp_path / "bf16")[1]   # float32 params: the bfloat16 values, exactly
-    _assert_trees_equal(_params(upcast), jax.tree.map(lambda x: x.astype(np.float32), _params(ours)))
+    assert_trees_equal(params_of(upcast), jax.tree.map(lambda x: x.astype(np.float32), params_of(ours)))
     # (not `theirs.float()`: .to(bfloat16) also rounded its RoPE frequencies, which loading recomputes)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
-    np.testing.assert_allclose(_ours(upcast, TOKENS), _theirs(theirs, TOKENS), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(our_logits(upcast, TOKENS), their_logits(theirs, TOKENS), rtol=0, atol=ATOL)
 
 
 def _section(name, **overrides):
@@ -151,16 +112,16 @@ def test_exported_model_loads_in_transformers_with_equal_logits(section, archite
     save_hf(ours, tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     assert type(theirs).__name__ == architecture
-    np.testing.assert_allclose(_theirs(theirs, TOKENS), _ours(ours, TOKENS), rtol=0, atol=ATOL)
-    _assert_trees_equal(_params(load_hf(tmp_path)[1]), _params(ours))   # export, then import: the same arrays
+    np.testing.assert_allclose(their_logits(theirs, TOKENS), our_logits(ours, TOKENS), rtol=0, atol=ATOL)
+    assert_trees_equal(params_of(load_hf(tmp_path)[1]), params_of(ours))   # export, then import: the same arrays
 
 
 @pytest.mark.parametrize("arch", ["llama", "mamba"])
 def test_import_then_export_writes_the_same_tensors(arch, tmp_path):
     if arch == "llama":
-        _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "hf")
+        hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path / "hf")
     else:
-        _hf_model(transformers.MambaForCausalLM, transformers.MambaConfig(**MAMBA), tmp_path / "hf")
+        hf_model(transformers.MambaForCausalLM, transformers.MambaConfig(**MAMBA), tmp_path / "hf")
     save_hf(load_hf(tmp_path / "hf")[1], tmp_path / "out")
     original, exported = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "out"))
     assert sorted(original) == sorted(exported)
@@ -175,7 +136,7 @@ def _edit_config(directory, **changes):
 
 
 def test_unknown_architecture_names_the_supported_ones(tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
     _edit_config(tmp_path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
                                          r"\['LlamaForCausalLM', 'MistralForCausalLM', 'MambaForCausalLM'\]"):
@@ -183,7 +144,7 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_a_tensor_that_does_not_fit_the_config_is_named_with_both_shapes(tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
     _edit_config(tmp_path, intermediate_size=96)
     with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \(128, 64\) in .*"
                                          r"config.json's sizes need \(96, 64\)"):
@@ -191,7 +152,7 @@ def test_a_tensor_that_does_not_fit_the_config_is_named_with_both_shapes(tmp_pat
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
     _edit_config(tmp_path, num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"missing \['model.layers.2.input_layernorm.weight', .*unexpected \[\]"):
         load_hf(tmp_path)
@@ -206,7 +167,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     (dict(attention_bias=True, hidden_act="gelu"), r"hidden_act='gelu' \(supported: 'silu'\); attention_bias=True"),
 ], ids=["yarn", "llama3", "bias_and_gelu"])
 def test_unsupported_llama_fields_are_refused(changes, match, tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**LLAMA), tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=r"cannot import this LlamaForCausalLM: .*" + match):
         load_hf(tmp_path)

@@ -13,7 +13,7 @@ import transformers
 from jaxmodels.interop.hf import load_hf, main
 from jaxmodels.train.config import ConfigError
 from jaxmodels.train.loop import Trainer, train_and_evaluate
-from tests.interop.test_hf import _assert_trees_equal, _hf_model, _ours, _params, _theirs
+from tests.interop.common import assert_trees_equal, hf_model, our_logits, params_of, their_logits
 from tests.tiny import tiny_config
 
 TINY_LLAMA = dict(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -35,7 +35,7 @@ def _start(config, workdir):
 
 
 def test_train_from_an_imported_checkpoint_then_export_it(tmp_path, capsys):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
     imported = tmp_path / "imported"
     main(["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(imported)])
     printed = capsys.readouterr().out
@@ -45,7 +45,7 @@ def test_train_from_an_imported_checkpoint_then_export_it(tmp_path, capsys):
 
     step, params = _start(config, tmp_path / "probe")
     assert step == 0
-    _assert_trees_equal(params, _params(load_hf(tmp_path / "hf")[1]))
+    assert_trees_equal(params, params_of(load_hf(tmp_path / "hf")[1]))
 
     summary = train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     assert summary["final_step"] == 2 and all(np.isfinite(v) for v in summary["eval_end"].values())
@@ -53,20 +53,20 @@ def test_train_from_an_imported_checkpoint_then_export_it(tmp_path, capsys):
     step, trained = _start(_config(section, train__num_steps=3, train__init_from=str(imported)), tmp_path / "run")
     assert step == 2 and "config.train.init_from" in capsys.readouterr().out  # resuming wins, with a note
     assert not np.array_equal(trained["embed"]["embedding"], params["embed"]["embedding"])
-    _assert_trees_equal(_start(_config(section, train__init_from=str(tmp_path / "run")), tmp_path / "from_run")[1],
+    assert_trees_equal(_start(_config(section, train__init_from=str(tmp_path / "run")), tmp_path / "from_run")[1],
                         trained)  # another run's workdir: its latest params
 
     main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
     assert "as LlamaForCausalLM" in capsys.readouterr().out
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").float().eval()
     ours = load_hf(tmp_path / "exported")[1]
-    _assert_trees_equal(_params(ours), trained)
+    assert_trees_equal(params_of(ours), trained)
     tokens = np.random.RandomState(1).randint(0, 256, (2, 12))
-    np.testing.assert_allclose(_ours(ours, tokens), _theirs(theirs, tokens), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(our_logits(ours, tokens), their_logits(theirs, tokens), rtol=0, atol=1e-4)
 
 
 def test_params_that_do_not_fit_the_model_are_named_with_both_shapes(tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
     main(["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
     section = ml_collections.ConfigDict(json.loads((tmp_path / "imported" / "model_config.json").read_text()))
     section.mlp_dim = 48
@@ -81,7 +81,7 @@ def test_params_that_do_not_fit_the_model_are_named_with_both_shapes(tmp_path):
 
 
 def test_the_command_line_reports_refusals_without_a_traceback(tmp_path):
-    _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**TINY_LLAMA), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(SystemExit, match=r"error: unsupported architecture \['BertForMaskedLM'\]"):
