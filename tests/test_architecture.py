@@ -15,6 +15,7 @@ CHECKED_DIRS = ("jaxmodels", "benchmarks", "experiments")
 HEAVY_LIBRARIES = ("matplotlib", "orbax", "tensorflow_datasets", "grain", "array_record", "tensorboardX", "wandb",
                    "tqdm", "tokenizers", "sentencepiece", "safetensors", "transformers", "torch", "pyarrow",
                    "sklearn", "jaxmodels.data", "jaxmodels.train", "jaxmodels.interop")
+BELOW_INTEROP = ("ops", "nn", "models", "tasks", "train", "parallel", "data")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -101,6 +102,16 @@ def test_ops_imports_only_ops():
             if module != "jaxmodels.ops" and not module.startswith("jaxmodels.ops."):
                 violations.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
     assert not violations, "ops must import nothing of the project but ops:\n" + "\n".join(violations)
+
+
+def test_nothing_below_interop_imports_it():
+    """jaxmodels.interop (Hugging Face import/export) sits above models and train: they must not need it."""
+    violations = []
+    for path, source in _sources(*(f"jaxmodels/{d}" for d in BELOW_INTEROP)):
+        for line, module in project_imports(source, _module_name(path), is_package=path.name == "__init__.py"):
+            if module == "jaxmodels.interop" or module.startswith("jaxmodels.interop."):
+                violations.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
+    assert not violations, "interop may import models/nn/ops/train, not the other way round:\n" + "\n".join(violations)
 
 
 def test_importing_ops_pulls_in_no_data_checkpoint_or_plotting_library():

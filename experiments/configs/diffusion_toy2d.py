@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = dict(num_steps=3000, seed=0, grad_accum_steps=1, log_every=500, eval_every=1000,
                    checkpoint_every=3000, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
                    peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels")
+                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels",
+                   init_from="")  # a params checkpoint to start from (see lm_tiny); "": random init
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.sharding_rules = DEFAULT_RULES
     c.parallel = dict(strategy="replicated", collectives="ring")

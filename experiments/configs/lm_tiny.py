@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_dim=384,
         mlp_kind="swiglu",
         norm_kind="rms",
+        norm_eps=1e-6,          # epsilon of every norm (Llama checkpoints: 1e-5 or 1e-6)
+        tie_embeddings=False,   # True: the output head is the embedding table transposed (no w_out)
         attention=attention_config(),
         moe=moe_config(),       # mixture-of-experts MLPs; num_experts=0 (default) is the dense model
         remat="none",
@@ -112,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
         # (WORKDIR/tensorboard/), "wandb" (Weights & Biases: pip install 'jaxmodels[wandb]').
         trackers=("jsonl", "tensorboard"),
         wandb_project="jaxmodels",
+        # A params checkpoint to start from instead of a random init: the folder `python -m jaxmodels.interop.hf
+        # import` wrote, or another run's workdir (its latest checkpoint). Step 0, fresh optimizer state; the
+        # shapes must fit config.model. Ignored when this workdir has checkpoints (resuming wins). "": random.
+        init_from="",
     )
 
     # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over

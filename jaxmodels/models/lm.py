@@ -28,7 +28,10 @@ REMAT_POLICIES = {
 class DecoderLM(Model):
     """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
 
-    Embedding -> num_layers pre-norm Transformer blocks -> final norm -> untied output head.
+    Embedding -> num_layers pre-norm Transformer blocks -> final norm -> output head: a separate
+    (embed_dim, vocab_size) matrix `w_out`, or with `tie_embeddings` the embedding table transposed (Press &
+    Wolf 2017, "Using the Output Embedding to Improve Language Models"; no `w_out` then). `norm_eps` is the
+    epsilon of every block norm and the final norm (Llama checkpoints use 1e-5 or 1e-6).
     `attention` (an AttentionSpec or its config section) selects the attention kind and positions.
     `remat` selects activation rematerialisation per block (REMAT_POLICIES); it trades compute
     for memory and does not change results.
@@ -39,9 +42,10 @@ class DecoderLM(Model):
     """
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms",
-                 attention: AttentionSpec | Mapping | None = None, moe: MoESpec | Mapping | None = None,
-                 remat: str = "none", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
+                 tie_embeddings: bool = False, attention: AttentionSpec | Mapping | None = None,
+                 moe: MoESpec | Mapping | None = None, remat: str = "none", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
         if not isinstance(attention, AttentionSpec):
@@ -51,28 +55,32 @@ class DecoderLM(Model):
         self.attention, self.moe, self.dtype, self.remat = attention, moe, dtype, remat
         self.vocab_size, self.num_layers, self.embed_dim, self.mlp_dim = vocab_size, num_layers, embed_dim, mlp_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_kind = num_heads, num_kv_heads, head_dim, mlp_kind
+        self.norm_kind, self.norm_eps, self.tie_embeddings = norm_kind, norm_eps, tie_embeddings
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             TransformerBlock(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                              mlp_dim=mlp_dim, num_layers=num_layers, mlp_kind=mlp_kind, norm_kind=norm_kind,
-                             attention=attention, kind=attention.layer_kind(layer, num_layers), layer=layer,
-                             moe=moe, **kw)
+                             norm_eps=norm_eps, attention=attention, kind=attention.layer_kind(layer, num_layers),
+                             layer=layer, moe=moe, **kw)
             for layer in range(num_layers)])
-        self.final_norm = make_norm(norm_kind, embed_dim, **kw)
+        self.final_norm = make_norm(norm_kind, embed_dim, eps=norm_eps, **kw)
         if attention.position == "learned":  # GPT-2's learned absolute positions, N(0, 0.02²)
             self.position_table = param(rngs, jax.nn.initializers.normal(0.02), (attention.max_positions, embed_dim),
                                         (None, "embed"), param_dtype)
-        self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+        if not tie_embeddings:
+            self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     @classmethod
     def check_config(cls, config) -> None:
         """config.model: kinds, positive sizes, num_heads a multiple of num_kv_heads, the attention and moe
         sections (`AttentionSpec`, `MoESpec`), experts only in blocks that have an MLP and in at least one
-        block when moe.num_experts > 0, and an even head_dim for RoPE / ReRoPE."""
+        block when moe.num_experts > 0, an even head_dim for RoPE / ReRoPE, norm_eps > 0 and a bool
+        tie_embeddings (both optional: sections written before they existed use the defaults)."""
         check_fields(config, "config.model", {"mlp_kind": MLP.KINDS, "norm_kind": tuple(NORMS),
                                               "remat": tuple(REMAT_POLICIES)},
                      ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"))
+        check_norm_and_head(config)
         if config.num_heads % config.num_kv_heads:
             raise ValueError(f"config.model.num_heads={config.num_heads} must be a multiple of "
                              f"config.model.num_kv_heads={config.num_kv_heads}")
@@ -161,8 +169,7 @@ class DecoderLM(Model):
         return self.position_table.value[positions].astype(self.dtype)
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
+        return output_logits(self, self.final_norm(x))
 
     @property
     def has_cache(self) -> bool:
@@ -175,6 +182,24 @@ class DecoderLM(Model):
             raise ValueError(f"max_length={max_length} is longer than the {self.attention.max_positions} learned "
                              "positions (attention.max_positions)")
         return [block.init_cache(batch, max_length) for block in self.blocks]
+
+
+def check_norm_and_head(config) -> None:
+    """config.model.norm_eps (a real > 0, default 1e-6) and config.model.tie_embeddings (a bool, default False) of
+    a language model (DecoderLM, MambaLM); ValueError / TypeError naming the field otherwise."""
+    real_in_range("config.model.norm_eps", config.get("norm_eps", 1e-6), 0, include_low=False)
+    tie = config.get("tie_embeddings", False)
+    if not isinstance(tie, bool):
+        raise TypeError(f"config.model.tie_embeddings must be a bool, got {tie!r}")
+
+
+def output_logits(model: nnx.Module, x: jax.Array) -> jax.Array:
+    """The output head of a language model with `embed` (an `Embed`), `dtype`, `tie_embeddings` and, untied,
+    `w_out` (embed_dim, vocab_size): x (batch, length, embed_dim) -> logits (batch, length, vocab_size) float32.
+    Tied, the head is the embedding table (vocab_size, embed_dim) transposed."""
+    if model.tie_embeddings:
+        return dense(x, model.embed.embedding.value, model.dtype, "bld,vd->blv").astype(jnp.float32)
+    return dense(x, model.w_out.value, model.dtype, "bld,dv->blv").astype(jnp.float32)
 
 
 def _block_forward(block, x, positions, segment_ids):

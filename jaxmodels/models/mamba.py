@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
-from jaxmodels.nn.layers import Embed, RMSNorm, dense
+from jaxmodels.models.lm import check_norm_and_head, output_logits
+from jaxmodels.nn.layers import Embed, RMSNorm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.ssm import MambaBlock, ResidualBlock, mamba_dt_rank
 from jaxmodels.ops.scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
@@ -19,7 +20,9 @@ from jaxmodels.ops.scan import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 class MambaLM(Model):
     """tokens (batch, length) int32 -> logits (batch, length, vocab_size) float32.
 
-    Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> untied output head.
+    Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> output head (`w_out`, or with
+    `tie_embeddings` the embedding table transposed, as the reference `MambaLMHeadModel` does by default).
+    `norm_eps`: the RMSNorms' epsilon (the reference and Hugging Face's `layer_norm_epsilon` use 1e-5).
     d_inner = expand · embed_dim; dt_rank "auto" = ceil(embed_dim / 16). The "cache" of a layer is
     its recurrent state ({"conv", "ssm"}, O(1) in the sequence length), so positions, cache_index and
     max_length are accepted for interface compatibility and not needed.
@@ -27,26 +30,28 @@ class MambaLM(Model):
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | str = "auto", chunk_size: int | None = None,
-                 scan_implementation: str | None = None,
+                 scan_implementation: str | None = None, norm_eps: float = 1e-6, tie_embeddings: bool = False,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dtype = dtype
+        self.dtype, self.norm_eps, self.tie_embeddings = dtype, norm_eps, tie_embeddings
         self.vocab_size, self.num_layers, self.embed_dim = vocab_size, num_layers, embed_dim
         self.d_state, self.d_conv, self.expand, self.dt_rank = d_state, d_conv, expand, dt_rank
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             ResidualBlock(MambaBlock(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
                                      chunk_size=chunk_size, scan_implementation=scan_implementation, **kw),
-                          embed_dim, norm_kind="rms", **kw)
+                          embed_dim, norm_kind="rms", norm_eps=norm_eps, **kw)
             for _ in range(num_layers)])
-        self.final_norm = RMSNorm(embed_dim, **kw)
-        self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+        self.final_norm = RMSNorm(embed_dim, eps=norm_eps, **kw)
+        if not tie_embeddings:
+            self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     @classmethod
     def check_config(cls, config) -> None:
-        """config.model: the scan implementation and positive sizes."""
+        """config.model: the scan implementation, positive sizes, norm_eps > 0 and a bool tie_embeddings."""
         check_fields(config, "config.model", {"scan_implementation": (None, *SCAN_IMPLEMENTATIONS)},
                      ("num_layers", "embed_dim", "d_state", "d_conv", "expand"))
+        check_norm_and_head(config)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: list[dict] | None = None,
                  cache_index: jax.Array | None = None, *, return_aux: bool = False,
@@ -83,8 +88,7 @@ class MambaLM(Model):
         return self._logits(x), new_cache
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        return dense(x, self.w_out.value, self.dtype, "bld,dv->blv").astype(jnp.float32)
+        return output_logits(self, self.final_norm(x))
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Model FLOPs of one training token (`train_flops_per_token`; independent of `seq_len`: the scan is

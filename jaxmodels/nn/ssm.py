@@ -425,19 +425,20 @@ class ResidualBlock(nnx.Module):
     """Pre-norm residual block x + mixer(norm(x)) (Mamba's Block; Xiong et al. 2020), then, with
     `mlp_dim`, x + MLP(norm(x)). x: (batch, L, dim) -> (batch, L, dim) in the mixer's dtype.
 
-    `mixer` is a sequence layer of this module (S4DLayer, S4Layer, LRULayer, MambaBlock).
+    `mixer` is a sequence layer of this module (S4DLayer, S4Layer, LRULayer, MambaBlock); `norm_eps` is
+    the norms' epsilon.
     `step(state, x_t)` / `init_state(batch)` pass through to the mixer's recurrent form;
     `__call__(x, state)` needs a mixer whose `__call__` takes a state (MambaBlock).
     """
 
-    def __init__(self, mixer: nnx.Module, dim: int, *, norm_kind: str = "rms", mlp_dim: int | None = None,
-                 mlp_kind: str = "swiglu", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, mixer: nnx.Module, dim: int, *, norm_kind: str = "rms", norm_eps: float = 1e-6,
+                 mlp_dim: int | None = None, mlp_kind: str = "swiglu", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm = make_norm(norm_kind, dim, **kw)
+        self.norm = make_norm(norm_kind, dim, eps=norm_eps, **kw)
         self.mixer = mixer
         if mlp_dim:
-            self.mlp_norm = make_norm(norm_kind, dim, **kw)
+            self.mlp_norm = make_norm(norm_kind, dim, eps=norm_eps, **kw)
             self.mlp = MLP(dim, mlp_dim, kind=mlp_kind, **kw)
         else:
             self.mlp = None

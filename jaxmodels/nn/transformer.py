@@ -101,19 +101,21 @@ class TransformerBlock(nnx.Module):
     With `moe` (an MoESpec) and `moe.is_moe_layer(layer)`, the MLP is a `MoEFeedForward` of
     moe.num_experts SwiGLU experts of width mlp_dim (mlp_kind applies to the dense blocks only).
 
+    `norm_eps` is the epsilon of the block's two norms (RMSNorm or LayerNorm).
+
     Call: (x, positions, cache=None, cache_index=None, segment_ids=None) -> (x, cache, aux); aux is the MoE
     layer's dict of float32 statistics (`MoEFeedForward`), None for a dense block. segment_ids (B, T) int:
     packed documents, attention stays within each (`Attention`); GAU blocks cannot (ValueError).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_dim: int,
-                 num_layers: int, mlp_kind: str = "swiglu", norm_kind: str = "rms",
+                 num_layers: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
                  attention: AttentionSpec = AttentionSpec(), kind: str | None = None, layer: int = 0,
                  moe: MoESpec = MoESpec(), dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         out_scale = (2 * num_layers) ** -0.5
         kind = self.kind = kind or attention.kind
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn_norm = make_norm(norm_kind, embed_dim, **kw)
+        self.attn_norm = make_norm(norm_kind, embed_dim, eps=norm_eps, **kw)
         if kind in GAU_KINDS:
             if moe.is_moe_layer(layer):
                 raise ValueError(f"attention.kind={kind!r} has no MLP to replace with experts; use moe.num_experts=0")
@@ -125,7 +127,7 @@ class TransformerBlock(nnx.Module):
         else:
             self.attn = Attention(embed_dim, num_heads, num_kv_heads, head_dim, spec=attention, kind=kind,
                                   feature_seed=layer, out_scale=out_scale, **kw)
-            self.mlp_norm = make_norm(norm_kind, embed_dim, **kw)
+            self.mlp_norm = make_norm(norm_kind, embed_dim, eps=norm_eps, **kw)
             if moe.is_moe_layer(layer):
                 self.mlp = MoEFeedForward(embed_dim, mlp_dim, moe.num_experts, k=moe.k, routing=moe.routing,
                                           capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,

@@ -1,5 +1,5 @@
 """Orbax checkpoints of the train state: interval and preemption saves, keep-N, atomic, and recovery past
-unreadable steps."""
+unreadable steps; and the parameters alone, to start a run from (`config.train.init_from`)."""
 
 import logging
 
@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint.checkpoint_manager import DEFAULT_ITEM_NAME
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +104,66 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+PARAMS_DIR = "params"  # the folder `save_params` writes
+
+
+def save_params(directory, params) -> epath.Path:
+    """Write `params` (a pytree of arrays, e.g. `nnx.state(model, nnx.Param).to_pure_dict()`) as the orbax
+    checkpoint DIRECTORY/params holding {"params": params}, the subtree a train-state checkpoint has too, so
+    that `restore_params` reads both alike. Returns that folder."""
+    path = epath.Path(directory) / PARAMS_DIR
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"params": params})
+        checkpointer.wait_until_finished()
+    return path
+
+
+def params_item(path) -> epath.Path:
+    """The orbax item folder holding the params that `path` names: the latest checkpoint of a run's workdir
+    (PATH/checkpoints/STEP), or PATH/params written by `save_params` (`python -m jaxmodels.interop.hf import`).
+    ValueError naming `path` when it is neither."""
+    path = epath.Path(path)
+    if (path / "checkpoints").exists():
+        manager = ocp.CheckpointManager(path / "checkpoints")
+        step = manager.latest_step()
+        manager.close()
+        if step is not None:
+            return path / "checkpoints" / str(step) / DEFAULT_ITEM_NAME
+    if (path / PARAMS_DIR).exists():
+        return path / PARAMS_DIR
+    raise ValueError(f"{path} holds no parameters to start from: expected a run's workdir (with checkpoints/) or "
+                     f"a folder with {PARAMS_DIR}/ (python -m jaxmodels.interop.hf import writes one)")
+
+
+def restore_params(path, abstract_params, shardings=None):
+    """The params of the checkpoint `path` names (`params_item`), restored into the structure, dtypes and
+    `shardings` (a matching pytree of shardings; None: the default device) of `abstract_params` (a pytree of
+    jax.ShapeDtypeStruct, e.g. of `nnx.eval_shape`). The optimizer state and step of a workdir's checkpoint
+    are not read.
+
+    Before reading any array, a tensor missing on either side or of another shape raises ValueError naming
+    the tensor and both shapes.
+    """
+    item = params_item(path)
+    saved = ocp.PyTreeCheckpointHandler().metadata(item).tree.get("params", {})
+    found, wanted = _shapes(saved), _shapes(abstract_params)
+    problems = [f"{name}: {found.get(name, 'absent')} in the checkpoint, {wanted.get(name, 'absent')} in the model"
+                for name in sorted(set(found) | set(wanted)) if found.get(name) != wanted.get(name)]
+    if problems:
+        raise ValueError(f"the params in {item} do not fit the model (tensor: checkpoint shape, model shape): "
+                         + "; ".join(problems))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract_params)
+    restore_args = jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract_params,
+                                shardings)
+    restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"blocks/0/attn/w_q": shape} for every array (or array metadata) of a pytree of dicts."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape) for keys, leaf in flat}

@@ -54,6 +54,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Task:
     check_fields(config, "config", CHOICES, POSITIVE)
+    init_from = config.train.get("init_from", "")
+    if not isinstance(init_from, str):
+        raise ValueError(f"config.train.init_from must be a path (a str; '' for a random init), got {init_from!r}")
     check_optimizer_config(config.optimizer)
     check_model_config(config.model)
     non_negative_int("config.data.eval_batches", config.data.eval_batches)

@@ -20,8 +20,8 @@ from jaxmodels.parallel import sharding as sh
 from jaxmodels.parallel.distributed import check_processes_agree, describe_processes
 from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.strategy import make_strategy
-from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from jaxmodels.train.config import validate_config
+from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, restore_params
+from jaxmodels.train.config import ConfigError, validate_config
 from jaxmodels.train.goodput import Goodput, goodput_text
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
@@ -171,14 +171,27 @@ class Trainer:
         return jax.tree.map(jax.make_array_from_process_local_data, self.batch_sharding, local_batch)
 
     def restore_or_init(self, allow_config_changes: bool = False):
-        """(start_step, state): the newest readable checkpoint, or a fresh sharded init.
+        """(start_step, state): the newest readable checkpoint, or a fresh sharded init at step 0, whose params
+        come from config.train.init_from when it names a checkpoint (`restore_params`: a tensor of another
+        shape raises ConfigError, a ValueError, naming it and both shapes; the optimizer state starts afresh).
+        init_from is ignored, with a note, when the workdir has checkpoints: resuming wins.
 
         Resuming with a config that changes what is learned (PROTECTED fields: the task, the model, the
         diffusion objective, the data set) raises CheckpointError naming the changes, unless
         `allow_config_changes`; other changes (steps, schedule, mesh ...) are printed and allowed.
         """
+        init_from = self.config.train.get("init_from", "")
         if not self.checkpointer.manager.all_steps():
-            return 0, self.init()
+            if not init_from:
+                return 0, self.init()
+            try:
+                params = restore_params(init_from, self.abstract_state["params"], self.state_shardings["params"])
+            except ValueError as e:  # a ConfigError: the entry point reports it without a traceback
+                raise ConfigError(f"config.train.init_from={init_from!r}: {e}") from None
+            return 0, {**self.init(), "params": params}
+        if init_from and jax.process_index() == 0:
+            print(f"config.train.init_from={init_from!r} is ignored: resuming from {self.checkpointer.directory}",
+                  flush=True)
         previous = previous_config(self.workdir / "config.json")
         changes = config_changes(previous, self.config)
         protected = [c for c in changes if c.startswith(PROTECTED)]

@@ -1,12 +1,17 @@
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from jaxmodels.models import check_model_config
 from jaxmodels.models.lm import DecoderLM, generate, sample_logits, train_flops_per_token
+from jaxmodels.models.mamba import MambaLM
+from jaxmodels.nn.layers import RMSNorm
 
 SMALL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
+MAMBA = dict(vocab_size=64, num_layers=2, embed_dim=16, d_state=4, d_conv=3, expand=2)
 
 
 def _model(**kw):
@@ -176,3 +181,47 @@ def test_segment_ids_errors():
         model(tokens, segment_ids=segment_ids[:, 1:])
     with pytest.raises(ValueError, match="decoding with a cache"):
         model(tokens, cache=model.init_cache(1, 16), cache_index=jnp.int32(0), segment_ids=segment_ids)
+
+
+def _with_w_out(tied, untied):
+    """`untied`'s graph with `tied`'s params and w_out = tied's embedding transposed."""
+    params = nnx.state(tied, nnx.Param).to_pure_dict()
+    params["w_out"] = params["embed"]["embedding"].T
+    state = nnx.state(untied)
+    state.replace_by_pure_dict(params)
+    return nnx.merge(nnx.graphdef(untied), state)
+
+
+@pytest.mark.parametrize("make", [_model, lambda **kw: MambaLM(**{**MAMBA, **kw}, rngs=nnx.Rngs(0))],
+                         ids=["decoder_lm", "mamba_lm"])
+def test_tied_embeddings_reuse_the_table_as_the_output_head(make):
+    tied, untied = make(tie_embeddings=True), make()
+    assert not hasattr(tied, "w_out")
+    count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(untied) - count(tied) == tied.embed_dim * tied.vocab_size
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, tied.vocab_size)
+    np.testing.assert_allclose(tied(tokens), _with_w_out(tied, untied)(tokens), rtol=1e-6, atol=1e-6)
+    assert tied.train_flops_per_token(6) == untied.train_flops_per_token(6)
+
+
+@pytest.mark.parametrize("make", [_model, lambda **kw: MambaLM(**{**MAMBA, **kw}, rngs=nnx.Rngs(0))],
+                         ids=["decoder_lm", "mamba_lm"])
+def test_norm_eps_reaches_every_norm_and_defaults_to_1e_6(make):
+    norms = lambda m: [n for _, n in nnx.iter_graph(m) if isinstance(n, RMSNorm)]
+    assert {n.eps for n in norms(make())} == {1e-6}
+    model = make(norm_eps=1e-5)
+    assert len(norms(model)) >= 3 and {n.eps for n in norms(model)} == {1e-5}
+
+
+@pytest.mark.parametrize("name, fields", [("decoder_lm", SMALL), ("mamba_lm", MAMBA)])
+@pytest.mark.parametrize("field, value, error, match", [
+    ("norm_eps", 0.0, ValueError, r"config.model.norm_eps must be a real number in \(0, inf\), got 0.0"),
+    ("tie_embeddings", "yes", TypeError, "config.model.tie_embeddings must be a bool, got 'yes'"),
+])
+def test_check_config_refuses_bad_norm_eps_and_tie_embeddings(name, fields, field, value, error, match):
+    sections = {"decoder_lm": {"mlp_kind": "swiglu", "norm_kind": "rms", "remat": "none", "attention": {}, "moe": {}},
+                "mamba_lm": {"scan_implementation": None}}
+    section = ml_collections.ConfigDict({"name": name, **fields, **sections[name], field: value, "dtype": "float32",
+                                         "param_dtype": "float32"})
+    with pytest.raises(error, match=match):
+        check_model_config(section)
