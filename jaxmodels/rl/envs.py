@@ -11,8 +11,9 @@ with these pure methods, for one environment (vmap them for a batch):
 - `observe(state) -> observation`.
 
 `step_and_reset` adds the automatic reset of gymnax and PureJaxRL for loops over many environments. The tabular
-environments (grid world, Blackjack, random walk) also give `state_index(state)`, `state_from_index(index)`,
-`nonterminal_indices` and `tabular_model()` (the transition probabilities and expected rewards that dynamic
+environments (grid world, Blackjack, random walk) also give `num_indices`, `state_index(state)` (in
+[0, num_indices), terminal states included), `state_from_index(index)`, `nonterminal_indices`, `terminal_mask` and
+`tabular_model()` (the transition probabilities and expected rewards that dynamic
 programming needs, `jaxmodels.rl.dp`).
 
 Invalid input fails at trace time with the expected and the received: an action outside [0, num_actions) (when
@@ -128,13 +129,14 @@ class GridWorld:
             raise ValueError("GridWorld needs at least one non-terminal cell")
 
     @property
-    def num_states(self) -> int:
+    def num_indices(self) -> int:
+        """The size of the tabular index space: every cell."""
         return self.height * self.width
 
     @property
     def terminal_mask(self) -> np.ndarray:
-        """(num_states,) bool: terminal cells."""
-        mask = np.zeros(self.num_states, bool)
+        """(num_indices,) bool: terminal cells."""
+        mask = np.zeros(self.num_indices, bool)
         for r, c in self.terminals:
             mask[r * self.width + c] = True
         return mask
@@ -176,7 +178,7 @@ class GridWorld:
     def tabular_model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P (S, A, S) float64 transition probabilities, R (S, A) expected rewards, terminal (S,) bool);
         terminal states are absorbing with reward 0."""
-        S, A = self.num_states, self.num_actions
+        S, A = self.num_indices, self.num_actions
         P, R, terminal = np.zeros((S, A, S)), np.zeros((S, A)), self.terminal_mask
         for s, a in itertools.product(range(S), range(A)):
             if terminal[s]:
@@ -257,7 +259,7 @@ class Blackjack:
 
     State = BlackjackState
     num_actions = 2
-    num_states = 201
+    num_indices = 201
     STICK, HIT = 0, 1
 
     def __post_init__(self):
@@ -265,7 +267,7 @@ class Blackjack:
 
     @property
     def terminal_mask(self) -> np.ndarray:
-        return np.arange(self.num_states) == 200
+        return np.arange(self.num_indices) == 200
 
     @property
     def nonterminal_indices(self) -> np.ndarray:
@@ -340,7 +342,7 @@ class Blackjack:
     def threshold_policy(self, stick_from: int = 20) -> np.ndarray:
         """(201, 2) probabilities of the policy that sticks on sums >= `stick_from` and hits below (Example 5.1's
         policy for stick_from = 20)."""
-        policy = np.zeros((self.num_states, 2))
+        policy = np.zeros((self.num_indices, 2))
         sums = (np.arange(200) % 100) // 10 + 12
         policy[:200, self.STICK] = sums >= stick_from
         policy[:200, self.HIT] = sums < stick_from
@@ -408,6 +410,11 @@ class RandomWalk:
         real_in_range("RandomWalk.right_reward", self.right_reward)
         if self.start is not None and not 1 <= non_negative_int("RandomWalk.start", self.start) <= self.num_states:
             raise ValueError(f"RandomWalk.start must be a position in [1, {self.num_states}], got {self.start}")
+
+    @property
+    def num_indices(self) -> int:
+        """The size of the tabular index space: the chain and its two ends."""
+        return self.num_states + 2
 
     @property
     def start_position(self) -> int:

@@ -82,7 +82,7 @@ def _check_run(env, num_episodes, batch_size, num_steps, gamma) -> tuple[int, in
 
 
 def _check_tabular(env) -> None:
-    for attribute in ("num_states", "state_index", "state_from_index", "nonterminal_indices"):
+    for attribute in ("num_indices", "state_index", "state_from_index", "nonterminal_indices"):
         if not hasattr(env, attribute):
             raise TypeError(f"{type(env).__name__} is not a tabular environment (it has no {attribute}); Monte Carlo "
                             f"tabular methods need GridWorld, Blackjack, RandomWalk or another env with state indices")
@@ -92,8 +92,8 @@ def _start_states(env, start_index, batch):
     if start_index is None:
         return None
     index = int(start_index)
-    if not 0 <= index < env.num_states:
-        raise ValueError(f"start_index must be a state index in [0, {env.num_states}), got {start_index}")
+    if not 0 <= index < env.num_indices:
+        raise ValueError(f"start_index must be a state index in [0, {env.num_indices}), got {start_index}")
     return jax.vmap(env.state_from_index)(jnp.full((batch,), index, jnp.int32))
 
 
@@ -106,7 +106,7 @@ def _cut(episodes) -> jax.Array:
                                              "num_steps", "gamma", "first_visit", "start_index"))
 def _prediction_sums(env, policy_fn, key, *, num_episodes, batch, num_batches, num_steps, gamma, first_visit,
                      start_index):
-    S = env.num_states
+    S = env.num_indices
     starts = _start_states(env, start_index, batch)
 
     def one_batch(carry, xs):
@@ -158,7 +158,7 @@ def _averages(count, total, total_sq, cut) -> MCResult:
 
 def _pair_statistics(env, episodes, gamma, live):
     """Per (state, action) sums of the first-visit returns of a batch of episodes: (count, total) (S, A)."""
-    S, A = env.num_states, env.num_actions
+    S, A = env.num_indices, env.num_actions
     index = jax.vmap(jax.vmap(env.state_index))(episodes.state)
     pair = index * A + episodes.action
     g = discounted_returns(episodes.reward, episodes.valid, gamma)
@@ -177,7 +177,7 @@ def _greedy(q, count, policy):
 @functools.partial(jax.jit, static_argnames=("env", "num_episodes", "batch", "num_batches", "num_steps", "gamma",
                                              "epsilon"))
 def _control(env, key, policy, *, num_episodes, batch, num_batches, num_steps, gamma, epsilon):
-    S, A = env.num_states, env.num_actions
+    S, A = env.num_indices, env.num_actions
     starts = jnp.asarray(env.nonterminal_indices, jnp.int32)
 
     def one_batch(carry, xs):
@@ -206,8 +206,8 @@ def _control(env, key, policy, *, num_episodes, batch, num_batches, num_steps, g
 
 def _initial_policy(env, initial_policy):
     if initial_policy is None:
-        return jnp.zeros(env.num_states, jnp.int32)
-    policy = check_table("initial_policy", initial_policy, (env.num_states,))
+        return jnp.zeros(env.num_indices, jnp.int32)
+    policy = check_table("initial_policy", initial_policy, (env.num_indices,))
     if not jnp.issubdtype(policy.dtype, jnp.integer):
         raise TypeError(f"initial_policy must hold integer actions, got dtype {policy.dtype}")
     values = np.asarray(policy)
@@ -282,8 +282,8 @@ def off_policy_start_returns(env, target, behaviour, key, num_episodes: int, *, 
     behaviour policy: the inputs of `importance_sampling_curve` (Sutton & Barto Example 5.4 / Figure 5.3).
     target, behaviour: (S, A) probabilities (behaviour > 0 wherever target > 0)."""
     num_steps = env.max_steps if num_steps is None else num_steps
-    target = check_table("target", target, (env.num_states, env.num_actions))
-    behaviour = check_table("behaviour", behaviour, (env.num_states, env.num_actions))
+    target = check_table("target", target, (env.num_indices, env.num_actions))
+    behaviour = check_table("behaviour", behaviour, (env.num_indices, env.num_actions))
     _, _, rho, g = _off_policy_episodes(env, target, behaviour, key, num_episodes, num_steps, start_index, gamma)
     return rho[:, 0], g[:, 0]
 
@@ -292,7 +292,7 @@ def off_policy_start_returns(env, target, behaviour, key, num_episodes: int, *, 
                                              "first_visit", "start_index"))
 def _off_policy_sums(env, target, behaviour, key, *, num_episodes, batch, num_batches, num_steps, gamma,
                      first_visit, start_index):
-    S = env.num_states
+    S = env.num_indices
 
     def one_batch(carry, xs):
         k, b = xs
@@ -319,8 +319,8 @@ def off_policy_mc_prediction(env, target, behaviour, key, num_episodes: int, *, 
     spread of importance-sampled returns is not a useful error bar here)."""
     _check_tabular(env)
     batch, num_batches, num_steps = _check_run(env, num_episodes, batch_size, num_steps, gamma)
-    target = check_table("target", target, (env.num_states, env.num_actions)).astype(jnp.float32)
-    behaviour = check_table("behaviour", behaviour, (env.num_states, env.num_actions)).astype(jnp.float32)
+    target = check_table("target", target, (env.num_indices, env.num_actions)).astype(jnp.float32)
+    behaviour = check_table("behaviour", behaviour, (env.num_indices, env.num_actions)).astype(jnp.float32)
     (count, rho_sum, total), cut = _off_policy_sums(
         env, target, behaviour, key, num_episodes=num_episodes, batch=batch, num_batches=num_batches,
         num_steps=num_steps, gamma=float(gamma), first_visit=bool(first_visit), start_index=start_index)

@@ -40,14 +40,14 @@ def check_table(name: str, table, shape: tuple[int, ...]) -> jax.Array:
 
 def tabular_policy(env, probabilities):
     """policy(key, state): an action drawn from probabilities[env.state_index(state)]; probabilities (S, A)."""
-    probabilities = check_table("policy probabilities", probabilities, (env.num_states, env.num_actions))
+    probabilities = check_table("policy probabilities", probabilities, (env.num_indices, env.num_actions))
     logits = jnp.log(probabilities.astype(jnp.float32))
     return lambda key, state: jax.random.categorical(key, logits[env.state_index(state)]).astype(jnp.int32)
 
 
 def greedy_policy(env, actions):
     """policy(key, state) = actions[env.state_index(state)]; actions (S,) int."""
-    actions = check_table("policy actions", actions, (env.num_states,))
+    actions = check_table("policy actions", actions, (env.num_indices,))
     return lambda key, state: actions[env.state_index(state)].astype(jnp.int32)
 
 
