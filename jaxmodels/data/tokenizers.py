@@ -55,8 +55,8 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def files(self) -> dict[str, bytes]:
-        """The tokenizer's files as Hugging Face reads them from a model directory ({file name: content});
-        {} when it has none (bytes)."""
+        """The tokenizer's files as Hugging Face reads them from a model directory ({file name: content}), giving
+        the same ids."""
 
     def token_byte_lengths(self) -> np.ndarray:
         """`np.int32[vocab_size]`: len(token_bytes(i)) for every id; the bytes of text a token covers, for
@@ -66,7 +66,7 @@ class Tokenizer(abc.ABC):
 
     def fingerprint(self) -> str:
         """A short hash of the tokenizer's definition: token caches are keyed by it."""
-        digest = hashlib.sha256(self.name.encode() if not self.files() else b"")
+        digest = hashlib.sha256()
         for file_name, content in sorted(self.files().items()):
             digest.update(file_name.encode() + b"\0" + content)
         return digest.hexdigest()[:16]
@@ -81,12 +81,10 @@ class Tokenizer(abc.ABC):
             with open(path, "wb") as f:
                 f.write(content)
             written.append(path)
-        if written:
-            path = os.path.join(directory, "tokenizer_config.json")
-            with open(path, "w") as f:
-                json.dump(self._hf_config(), f, indent=2)
-            written.append(path)
-        return written
+        path = os.path.join(directory, "tokenizer_config.json")
+        with open(path, "w") as f:
+            json.dump(self._hf_config(), f, indent=2)
+        return [*written, path]
 
     def _hf_config(self) -> dict:
         """tokenizer_config.json for Hugging Face: the EOS token (and no added BOS)."""
@@ -115,7 +113,15 @@ class ByteTokenizer(Tokenizer):
         return bytes([token_id])
 
     def files(self) -> dict[str, bytes]:
-        return {}
+        """A Hugging Face tokenizer.json with the same ids: a BPE with no merges over GPT-2's byte alphabet
+        (character c stands for byte b and has id b), no pre-tokenizer splitting, byte-level decoding."""
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tokenizer = RawTokenizer(models.BPE(vocab=_byte_level_decoder(), merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return {"tokenizer.json": tokenizer.to_str().encode("utf-8")}
 
 
 class SentencePieceTokenizer(Tokenizer):

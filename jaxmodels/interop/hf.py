@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxmodels.data.lm import resolve_tokenizer
 from jaxmodels.interop.weights import SafetensorsFolder, write_safetensors
 from jaxmodels.models import check_model_config, make_model
 from jaxmodels.models.lm import DecoderLM
@@ -332,18 +333,21 @@ def import_checkpoint(hf_dir, out, *, dtype: str = "float32",
 
 
 def export_workdir(workdir, out) -> pathlib.Path:
-    """Export the latest checkpoint of a training run's workdir (its config.json gives config.model) as a Hugging
-    Face checkpoint folder `out` (`save_hf`). Prints what it did; returns `out`."""
+    """Export the latest checkpoint of a training run's workdir (its config.json gives config.model and
+    config.data.tokenizer) as a Hugging Face checkpoint folder `out` (`save_hf`), with the run's tokenizer files
+    beside the weights. Prints what it did; returns `out`."""
     workdir = workdir_path(workdir)
-    section = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())["model"])
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    section = config.model
     check_model_config(section)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: make_model(section, nnx.Rngs(0))))
     state.replace_by_pure_dict(restore_params(workdir, state.to_pure_dict()))
     model = nnx.merge(graphdef, state)
-    save_hf(model, out)
+    tokenizer = resolve_tokenizer(config.data)
+    save_hf(model, out, tokenizer=tokenizer)
     arch = hf_config(model)["architectures"][0]
     print(f"exported {section.name!r} ({_num_params(model):,} parameters) from {params_item(workdir)} as {arch} "
-          f"to {out}: config.json, model.safetensors")
+          f"to {out}: config.json, model.safetensors, the {tokenizer.name!r} tokenizer's files")
     return pathlib.Path(out)
 
 

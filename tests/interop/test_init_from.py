@@ -63,6 +63,8 @@ def test_train_from_an_imported_checkpoint_then_export_it(tmp_path, capsys):
     assert_trees_equal(params_of(ours), trained)
     tokens = np.random.RandomState(1).randint(0, 256, (2, 12))
     np.testing.assert_allclose(our_logits(ours, tokens), their_logits(theirs, tokens), rtol=0, atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")  # the run's (byte) tokenizer
+    assert tokenizer.encode("def é", add_special_tokens=False) == list("def é".encode())
 
 
 def test_params_that_do_not_fit_the_model_are_named_with_both_shapes(tmp_path):
