@@ -315,20 +315,58 @@ def _num_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+FINETUNE_CONFIG = '''"""Fine-tune the Hugging Face checkpoint imported from {hf_dir}
+(written by `python -m jaxmodels.interop.hf import`; edit it freely).
+
+Run from the jaxmodels checkout:
+    python -m jaxmodels.main --config {out}/config.py --workdir /tmp/finetune
+
+The model section is model_config.json beside this file and training starts from the imported parameters
+(train.init_from); data, optimizer and steps are experiments/configs/lm_tiny.py's with a fine-tuning learning
+rate: override any of them on the command line (--config.data.name=..., --config.train.num_steps=...).
+"""
+
+import json
+import pathlib
+
+from experiments.configs import lm_tiny
+
+HERE = pathlib.Path(__file__).parent
+
+
+def get_config():
+    c = lm_tiny.get_config()
+    c.model = json.loads((HERE / "model_config.json").read_text())
+    c.train.init_from = str(HERE)
+    c.data.tokenizer = {tokenizer}
+    c.optimizer.learning_rate = 3e-4
+    return c
+'''
+
+
 def import_checkpoint(hf_dir, out, *, dtype: str = "float32",
                       param_dtype: str = "float32") -> ml_collections.ConfigDict:
-    """`load_hf(hf_dir)`, then write OUT/params (an orbax checkpoint of the params, `train.checkpoint.save_params`:
-    what config.train.init_from=OUT starts a run from) and OUT/model_config.json (the config.model section to
-    train it with). Prints what it did; returns the section."""
+    """`load_hf(hf_dir)`, then write into OUT: params/ (an orbax checkpoint of the params,
+    `train.checkpoint.save_params`: what config.train.init_from=OUT starts a run from), model_config.json (the
+    config.model section to train it with), the checkpoint's tokenizer files (TOKENIZER_FILES that exist), and
+    config.py, a config that fine-tunes it (`python -m jaxmodels.main --config OUT/config.py`; the tokenizer is
+    OUT's, or "byte" when the checkpoint has none). Prints what it did; returns the section."""
     section, model = load_hf(hf_dir, dtype=dtype, param_dtype=param_dtype)
-    out = pathlib.Path(out).absolute()  # orbax wants an absolute path
+    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out).absolute()  # orbax wants an absolute path
     path = save_params(out, nnx.state(model, nnx.Param).to_pure_dict())
     (out / "model_config.json").write_text(section.to_json(indent=2) + "\n")
+    copied = [name for name in TOKENIZER_FILES if (hf_dir / name).exists()]
+    for name in copied:
+        (out / name).write_bytes((hf_dir / name).read_bytes())
+    tokenizer = repr(str(out)) if copied else '"byte"  # the checkpoint came with no tokenizer files'
+    (out / "config.py").write_text(FINETUNE_CONFIG.format(hf_dir=hf_dir, out=out, tokenizer=tokenizer))
     arch = hf_config(model)["architectures"][0]
     print(f"imported {arch} from {hf_dir} as {section.name!r}: {_num_params(model):,} parameters ({param_dtype})\n"
           f"  params:       {path}\n  model config: {out / 'model_config.json'}\n"
-          f"Train from it: set config.model to that section (e.g. in a config file, c.model = json.loads(...)) and "
-          f"--config.train.init_from={out}\nconfig.model = {section.to_json(indent=2)}")
+          f"  tokenizer:    {', '.join(copied) if copied else 'none in the checkpoint (config.py uses bytes)'}\n"
+          f"Fine-tune it: python -m jaxmodels.main --config {out / 'config.py'} --workdir WORKDIR\n"
+          f"  (or, in any LM config: config.model = model_config.json's section, --config.train.init_from={out})")
     return section
 
 

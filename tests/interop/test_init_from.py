@@ -2,6 +2,7 @@
 step 0 from an imported Hugging Face checkpoint (or another run's params), resuming wins over it, shapes that do
 not fit are named, and the trained run exports back to transformers with equal logits."""
 
+import importlib.util
 import json
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
+from jaxmodels.data.tokenizers import make_tokenizer, train_bpe
 from jaxmodels.interop.hf import load_hf, main
 from jaxmodels.train.config import ConfigError
 from jaxmodels.train.loop import Trainer, train_and_evaluate
@@ -39,8 +41,14 @@ def test_train_from_an_imported_checkpoint_then_export_it(tmp_path, capsys):
     imported = tmp_path / "imported"
     main(["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(imported)])
     printed = capsys.readouterr().out
-    assert "imported LlamaForCausalLM" in printed and f"--config.train.init_from={imported}" in printed
+    assert "imported LlamaForCausalLM" in printed and f"--config {imported / 'config.py'}" in printed
     section = ml_collections.ConfigDict(json.loads((imported / "model_config.json").read_text()))
+    spec = importlib.util.spec_from_file_location("finetune_config", imported / "config.py")  # the written config
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.get_config()
+    assert written.model.to_dict() == section.to_dict() and written.train.init_from == str(imported)
+    assert written.data.tokenizer == "byte"  # the checkpoint has no tokenizer files
     config = _config(section, train__init_from=str(imported))
 
     step, params = _start(config, tmp_path / "probe")
@@ -88,3 +96,16 @@ def test_the_command_line_reports_refusals_without_a_traceback(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(SystemExit, match=r"error: unsupported architecture \['BertForMaskedLM'\]"):
         main(["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+
+
+def test_import_copies_the_tokenizer_and_the_written_config_uses_it(tmp_path):
+    hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**{**TINY_LLAMA, "vocab_size": 384}),
+             tmp_path / "hf")
+    bpe = train_bpe([f"def f{i}(x): return x * {i}\n" for i in range(50)], 300, str(tmp_path / "hf" / "tokenizer.json"))
+    main(["import", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
+    spec = importlib.util.spec_from_file_location("finetune_config", tmp_path / "imported" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config().data.tokenizer == str(tmp_path / "imported")
+    copied = make_tokenizer(str(tmp_path / "imported"))
+    assert copied.encode("def g(y):") == bpe.encode("def g(y):") and copied.eos_id == bpe.eos_id
