@@ -97,8 +97,8 @@ def deform_conv2d(x: jax.Array, offset: jax.Array, kernel: jax.Array, mask: jax.
     taps = kh * kw
     if (offset.ndim != 4 or offset.shape[:3] != (b, out_h, out_w) or not offset.shape[3]
             or offset.shape[3] % (2 * taps) or cin % (offset.shape[3] // (2 * taps))):
-        raise ValueError(f"offset must be (B, H', W', 2·G·kh·kw) = ({b}, {out_h}, {out_w}, 2·G·{taps}) with G offset "
-                         f"groups dividing {cin} input channels, got shape {offset.shape}")
+        raise ValueError(f"offset must be (B, H', W', 2·G·kh·kw) = ({b}, {out_h}, {out_w}, 2·G·{taps}) with G "
+                         f"offset groups dividing {cin} input channels, got shape {offset.shape}")
     offset_groups = offset.shape[3] // (2 * taps)
     if mask is not None and mask.shape != (b, out_h, out_w, offset_groups * taps):
         raise ValueError(f"mask must be (B, H', W', G·kh·kw) = {(b, out_h, out_w, offset_groups * taps)}, "
