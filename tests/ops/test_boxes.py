@@ -6,6 +6,9 @@ from jax.test_util import check_grads
 
 from jaxmodels.ops import boxes as bx
 
+# Jitted once per shape: eager calls compile each small op separately, which dominates these tests' time.
+_iou_giou = jax.jit(lambda a, b: (bx.box_iou(a, b), bx.generalized_box_iou(a, b)))
+
 
 def _random_boxes(rng, shape, scale=10.0):
     """xyxy boxes (..., 4) with positive sizes."""
@@ -32,9 +35,9 @@ def test_iou_and_giou_match_float64_loop_with_gradients(n, m):
     a, b = _random_boxes(rng, (n,)), _random_boxes(rng, (m,))
     a[0] = b[0] if m else a[0]  # an identical pair: IoU = GIoU = 1
     iou, giou = _iou_giou_loop(a, b)
-    np.testing.assert_allclose(bx.box_iou(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)), iou, atol=1e-5)
-    np.testing.assert_allclose(bx.generalized_box_iou(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)),
-                               giou, atol=1e-5)
+    ours = _iou_giou(a.astype(np.float32), b.astype(np.float32))
+    np.testing.assert_allclose(ours[0], iou, atol=1e-5)
+    np.testing.assert_allclose(ours[1], giou, atol=1e-5)
     assert np.isclose(giou[0, 0], 1.0) and np.all(giou <= iou + 1e-12) and np.all(giou >= -1)
     if n == 4:  # gradients once (compiling them dominates the time)
         with jax.enable_x64(True):
@@ -45,7 +48,7 @@ def test_iou_and_giou_match_float64_loop_with_gradients(n, m):
 def test_batched_leading_dims_and_empty_sets():
     rng = np.random.default_rng(0)
     a, b = _random_boxes(rng, (2, 3)), _random_boxes(rng, (2, 4))
-    out = bx.generalized_box_iou(jnp.asarray(a), jnp.asarray(b))
+    out = _iou_giou(a.astype(np.float32), b.astype(np.float32))[1]
     assert out.shape == (2, 3, 4)
     for i in range(2):
         np.testing.assert_allclose(out[i], _iou_giou_loop(a[i], b[i])[1], atol=1e-5)
@@ -56,12 +59,11 @@ def test_batched_leading_dims_and_empty_sets():
 
 def test_zero_area_boxes_give_finite_values_and_gradients():
     point = jnp.asarray([[1.0, 1.0, 1.0, 1.0]])
-    np.testing.assert_array_equal(bx.box_iou(point, point), [[0.0]])
-    np.testing.assert_array_equal(bx.generalized_box_iou(point, point), [[0.0]])
-    g = jax.grad(lambda p: bx.generalized_box_iou(p, point).sum())(point)
+    np.testing.assert_array_equal(_iou_giou(point, point), [[[0.0]], [[0.0]]])
+    g = jax.jit(jax.grad(lambda p: sum(v.sum() for v in _iou_giou(p, point))))(point)
     assert np.isfinite(g).all()
     line = jnp.asarray([[0.0, 0.0, 2.0, 0.0]])  # zero height, nonzero hull with the box below
-    np.testing.assert_allclose(bx.generalized_box_iou(line, jnp.asarray([[0.0, 1.0, 2.0, 2.0]])), [[-0.5]])
+    np.testing.assert_allclose(_iou_giou(line, jnp.asarray([[0.0, 1.0, 2.0, 2.0]]))[1], [[-0.5]])
 
 
 def test_format_round_trip_and_area():
@@ -120,3 +122,20 @@ def test_degenerate_and_malformed_boxes_raise_naming_the_argument():
         bx.encode_boxes(good, good, (1.0, 1.0, 0.0, 1.0))
     # Under jit the values are unknown: no error, and the documented signed area.
     np.testing.assert_allclose(jax.jit(bx.box_area)(bad), [1.0, -1.0])
+
+
+def test_matches_torchvision_box_ops_and_box_coder():
+    """torchvision 0.29.1's box_iou, generalized_box_iou and BoxCoder((10, 10, 5, 5)) in float64
+    (tests/ops/torchvision_reference.py), decoding included a delta beyond the log(1000/16) clip."""
+    from tests.ops.vision_reference import torchvision_case
+
+    arrays, _ = torchvision_case("boxes")
+    with jax.enable_x64(True):
+        iou, giou = _iou_giou(arrays["a"], arrays["b"])
+        coder = jax.jit(lambda a, b, d: (bx.encode_boxes(a, b, (10.0, 10.0, 5.0, 5.0)),
+                                         bx.decode_boxes(d, b, (10.0, 10.0, 5.0, 5.0))))
+        encoded, decoded = coder(arrays["a"][:4], arrays["b"], arrays["wild_deltas"])
+    np.testing.assert_allclose(iou, arrays["iou"], atol=1e-12)
+    np.testing.assert_allclose(giou, arrays["giou"], atol=1e-12)
+    np.testing.assert_allclose(encoded, arrays["encoded"], atol=1e-12)
+    np.testing.assert_allclose(decoded, arrays["decoded"], rtol=1e-12)

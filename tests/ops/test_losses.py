@@ -137,19 +137,20 @@ def test_margin_losses_properties():
     rng = np.random.default_rng(9)
     cosine = jnp.asarray(np.tanh(rng.normal(size=(4, 7))), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 7, 4))
-    np.testing.assert_allclose(arcface_logits(cosine, labels, scale=16.0, margin=0.0), 16 * cosine, rtol=1e-6)
-    np.testing.assert_allclose(cosface_logits(cosine, labels, scale=16.0, margin=0.0), 16 * cosine, rtol=1e-6)
-    cos_face = cosface_logits(cosine, labels, scale=64.0, margin=0.35)
+    arc_zero, cos_zero, cos_face, arc = jax.jit(lambda c, y: (
+        arcface_logits(c, y, scale=16.0, margin=0.0), cosface_logits(c, y, scale=16.0, margin=0.0),
+        cosface_logits(c, y, scale=64.0, margin=0.35), arcface_logits(c, y, scale=16.0, margin=0.3)))(cosine, labels)
+    np.testing.assert_allclose(arc_zero, 16 * cosine, rtol=1e-6)
+    np.testing.assert_allclose(cos_zero, 16 * cosine, rtol=1e-6)
     np.testing.assert_allclose(cos_face, 64 * (np.asarray(cosine) - 0.35 * np.eye(7)[np.asarray(labels)]), rtol=1e-6)
     # A margin only lowers the target logit and leaves the others, so it raises the cross entropy.
-    arc = arcface_logits(cosine, labels, scale=16.0, margin=0.3)
     others = ~np.eye(7, dtype=bool)[np.asarray(labels)]
     np.testing.assert_array_equal(np.asarray(arc)[others], 16 * np.asarray(cosine)[others])
     assert np.all(np.asarray(arc)[~others] < 16 * np.asarray(cosine)[~others])
     assert np.all(softmax_cross_entropy(arc, labels) > softmax_cross_entropy(16 * cosine, labels))
     # Finite gradients where sin θ = 0 (cos θ = ±1).
     edge = jnp.asarray([[1.0, -1.0]])
-    g = jax.grad(lambda c: arcface_logits(c, jnp.asarray([0]), scale=2.0).sum())(edge)
+    g = jax.jit(jax.grad(lambda c: arcface_logits(c, jnp.asarray([0]), scale=2.0).sum()))(edge)
     assert np.isfinite(g).all()
 
 
@@ -157,8 +158,8 @@ def test_cosine_logits_normalise_both_sides():
     rng = np.random.default_rng(10)
     x, w = rng.normal(size=(3, 4)), rng.normal(size=(4, 5))
     expected = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
-    np.testing.assert_allclose(cosine_logits(jnp.asarray(x * 7, jnp.float32), jnp.asarray(w, jnp.float32)), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(cosine_logits)(jnp.asarray(x * 7, jnp.float32), jnp.asarray(w, jnp.float32)),
+                               expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="must agree in D"):
         cosine_logits(jnp.zeros((3, 4)), jnp.zeros((5, 5)))
     with pytest.raises(ValueError, match="margin"):
