@@ -5,6 +5,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxmodels.ops import boxes as bx
+from tests.ops.vision_reference import torchvision_case
 
 # Jitted once per shape: eager calls compile each small op separately, which dominates these tests' time.
 _iou_giou = jax.jit(lambda a, b: (bx.box_iou(a, b), bx.generalized_box_iou(a, b)))
@@ -127,8 +128,6 @@ def test_degenerate_and_malformed_boxes_raise_naming_the_argument():
 def test_matches_torchvision_box_ops_and_box_coder():
     """torchvision 0.29.1's box_iou, generalized_box_iou and BoxCoder((10, 10, 5, 5)) in float64
     (tests/ops/torchvision_reference.py), decoding included a delta beyond the log(1000/16) clip."""
-    from tests.ops.vision_reference import torchvision_case
-
     arrays, _ = torchvision_case("boxes")
     with jax.enable_x64(True):
         iou, giou = _iou_giou(arrays["a"], arrays["b"])
