@@ -37,7 +37,7 @@ def adaptive_pool(x: jax.Array, output_size, mode: str = "max") -> jax.Array:
     [floor(i·H/oh), ceil((i+1)·H/oh)) and columns [floor(j·W/ow), ceil((j+1)·W/ow)) (cells overlap when H is not a
     multiple of oh, and repeat rows when H < oh).
 
-    x: (B, H, W, C) with H, W >= 1; output_size: int or (oh, ow); mode: "max" or "avg" (mean in float32).
+    x: (B, H, W, C) with H, W >= 1; output_size: int or (oh, ow); mode: "max" or "avg" (mean in float32 or wider).
     Returns (B, oh, ow, C) in x's dtype.
     """
     _check_image(x)
@@ -52,7 +52,7 @@ def adaptive_pool(x: jax.Array, output_size, mode: str = "max") -> jax.Array:
         for i in range(n):
             part = jax.lax.slice_in_dim(v, (i * size) // n, -(-((i + 1) * size) // n), axis=axis)
             cells.append(jnp.max(part, axis, keepdims=True) if mode == "max"
-                         else jnp.mean(part.astype(jnp.float32), axis, keepdims=True))
+                         else jnp.mean(part.astype(jnp.promote_types(part.dtype, jnp.float32)), axis, keepdims=True))
         return jnp.concatenate(cells, axis)
 
     return reduce(reduce(x, 1, oh), 2, ow).astype(x.dtype)

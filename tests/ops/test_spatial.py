@@ -6,6 +6,7 @@ from jax.test_util import check_grads
 
 from jaxmodels.ops import spatial as sp
 from jaxmodels.ops.spatial import depth_to_space, space_to_depth
+from tests.ops.vision_reference import check_vjp_against_finite_differences
 
 torch = pytest.importorskip("torch")  # the test extra's CPU torch: PyTorch's functional ops as references
 
@@ -201,3 +202,18 @@ def test_bad_input_raises_naming_the_argument():
         sp.conv_transpose(x, jnp.zeros((3, 3, 3, 1)))
     with pytest.raises(ValueError, match=r"size\[0\]"):
         sp.resize_bilinear(x, (0, 3))
+
+
+def test_gradients_of_the_resampling_and_pooling_ops_match_finite_differences():
+    """One float64 check through all of them (each is linear or piecewise linear in x)."""
+    rng = np.random.default_rng(8)
+    x, kernel = rng.normal(size=(1, 4, 6, 2)), rng.normal(size=(2, 2, 2, 3))
+
+    def f(x, kernel):
+        up = sp.resize_bilinear(x, (7, 5)).sum() + (sp.resize_nearest(x, (3, 9)) ** 2).sum()
+        pooled = (sp.spatial_pyramid_pooling(x, (1, 3)) ** 2).sum() + sp.adaptive_pool(x, 2, "avg").sum() ** 2
+        swin = (sp.window_reverse(sp.window_partition(sp.cyclic_shift(x, 1), 2), 2, 4, 6) ** 3).sum()
+        return up + pooled + swin + (sp.conv_transpose(x, kernel, 2, 1, output_padding=1) ** 2).sum()
+
+    check_vjp_against_finite_differences(f, (x, kernel), 0, eps=1e-6)
+    check_vjp_against_finite_differences(f, (x, kernel), 1, eps=1e-6)
