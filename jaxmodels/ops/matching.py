@@ -91,7 +91,7 @@ def detr_matching_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_lab
     the L1 distance on (cx, cy, w, h) boxes, and GIoU on their corners. Defaults are DETR's (1, 5, 2).
 
     pred_logits: (..., N, num_classes) float; pred_boxes: (..., N, 4) cxcywh; target_labels: (..., M) int in
-    [0, num_classes); target_boxes: (..., M, 4) cxcywh. Returns (..., N, M) float32. Use with
+    [0, num_classes); target_boxes: (..., M, 4) cxcywh. Returns (..., N, M) float32 (or wider). Use with
     `linear_sum_assignment(cost, col_mask=valid_targets)`.
     """
     if pred_logits.ndim < 2 or pred_boxes.shape != pred_logits.shape[:-1] + (4,):
@@ -104,10 +104,11 @@ def detr_matching_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_lab
         raise TypeError(f"target_labels must be integer class ids, got {target_labels.dtype}")
     weights = [real_in_range(name, w, 0) for name, w in (("class_weight", class_weight),
                                                          ("bbox_weight", bbox_weight), ("giou_weight", giou_weight))]
-    prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
+    dtype = jnp.promote_types(jnp.promote_types(pred_logits.dtype, pred_boxes.dtype), jnp.float32)
+    prob = jax.nn.softmax(pred_logits.astype(dtype), axis=-1)
     labels = jnp.broadcast_to(target_labels[..., None, :], prob.shape[:-1] + target_labels.shape[-1:])
     class_cost = -jnp.take_along_axis(prob, labels, axis=-1)
-    pred, target = pred_boxes.astype(jnp.float32), target_boxes.astype(jnp.float32)
+    pred, target = pred_boxes.astype(dtype), target_boxes.astype(dtype)
     l1 = jnp.abs(pred[..., :, None, :] - target[..., None, :, :]).sum(-1)
     giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
     return weights[0] * class_cost + weights[1] * l1 - weights[2] * giou
