@@ -12,12 +12,13 @@ from jaxmodels.models.mmdit import MMDiT
 from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
+from jaxmodels.models.vit import ViT
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.precision import DTYPES
 
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
-          "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger}
+          "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT}
 def check_model_config(config: ml_collections.ConfigDict) -> None:
     """Validate a model config section before anything is built: its name, its dtypes, and the model's own
     `check_config`. Raises ValueError naming the field (config.model.X) and the valid choices."""

@@ -1,6 +1,7 @@
 """Convolutional layers for channels-last images (batch, height, width, channels): a 2D
-convolution with logical axes, GroupNorm, depth-to-space (pixel shuffle) and its inverse, and
-the up/downsampling layers of diffusion UNets and autoencoders.
+convolution with logical axes, GroupNorm, and the up/downsampling layers of diffusion UNets and
+autoencoders (pixel shuffle and its inverse are the pure functions `jaxmodels.ops.spatial.depth_to_space`
+and `space_to_depth`).
 
 Kernels are (kh, kw, in_channels, out_channels) ("HWIO"), tagged (None, None, None, "embed") so
 the sharding rules split output channels like other parameters. Arithmetic runs in `dtype` (both
@@ -13,6 +14,7 @@ from flax import nnx
 
 from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
 from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.spatial import depth_to_space, space_to_depth
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -77,35 +79,6 @@ class GroupNorm(nnx.Module):
         var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
         return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(self.dtype)
-
-
-def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
-    """Pixel shuffle (Shi et al. 2016, "Real-Time Single Image and Video Super-Resolution Using an
-    Efficient Sub-Pixel CNN", eq. 4), channels-last: (B, H, W, r²·C) -> (B, r·H, r·W, C) with
-
-        out[b, r·h + i, r·w + j, c] = x[b, h, w, (r·i + j)·C + c]
-
-    (TensorFlow's `depth_to_space` order; PyTorch's channels-first `pixel_shuffle` reads channel
-    c·r² + r·i + j instead). Any dtype; returns x's dtype. Inverse: `space_to_depth`.
-    """
-    _check_image(x)
-    b, h, w, c = x.shape
-    if c % (factor * factor):
-        raise ValueError(f"channels ({c}) must be divisible by factor² = {factor * factor}")
-    c_out = c // (factor * factor)
-    x = x.reshape(b, h, w, factor, factor, c_out).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * factor, w * factor, c_out)
-
-
-def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
-    """Inverse of `depth_to_space` (pixel unshuffle): (B, r·H, r·W, C) -> (B, H, W, r²·C) with
-    out[b, h, w, (r·i + j)·C + c] = x[b, r·h + i, r·w + j, c]. Returns x's dtype."""
-    _check_image(x)
-    b, h, w, c = x.shape
-    if h % factor or w % factor:
-        raise ValueError(f"height and width must be divisible by factor {factor}, got shape {x.shape}")
-    x = x.reshape(b, h // factor, factor, w // factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // factor, w // factor, factor * factor * c)
 
 
 UPSAMPLE_METHODS = ("nearest_conv", "pixel_shuffle", "transposed")

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.conv import Conv2D, GroupNorm, depth_to_space, space_to_depth
+from jaxmodels.nn.conv import Conv2D, GroupNorm
 from jaxmodels.nn.layers import LayerNorm, dense
 from jaxmodels.nn.param import fan_in_init, param, zeros_init
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.position import image_positions, sinusoidal_embedding
+from jaxmodels.ops.spatial import depth_to_space, space_to_depth
 
 
 class Linear(nnx.Module):

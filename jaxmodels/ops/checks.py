@@ -150,3 +150,24 @@ def check_grouped_operands(x_sorted, w, group_sizes) -> None:
                          f"{w.shape}, {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
+
+
+def check_boxes(name: str, boxes, *, positive: bool = False) -> None:
+    """Check boxes in (x1, y1, x2, y2) corner form: shape (..., 4) and floating dtype; if `boxes` is concrete
+    (`concrete`), every box must have x2 >= x1 and y2 >= y1 (x2 > x1 and y2 > y1 with `positive`), else
+    ValueError "{name} must hold boxes (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, got {k} degenerate, the first
+    at index (...): [...]". Traced boxes cannot be checked; the caller's docstring says what they give."""
+    if boxes.ndim < 1 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (..., 4) (x1, y1, x2, y2), got shape {boxes.shape}")
+    if not jnp.issubdtype(boxes.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {boxes.dtype}")
+    values = concrete(boxes)
+    if values is None or values.size == 0:
+        return
+    sizes = values[..., 2:] - values[..., :2]
+    bad = ~np.all(sizes > 0 if positive else sizes >= 0, axis=-1)  # NaN is bad too
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        relation = ">" if positive else ">="
+        raise ValueError(f"{name} must hold boxes (x1, y1, x2, y2) with x2 {relation} x1 and y2 {relation} y1, "
+                         f"got {int(bad.sum())} degenerate, the first at index {first}: {values[first].tolist()}")

@@ -1,7 +1,11 @@
 """Loss functions as pure functions on arrays."""
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from jaxmodels.ops.checks import real_in_range
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -44,3 +48,75 @@ def info_nce_with_negatives(positive_scores: jax.Array, negative_scores: jax.Arr
                          f"got {negative_scores.shape}")
     scores = jnp.concatenate([positive_scores[..., None], negative_scores], axis=-1)
     return jnp.mean(softmax_cross_entropy(scores, jnp.zeros(positive_scores.shape, jnp.int32)))
+
+
+def cosine_logits(embeddings: jax.Array, class_weights: jax.Array, *, eps: float = 1e-12) -> jax.Array:
+    """Cosine similarity of L2-normalised embeddings and class centres, the input of the margin losses below:
+    cos θ_j = x·W_j / (|x| |W_j|) (Wang et al. 2018, NormFace / CosFace §3.1; Deng et al. 2019, ArcFace §2.1).
+
+    embeddings: (..., D) float; class_weights: (D, num_classes) float. Returns (..., num_classes) in [-1, 1], in
+    float32 or wider. A zero vector (norm below `eps`) gives cosines 0.
+    """
+    if embeddings.ndim < 1 or class_weights.ndim != 2 or class_weights.shape[0] != embeddings.shape[-1]:
+        raise ValueError(f"embeddings (..., D) and class_weights (D, num_classes) must agree in D, "
+                         f"got {embeddings.shape} and {class_weights.shape}")
+    dtype = jnp.promote_types(jnp.promote_types(embeddings.dtype, class_weights.dtype), jnp.float32)
+    x, w = embeddings.astype(dtype), class_weights.astype(dtype)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    w = w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), eps)
+    return jnp.clip(jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
+
+
+def _check_margin_inputs(cosine, labels):
+    if cosine.ndim < 1 or cosine.shape[:-1] != labels.shape:
+        raise ValueError(f"cosine {cosine.shape} must be labels {labels.shape} + (num_classes,)")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    if not jnp.issubdtype(cosine.dtype, jnp.floating):
+        raise TypeError(f"cosine must be floating point, got {cosine.dtype}")
+    return cosine.astype(jnp.promote_types(cosine.dtype, jnp.float32))
+
+
+def arcface_logits(cosine: jax.Array, labels: jax.Array, *, scale: float = 64.0, margin: float = 0.5,
+                   easy_margin: bool = False) -> jax.Array:
+    """ArcFace logits (Deng et al. 2019, "Additive Angular Margin Loss", eq. 3): the target class's angle is
+    increased by the margin m, every logit scaled by s,
+
+        logit_y = s·cos(θ_y + m),  logit_j = s·cos θ_j (j ≠ y),
+
+    to be fed to `softmax_cross_entropy`. cos(θ + m) = cos θ cos m - sin θ sin m is not monotone in θ beyond
+    θ = π - m; as the official code, for cos θ <= cos(π - m) the target logit is instead s·(cos θ - m·sin m)
+    (CosFace-like, keeps it decreasing in θ), or with `easy_margin` the margin is applied only where cos θ > 0
+    (logit s·cos θ elsewhere). margin = 0 gives scaled cosine logits s·cos θ.
+
+    cosine: (..., num_classes) in [-1, 1] (e.g. `cosine_logits`; clipped here); labels: (...) int in
+    [0, num_classes). Returns (..., num_classes) float32 (or float64 for float64 input). Gradients stay finite at
+    cos θ = ±1.
+    """
+    cosine = jnp.clip(_check_margin_inputs(cosine, labels), -1.0, 1.0)
+    scale = real_in_range("scale", scale, 0, include_low=False)
+    margin = real_in_range("margin", margin, 0, math.pi / 2)
+    target = jax.nn.one_hot(labels, cosine.shape[-1], dtype=bool)
+    sin_squared = 1.0 - jnp.square(cosine)
+    positive = sin_squared > 0
+    sine = jnp.where(positive, jnp.sqrt(jnp.where(positive, sin_squared, 1.0)), 0.0)
+    phi = cosine * math.cos(margin) - sine * math.sin(margin)
+    if easy_margin:
+        phi = jnp.where(cosine > 0, phi, cosine)
+    else:
+        phi = jnp.where(cosine > math.cos(math.pi - margin), phi, cosine - math.sin(math.pi - margin) * margin)
+    return scale * jnp.where(target, phi, cosine)
+
+
+def cosface_logits(cosine: jax.Array, labels: jax.Array, *, scale: float = 64.0, margin: float = 0.35) -> jax.Array:
+    """CosFace / large margin cosine logits (Wang et al. 2018, eq. 4): logit_y = s·(cos θ_y - m) for the target
+    class, s·cos θ_j otherwise; feed to `softmax_cross_entropy`. The paper's face setting is s = 64, m = 0.35;
+    margin = 0 gives scaled cosine logits.
+
+    cosine: (..., num_classes); labels: (...) int in [0, num_classes). Returns (..., num_classes) float32 (or
+    float64 for float64 input).
+    """
+    cosine = _check_margin_inputs(cosine, labels)
+    scale = real_in_range("scale", scale, 0, include_low=False)
+    margin = real_in_range("margin", margin, 0)
+    return scale * (cosine - margin * jax.nn.one_hot(labels, cosine.shape[-1], dtype=cosine.dtype))

@@ -5,40 +5,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from jaxmodels.nn.conv import Conv2D, Downsample, GroupNorm, Upsample, depth_to_space, space_to_depth
-
-
-def _depth_to_space_reference(x, r):
-    b, h, w, c = x.shape
-    c_out = c // (r * r)
-    out = np.zeros((b, h * r, w * r, c_out), x.dtype)
-    for i in range(h):
-        for j in range(w):
-            for di in range(r):
-                for dj in range(r):
-                    for k in range(c_out):
-                        out[:, r * i + di, r * j + dj, k] = x[:, i, j, (r * di + dj) * c_out + k]
-    return out
-
-
-@pytest.mark.parametrize("shape,r", [((2, 3, 4, 8), 2), ((1, 2, 2, 18), 3)])
-def test_depth_to_space_matches_loop_reference_and_inverts(shape, r):
-    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    y = depth_to_space(jnp.asarray(x), r)
-    np.testing.assert_array_equal(y, _depth_to_space_reference(x, r))
-    np.testing.assert_array_equal(space_to_depth(y, r), x)
-    z = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
-    np.testing.assert_array_equal(depth_to_space(space_to_depth(jnp.asarray(z), r), r), z)
-    check_grads(lambda a: depth_to_space(a, r), (jnp.asarray(x),), order=1, modes=("rev",))
-
-
-def test_depth_to_space_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="divisible by factor"):
-        depth_to_space(jnp.zeros((1, 2, 2, 6)), 2)
-    with pytest.raises(ValueError, match="divisible by factor"):
-        space_to_depth(jnp.zeros((1, 3, 4, 1)), 2)
-    with pytest.raises(ValueError, match="4-D"):
-        space_to_depth(jnp.zeros((3, 4, 1)), 2)
+from jaxmodels.nn.conv import Conv2D, Downsample, GroupNorm, Upsample
 
 
 def _conv_reference(x, k, b, stride, pad):

@@ -3,7 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.ops.losses import info_nce, info_nce_with_negatives, softmax_cross_entropy
+from jaxmodels.ops.losses import (
+    arcface_logits,
+    cosface_logits,
+    cosine_logits,
+    info_nce,
+    info_nce_with_negatives,
+    softmax_cross_entropy,
+)
 
 
 def _reference(logits, labels):
@@ -89,3 +96,75 @@ def test_info_nce_errors():
         info_nce_with_negatives(jnp.zeros((3,)), jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="K >= 1"):
         info_nce_with_negatives(jnp.zeros((3,)), jnp.zeros((3, 0)))
+
+
+def _arcface_float64(cosine, labels, s, m, easy):
+    """ArcFace (Deng et al. 2019, eq. 3) through the angle itself: s·cos(arccos(c) + m) for the target, with the
+    official code's fallbacks where θ + m >= π (or cos θ <= 0 with easy_margin)."""
+    c = cosine.astype(np.float64)
+    theta = np.arccos(c)
+    with_margin = np.cos(theta + m)
+    if easy:
+        target = np.where(c > 0, with_margin, c)
+    else:
+        target = np.where(theta + m < np.pi, with_margin, c - m * np.sin(m))
+    onehot = np.eye(c.shape[-1], dtype=bool)[labels]
+    return s * np.where(onehot, target, c)
+
+
+@pytest.mark.parametrize("margin,easy", [(0.5, False), (0.5, True), (0.2, False)])
+def test_arcface_matches_float64_angle_formula(margin, easy):
+    rng = np.random.default_rng(int(margin * 10) + easy)
+    cosine = np.tanh(rng.normal(size=(6, 5)) * 2).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    cosine[np.arange(3), labels[:3]] = [-0.95, 0.05, 0.999]  # beyond pi - m, near 0, near 1
+    f = jax.jit(lambda c, y: arcface_logits(c, y, scale=30.0, margin=margin, easy_margin=easy))
+    out = f(cosine, labels)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, _arcface_float64(cosine, labels, 30.0, margin, easy), rtol=1e-5, atol=2e-5)
+    # Gradient of the loss against the float64 reference's gradient by central differences, elementwise.
+    with jax.enable_x64(True):
+        c64 = jnp.asarray(cosine, jnp.float64)
+        grad = jax.jit(jax.grad(lambda c: arcface_logits(c, jnp.asarray(labels), scale=30.0, margin=margin,
+                                                         easy_margin=easy).sum()))(c64)
+    eps = 1e-7
+    numeric = (_arcface_float64(cosine.astype(np.float64) + eps, labels, 30.0, margin, easy)
+               - _arcface_float64(cosine.astype(np.float64) - eps, labels, 30.0, margin, easy)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-4)
+
+
+def test_margin_losses_properties():
+    rng = np.random.default_rng(9)
+    cosine = jnp.asarray(np.tanh(rng.normal(size=(4, 7))), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 7, 4))
+    arc_zero, cos_zero, cos_face, arc, ce_margin, ce_plain = jax.jit(lambda c, y: (
+        arcface_logits(c, y, scale=16.0, margin=0.0), cosface_logits(c, y, scale=16.0, margin=0.0),
+        cosface_logits(c, y, scale=64.0, margin=0.35), arcface_logits(c, y, scale=16.0, margin=0.3),
+        softmax_cross_entropy(arcface_logits(c, y, scale=16.0, margin=0.3), y),
+        softmax_cross_entropy(16 * c, y)))(cosine, labels)
+    np.testing.assert_allclose(arc_zero, 16 * cosine, rtol=1e-6)
+    np.testing.assert_allclose(cos_zero, 16 * cosine, rtol=1e-6)
+    np.testing.assert_allclose(cos_face, 64 * (np.asarray(cosine) - 0.35 * np.eye(7)[np.asarray(labels)]), rtol=1e-6)
+    # A margin only lowers the target logit and leaves the others, so it raises the cross entropy.
+    others = ~np.eye(7, dtype=bool)[np.asarray(labels)]
+    np.testing.assert_array_equal(np.asarray(arc)[others], 16 * np.asarray(cosine)[others])
+    assert np.all(np.asarray(arc)[~others] < 16 * np.asarray(cosine)[~others])
+    assert np.all(ce_margin > ce_plain)
+    # Finite gradients where sin θ = 0 (cos θ = ±1).
+    edge = jnp.asarray([[1.0, -1.0]])
+    g = jax.jit(jax.grad(lambda c: arcface_logits(c, jnp.asarray([0]), scale=2.0).sum()))(edge)
+    assert np.isfinite(g).all()
+
+
+def test_cosine_logits_normalise_both_sides():
+    rng = np.random.default_rng(10)
+    x, w = rng.normal(size=(3, 4)), rng.normal(size=(4, 5))
+    expected = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+    np.testing.assert_allclose(jax.jit(cosine_logits)(jnp.asarray(x * 7, jnp.float32), jnp.asarray(w, jnp.float32)),
+                               expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must agree in D"):
+        cosine_logits(jnp.zeros((3, 4)), jnp.zeros((5, 5)))
+    with pytest.raises(ValueError, match="margin"):
+        arcface_logits(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), margin=2.0)
+    with pytest.raises(ValueError, match="labels"):
+        cosface_logits(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
