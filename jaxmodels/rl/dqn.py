@@ -118,22 +118,32 @@ class DQNConfig:
     gradient norm clipped to max_grad_norm) on a minibatch of batch_size transitions from a buffer of buffer_size.
     The target network copies the online one every target_update_every iterations. epsilon decays linearly from
     epsilon_start to epsilon_end over the first epsilon_fraction of the iterations. loss: "mse" or "huber";
-    double: double DQN targets. hidden: the Q-network's hidden widths."""
+    double: double DQN targets. hidden: the Q-network's hidden widths.
+
+    The defaults solve CartPole-v1 in 240k environment steps: the greedy policy scores 500 in 4 of 4 seeds on a CPU
+    (`experiments/rl_control.py`) and on an H200 (2.7 s for the 4 seeds vmapped, after 8 s of compilation), and in
+    8 of 8 seeds of another H200 run (7 of 8 with TF32 matmuls).
+    They are PureJaxRL's / CleanRL's DQN settings (squared loss, target copy every 500 environment steps = 50
+    gradient steps, no double DQN) with a 2x larger learning rate and a shorter exploration phase. Keep loss="mse"
+    for returns much larger than 1: the Huber loss (delta 1) of Mnih et al. assumes rewards clipped to [-1, 1];
+    on CartPole, whose values reach 1 / (1 - gamma) = 100, it turns the fit into a median regression that ignores
+    the rare terminal transitions; the Q-values grow past 1 / (1 - gamma) (to 4e4 in our runs) and the policy
+    collapses to one action (return 9.3)."""
     num_envs: int = 8
-    num_iterations: int = 20_000
+    num_iterations: int = 30_000
     buffer_size: int = 20_000
     batch_size: int = 128
     learning_rate: float = 5e-4
     gamma: float = 0.99
-    target_update_every: int = 250
+    target_update_every: int = 50
     epsilon_start: float = 1.0
     epsilon_end: float = 0.05
-    epsilon_fraction: float = 0.5
-    learning_starts: int = 250
+    epsilon_fraction: float = 0.25
+    learning_starts: int = 500
     train_every: int = 1
     max_grad_norm: float = 10.0
-    loss: str = "huber"
-    double: bool = True
+    loss: str = "mse"
+    double: bool = False
     hidden: tuple[int, ...] = (64, 64)
 
     def __post_init__(self):
