@@ -40,6 +40,7 @@ from benchmarks.lm_step import SIZES
 from benchmarks.timing import median_time
 from experiments.configs import lm_tiny
 from jaxmodels.ops.collectives import ring_all_reduce
+from jaxmodels.tasks.lm import token_batch
 from jaxmodels.train.loop import Trainer
 
 ALL_REDUCES = {
@@ -92,7 +93,7 @@ def bench_train_step(strategy: str, collectives: str, n: int, model: dict, per_d
     trainer = Trainer(config, tempfile.mkdtemp(), jax.devices()[:n])
     memory = trainer.compile_train_step()
     rng = np.random.default_rng(0)
-    batches = [trainer.global_batch(rng.integers(0, 256, (per_device_batch * n, seq_len + 1), dtype=np.int32))
+    batches = [trainer.global_batch(token_batch(rng.integers(0, 256, (per_device_batch * n, seq_len + 1))))
                for _ in range(2)]
     holder = {"state": trainer.init(), "i": 0}
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks.timing import median_time
 from experiments.configs import lm_mamba, lm_tiny
+from jaxmodels.tasks.lm import token_batch
 from jaxmodels.train.loop import Trainer
 from jaxmodels.train.metrics import device_peak_flops
 
@@ -105,7 +106,7 @@ def bench(size: str, steps: int, seq_len: int, profile_dir: str | None = None, b
     print(f"{size}: init compile {init_compile_s:.1f} s, run {init_run_s:.1f} s", flush=True)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     rng = np.random.default_rng(0)
-    batches = [trainer.global_batch(rng.integers(0, 256, (batch, seq_len + 1), dtype=np.int32)) for _ in range(4)]
+    batches = [trainer.global_batch(token_batch(rng.integers(0, 256, (batch, seq_len + 1)))) for _ in range(4)]
     holder = {"state": state, "i": 0}
 
     def one_step():

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmodels.models import make_model
+from jaxmodels.tasks.lm import token_batch
 from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 KINDS = ("softmax", "alibi", "linear", "performer", "norm", "diag", "transnormer", "sparse_strided",
@@ -47,7 +48,7 @@ def median_step_time(kind: str, length: int, tokens_per_step: int, num_steps: in
     trainer = Trainer(config, tempfile.mkdtemp())
     state = trainer.init()
     rng = np.random.default_rng(0)
-    batch = trainer.global_batch(rng.integers(0, 256, (config.data.global_batch_size, length + 1), dtype=np.int32))
+    batch = trainer.global_batch(token_batch(rng.integers(0, 256, (config.data.global_batch_size, length + 1))))
     times = []
     for _ in range(num_steps + 1):
         start = time.perf_counter()

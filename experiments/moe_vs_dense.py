@@ -41,6 +41,7 @@ from flax import nnx
 from experiments.configs import lm_moe, lm_tiny
 from jaxmodels.models import make_model
 from jaxmodels.nn.transformer import moe_spec_from_config
+from jaxmodels.tasks.lm import token_batch
 from jaxmodels.train.loop import Trainer, train_and_evaluate
 
 NAMES = ("dense_active", "moe", "dense_total")
@@ -101,7 +102,7 @@ def interleaved_step_times(all_configs: dict, rounds: int, steps: int) -> dict[s
         trainers[name] = Trainer(config, tempfile.mkdtemp())
         states[name] = trainers[name].init()
         shape = (config.data.global_batch_size, config.data.seq_len + 1)
-        batches[name] = trainers[name].global_batch(rng.integers(0, 256, shape, dtype=np.int32))
+        batches[name] = trainers[name].global_batch(token_batch(rng.integers(0, 256, shape, dtype=np.int32)))
         states[name], metrics = trainers[name].train_step(states[name], batches[name])
         jax.block_until_ready(metrics["loss"])
     for _ in range(rounds):

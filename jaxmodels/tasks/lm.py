@@ -69,6 +69,13 @@ def next_token_loss(model: nnx.Module, tokens: jax.Array, segment_ids: jax.Array
     return loss, {"loss": loss, **metrics}
 
 
+def token_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The LM task's batch for windows of one document each: {"tokens": tokens, "segment_ids": ones}, both int32
+    (B, T + 1); for benchmarks and experiments that make their own token arrays."""
+    tokens = np.asarray(tokens, np.int32)
+    return {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
+
+
 def check_sample_config(sample: ml_collections.ConfigDict, vocab_size: int) -> None:
     """config.sample, checked before training so that the final sample cannot fail: prompt a non-empty string,
     max_new_tokens an int >= 1, temperature a real >= 0 (0: greedy), top_k an int in [0, vocab_size] (0: off),
