@@ -18,8 +18,9 @@ scale's update takes the same `finite` flag. The step logs the scale it multipli
 metrics["loss_scale"].
 
 bfloat16 has float32's exponent range and needs no scaling. Loss scaling with a float32 or bfloat16 model is
-allowed (it is harmless: multiplying by a power of two is exact, so the run only gains the skips of a
-gradient that overflows float32) and `note` says so; a float16 model without it gets a note too.
+allowed rather than refused (it is harmless: a power-of-two scale multiplies and divides exactly, so such a run
+only gains the skips of gradients that overflow float32) and `note` says it is pointless; a float16 model without
+loss scaling gets a note too.
 """
 
 import dataclasses
@@ -86,8 +87,9 @@ class LossScaling:
             return ("note: the model computes in float16 and config.precision.loss_scale='none': activation "
                     "gradients below 2^-24 flush to zero; config.precision.loss_scale='dynamic' scales them up")
         if self.enabled and not policy.needs_loss_scaling:
-            return (f"note: config.precision.loss_scale={self.loss_scale!r} with a {policy.compute}/{policy.param} "
-                    "model is pointless: its gradients have float32's exponent range (only float16 needs scaling)")
+            return (f"note: config.precision.loss_scale={self.loss_scale!r} with a model computing in {policy.compute} "
+                    f"(parameters {policy.param}) is pointless: its gradients have float32's exponent range (only "
+                    "float16 needs scaling)")
         return None
 
 
