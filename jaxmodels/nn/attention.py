@@ -36,6 +36,7 @@ from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxmodels.ops.checks import non_negative_int, one_of, positive_int, real_in_range
+from jaxmodels.ops.init import t5_query
 from jaxmodels.ops.linear_attention import (
     FEATURE_MAPS,
     diagonal_block_attention,
@@ -65,6 +66,14 @@ ABSOLUTE_POSITIONS = ("sinusoidal", "learned")  # added to the token embeddings 
 # Kinds with a cached form: KV cache (softmax, diag, sparse) or recurrent state (linear, performer, norm).
 RECURRENT_KINDS = ("linear", "performer", "norm")
 CACHED_KINDS = ("softmax", "diag", *SPARSE_KINDS, *RECURRENT_KINDS)
+# logits = q·k / divisor(head_dim): Vaswani et al. 2017's sqrt(head_dim) keeps their variance O(1) for unit-variance
+# q and k; T5 (Raffel et al. 2020) divides by nothing and shrinks q's initialisation instead (query_init "t5");
+# muP (Yang et al. 2021) divides by head_dim. Kinds whose scores take the divisor: LOGIT_SCALED_KINDS.
+LOGIT_DIVISORS = {"sqrt_head_dim": math.sqrt, "head_dim": float, "none": lambda head_dim: 1.0}
+LOGIT_SCALED_KINDS = ("softmax", "performer", *SPARSE_KINDS)
+# The query kernel's initialiser: "lecun" (variance 1 / embed_dim, like k and v) or "t5" (1 / (embed_dim * head_dim),
+# `jaxmodels.ops.init.t5_query`, which makes up for logit_divisor "none").
+QUERY_INITS = ("lecun", "t5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +90,8 @@ class AttentionSpec:
     max_positions: the table size of "learned" positions (longer sequences are an error).
     rerope_window: ReRoPE's window w; rerope_leaky: Leaky ReRoPE's k (0 = plain ReRoPE).
     qk_norm: RMS-normalise queries and keys per head (learned gains) before RoPE (Dehghani et al. 2023).
+    logit_divisor: what q·k is divided by (LOGIT_DIVISORS; kinds in LOGIT_SCALED_KINDS); query_init: the query
+      kernel's initialiser (QUERY_INITS). T5 pairs logit_divisor="none" with query_init="t5".
     window: sliding-window softmax, a query sees its last `window` keys (0 = unlimited).
     feature_map: linear/norm kinds' φ (FEATURE_MAPS). num_features: Performer's m.
     chunk_size: chunk of the causal linear forms, diag's block, flash_gau's chunk.
@@ -103,6 +114,8 @@ class AttentionSpec:
     rerope_window: int = 16
     rerope_leaky: float = 0.0
     qk_norm: bool = False
+    logit_divisor: str = "sqrt_head_dim"
+    query_init: str = "lecun"
     window: int = 0
     feature_map: str = "elu"
     num_features: int = 64
@@ -119,7 +132,8 @@ class AttentionSpec:
 
     def __post_init__(self):
         for name, choices in (("kind", KINDS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALING_METHODS),
-                              ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS))):
+                              ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS)),
+                              ("logit_divisor", tuple(LOGIT_DIVISORS)), ("query_init", QUERY_INITS)):
             one_of(f"attention.{name}", getattr(self, name), choices)
         for name in self.POSITIVE_INTS:
             positive_int(f"attention.{name}", getattr(self, name))
@@ -140,6 +154,12 @@ class AttentionSpec:
             raise ValueError(f"attention.window needs attention.kind='softmax', got {self.kind!r}")
         if self.kind in GAU_KINDS and self.position in ("alibi", "rerope"):
             raise ValueError(f"attention.kind={self.kind!r} does not support position {self.position!r}")
+        if self.logit_divisor != "sqrt_head_dim" and self.kind not in LOGIT_SCALED_KINDS:
+            raise ValueError(f"attention.logit_divisor={self.logit_divisor!r} needs attention.kind in "
+                             f"{list(LOGIT_SCALED_KINDS)} (whose scores are q·k / divisor), got {self.kind!r}")
+        if self.query_init != "lecun" and self.kind in GAU_KINDS:
+            raise ValueError(f"attention.query_init={self.query_init!r} needs a kind with a query kernel, got "
+                             f"{self.kind!r} (GAU derives q and k from one shared projection)")
 
     def layer_kind(self, layer: int, num_layers: int) -> str:
         """The kind of layer `layer` (0-based): TransNormer puts diag below norm, others are uniform."""
@@ -213,7 +233,8 @@ class Attention(nnx.Module):
             raise ValueError(f"RoPE rotates pairs of dims: head_dim must be even, got {head_dim}")
         self.num_heads, self.head_dim, self.feature_seed, self.dtype = num_heads, head_dim, feature_seed, dtype
         init = fan_in_init()
-        self.w_q = param(rngs, init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
+        q_init = t5_query(head_dim, "truncated_normal", in_axis=0, out_axis=(1, 2)) if spec.query_init == "t5" else init
+        self.w_q = param(rngs, q_init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
         kv_axes = ("embed", "kv_heads", "head_dim")
         self.w_k = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
         self.w_v = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
@@ -258,7 +279,7 @@ class Attention(nnx.Module):
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         length = x.shape[1] if cache is None else cache_index + x.shape[1]  # keys seen by the last query
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / LOGIT_DIVISORS[spec.logit_divisor](self.head_dim)
         if spec.position == "rope":
             scaling = rope_inverse_frequencies(self.head_dim, base=spec.rope_base, method=spec.rope_scaling,
                                                factor=spec.rope_factor, train_length=spec.train_length or None,

@@ -15,6 +15,7 @@ from jaxmodels.nn.moe import MoEFeedForward
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import moe as moe_ops
 from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.init import residual_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class TransformerBlock(nnx.Module):
                  num_layers: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
                  attention: AttentionSpec = AttentionSpec(), kind: str | None = None, layer: int = 0,
                  moe: MoESpec = MoESpec(), dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        out_scale = (2 * num_layers) ** -0.5
+        out_scale = residual_scale(num_layers)  # GPT-2's 1/sqrt(2 num_layers) on the residual outputs
         kind = self.kind = kind or attention.kind
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = make_norm(norm_kind, embed_dim, eps=norm_eps, **kw)

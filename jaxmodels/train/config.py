@@ -18,6 +18,7 @@ from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES
 from jaxmodels.parallel.zero import COLLECTIVES
 from jaxmodels.tasks import TASKS, Task, make_task
+from jaxmodels.train.loss_scaling import loss_scaling_from_config
 from jaxmodels.train.optimizer import check_optimizer_config
 
 NAN_POLICIES = ("skip", "halt")
@@ -58,6 +59,10 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Tas
     if not isinstance(init_from, str):
         raise ValueError(f"config.train.init_from must be a path (a str; '' for a random init), got {init_from!r}")
     check_optimizer_config(config.optimizer)
+    if loss_scaling_from_config(config).loss_scale == "dynamic" and config.train.nan_policy == "halt":
+        raise ValueError("config.precision.loss_scale='dynamic' skips each step whose float16 gradients overflow "
+                         "and lowers the scale, but config.train.nan_policy='halt' would stop at the first; use "
+                         "nan_policy='skip' (train.max_consecutive_skips bounds a run of skips)")
     check_model_config(config.model)
     non_negative_int("config.data.eval_batches", config.data.eval_batches)
     task = make_task(config)

@@ -23,6 +23,7 @@ from jaxmodels.parallel.strategy import make_strategy
 from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, restore_params
 from jaxmodels.train.config import ConfigError, validate_config
 from jaxmodels.train.goodput import Goodput, goodput_text
+from jaxmodels.train.loss_scaling import loss_scaling_from_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from jaxmodels.train.paths import check_writable, workdir_path
@@ -56,7 +57,7 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 
 
 # Config sections that decide the layout of the saved train state.
-STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules")
+STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules", "precision")
 # Fields a resumed run may not change without --allow_config_changes: what is learned and from what.
 PROTECTED = ("task", "model.", "diffusion.", "data.name", "data.files", "data.tokenizer", "data.text_key")
 
@@ -112,6 +113,7 @@ class Trainer:
         rules = tuple(tuple(r) for r in config.sharding_rules)
         num_steps, accum = config.train.num_steps, config.train.grad_accum_steps
         self.schedule = learning_rate_schedule(config.optimizer, num_steps)
+        self.loss_scaling = loss_scaling_from_config(config)  # config.precision: {} or {"loss_scale"} in the state
 
         abstract_model = nnx.eval_shape(lambda: self.task.build_model(init_rngs(config)))
         self.graphdef = nnx.graphdef(abstract_model)
@@ -125,12 +127,13 @@ class Trainer:
         def init():
             params = nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
             return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": optimizer.init(self.strategy.opt_layout(params))}
+                    "opt_state": optimizer.init(self.strategy.opt_layout(params)), **self.loss_scaling.state()}
 
         self.abstract_state = jax.eval_shape(init)
         opt_param_specs = self.strategy.opt_param_specs(param_specs)
         specs = {"step": P(), "params": param_specs,
-                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs)}
+                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs),
+                 **self.loss_scaling.state_specs()}
         self.state_shardings = sh.named(self.mesh, specs)
         self.abstract_batch = self.task.abstract_batch()  # pytree of global ShapeDtypeStructs
         batch_spec = jax.tree.map(lambda b: sh.batch_spec(rules, b.ndim), self.abstract_batch)
@@ -138,7 +141,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, P())
         self.init = jax.jit(init, out_shardings=self.state_shardings)
         step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, strategy=self.strategy,
-                               state_specs=specs, batch_spec=batch_spec)
+                               state_specs=specs, batch_spec=batch_spec, loss_scaling=self.loss_scaling)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
@@ -291,6 +294,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
     profiler = StepProfiler(tc.profile_steps, workdir, enabled=lead)
     writer.print(f"{describe_processes(trainer.mesh)}, strategy {config.parallel.strategy!r}; "
                  f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
+    if note := trainer.loss_scaling.note(config.model):
+        writer.print(note)
     with goodput.timing("compile"):
         summary_memory = trainer.compile_train_step()
     writer.print(f"train step per-device memory ({config.parallel.strategy}; params and optimizer state as "
@@ -322,7 +327,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
         skipped = skipped + 1 if metrics["nonfinite"] else 0
         if metrics["nonfinite"]:
             msg = f"non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}, " \
-                  f"grad_norm={float(metrics['grad_norm'])}); the update was skipped"
+                  f"grad_norm={float(metrics['grad_norm'])}); the update was skipped" + \
+                  (f" (loss scale {float(metrics['loss_scale']):g})" if "loss_scale" in metrics else "")
             writer.print(msg)
             if tc.nan_policy == "halt":
                 raise NonFiniteLossError(msg + "; halting (train.nan_policy='halt')")
