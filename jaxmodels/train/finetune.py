@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxmodels.models import make_model
 from jaxmodels.nn.peft import (
     PeftSpec,
     lora_apply,
@@ -28,24 +29,24 @@ from jaxmodels.nn.peft import (
 from jaxmodels.ops.precision import DTYPES
 from jaxmodels.parallel import sharding as sh
 from jaxmodels.parallel.sharding import Rules
-from jaxmodels.tasks.base import Task
 from jaxmodels.train.config import ConfigError
 
 FROZEN = "frozen"  # the train state's entry of the pre-trained parameters
 
 
 class FineTune:
-    """The split of a task's model into trained and frozen parameters for the PEFT method `spec` (not "none").
+    """The split of a model into trained and frozen parameters for the PEFT method `spec` (not "none").
 
-    rngs: () -> the nnx.Rngs of parameter initialisation (the adapters are drawn from it).
+    build_model: (rngs, peft=None) -> the model, with the modules of `peft`'s method if it adds some
+      (`Task.build_model`). rngs: () -> the nnx.Rngs of parameter initialisation (the adapters are drawn from it).
     graphdef: the model with the method's modules. abstract_trainable, abstract_frozen: ShapeDtypeStruct trees.
     Raises ValueError (naming config.peft.X) for LoRA targets that match nothing or do not fit (`lora_targets`).
     """
 
-    def __init__(self, task: Task, spec: PeftSpec, rngs: Callable[[], nnx.Rngs]):
-        self.task, self.spec, self.rngs = task, spec, rngs
-        self.abstract_base = nnx.eval_shape(lambda: task.build_model(rngs()))
-        abstract_model = nnx.eval_shape(lambda: task.build_model(rngs(), spec))
+    def __init__(self, build_model: Callable[..., nnx.Module], spec: PeftSpec, rngs: Callable[[], nnx.Rngs]):
+        self.build_model, self.spec, self.rngs = build_model, spec, rngs
+        self.abstract_base = nnx.eval_shape(lambda: build_model(rngs()))
+        abstract_model = nnx.eval_shape(lambda: build_model(rngs(), spec))
         self.graphdef = nnx.graphdef(abstract_model)
         self.abstract_model = abstract_model
         self.base_params = nnx.state(self.abstract_base, nnx.Param).to_pure_dict()
@@ -60,7 +61,7 @@ class FineTune:
         (`lora_init`), or the parameters of the modules the method adds to the model."""
         if self.spec.method == "lora":
             return lora_init(self.rngs().params(), self.targets, self.spec.rank)
-        params = nnx.state(self.task.build_model(self.rngs(), self.spec), nnx.Param).to_pure_dict()
+        params = nnx.state(self.build_model(self.rngs(), self.spec), nnx.Param).to_pure_dict()
         return split_params(params, self.abstract_frozen)[0]
 
     def combine(self, trainable: dict, frozen: dict) -> dict:
@@ -82,14 +83,22 @@ class FineTune:
         return trained, frozen, model
 
 
-def fine_tune(config: ml_collections.ConfigDict, task: Task, rngs: Callable[[], nnx.Rngs]) -> FineTune | None:
-    """The `FineTune` of config.peft, None when there is none (no section, or method "none": every parameter is
-    trained). Raises ConfigError naming the field when its LoRA targets do not fit the model."""
+def model_builder(config: ml_collections.ConfigDict) -> Callable[..., nnx.Module]:
+    """(rngs, peft=None) -> `make_model(config.model, rngs, peft)`: what `Task.build_model` builds, without a task
+    (for loading a run's model)."""
+    return lambda rngs, peft=None: make_model(config.model, rngs, peft)
+
+
+def fine_tune(config: ml_collections.ConfigDict, build_model: Callable[..., nnx.Module],
+              rngs: Callable[[], nnx.Rngs]) -> FineTune | None:
+    """The `FineTune` of config.peft for the model of `build_model` (`Task.build_model`), None when there is none
+    (no section, or method "none": every parameter is trained). Raises ConfigError naming the field when its LoRA
+    targets do not fit the model."""
     spec = peft_spec_from_config(config.get("peft"))
     if spec.method == "none":
         return None
     try:
-        return FineTune(task, spec, rngs)
+        return FineTune(build_model, spec, rngs)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
 

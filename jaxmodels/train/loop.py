@@ -121,7 +121,7 @@ class Trainer:
         # Decay mask and clipping norm come from the whole parameters, even where the optimiser sees shards.
         abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
         init_params = lambda: nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
-        self.fine_tune = fine_tune(config, self.task, lambda: init_rngs(config))  # None: every parameter trains
+        self.fine_tune = fine_tune(config, self.task.build_model, lambda: init_rngs(config))  # None: all params train
         if self.fine_tune:  # the state's params are the adapters; the pre-trained ones are its "frozen" entry
             self.graphdef, abstract_params, init_params = (self.fine_tune.graphdef, self.fine_tune.abstract_trainable,
                                                            self.fine_tune.init)
