@@ -96,8 +96,10 @@ class Trainer:
 
     The task (`jaxmodels.tasks.base.Task`) supplies the model, loss and batches; config.parallel.strategy
     (`jaxmodels.parallel.strategy.Strategy`) supplies the optimiser-state layout and the collectives of the
-    one train step (`make_train_step`). The config and the workdir (a local path or a URL such as
-    gs://bucket/run, which every process must be able to write) are checked first, before anything is built.
+    one train step (`make_train_step`); config.peft (`jaxmodels.train.finetune`) makes the trained params the
+    adapters of a frozen pre-trained model, held in the state's "frozen" entry. The config and the workdir (a
+    local path or a URL such as gs://bucket/run, which every process must be able to write) are checked first,
+    before anything is built.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
@@ -167,8 +169,8 @@ class Trainer:
     def compile_train_step(self) -> dict[str, float]:
         """Compile the train step ahead of time (the compiled executable then serves every call) and
         return its per-device memory in GiB: the parameters and the optimizer state as stored (from
-        their shardings), and from XLA's memory analysis the arguments (params, optimizer state,
-        batch), temporaries (activations, gradients) and the peak where the backend reports it."""
+        their shardings; a fine-tune's frozen base too), and from XLA's memory analysis the arguments (params,
+        optimizer state, batch), temporaries (activations, gradients) and the peak where the backend reports it."""
         batch = abstract_with_shardings(self.abstract_batch, self.batch_sharding)
         state = abstract_with_shardings(self.abstract_state, self.state_shardings)
         self.train_step = self.train_step.lower(state, batch).compile()
@@ -189,7 +191,9 @@ class Trainer:
         """(start_step, state): the newest readable checkpoint, or a fresh sharded init at step 0, whose params
         come from config.train.init_from when it names a checkpoint (`restore_params`: a tensor of another
         shape raises ConfigError, a ValueError, naming it and both shapes; the optimizer state starts afresh).
-        init_from is ignored, with a note, when the workdir has checkpoints: resuming wins.
+        init_from is ignored, with a note, when the workdir has checkpoints: resuming wins. A fine-tune
+        (config.peft, `jaxmodels.train.finetune`) reads its frozen base from init_from instead, at the start and
+        at every resume (its checkpoints hold only the adapters), so resuming one may not change init_from.
 
         Resuming with a config that changes what is learned (PROTECTED fields: the task, the model, the
         diffusion objective, the data set) raises CheckpointError naming the changes, unless
