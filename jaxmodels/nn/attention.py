@@ -180,6 +180,17 @@ def segments_error(kind: str, position: str) -> str | None:
             f"other than 'rerope' masks the keys of other documents")
 
 
+def prefix_error(kind: str, position: str) -> str | None:
+    """Why a layer of attention `kind` with `position` cannot take prefix tuning's keys and values, or None when
+    it can: softmax attention with any position but ALiBi and ReRoPE (whose scores depend on key positions that a
+    prefix does not have)."""
+    if kind == "softmax" and position not in ("alibi", "rerope"):
+        return None
+    what = f"position {position!r}" if kind == "softmax" else f"attention kind {kind!r}"
+    return (f"{what} cannot take prefix tuning's keys and values: only kind 'softmax' with a position other than "
+            "'alibi' and 'rerope' can")
+
+
 def spec_from_config(attention: dict | None) -> AttentionSpec:
     """AttentionSpec from a config section (a dict / ConfigDict of its fields); None gives the defaults."""
     return spec_from_section(AttentionSpec, attention, "attention")
@@ -263,18 +274,23 @@ class Attention(nnx.Module):
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, Cache | None]:
+                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 prefix: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
         """x: (B, T, D); positions: (B, T) int positions (with segment_ids, each document's own, from 0). With a
         cache (from `init_cache`), x holds the tokens at positions cache_index .. cache_index + T - 1; returns the
         new cache. segment_ids: None or (B, T) int, packed documents: a query attends only to keys of its own
-        segment (no cache then; ValueError, from `segments_error`, for kinds that cannot)."""
+        segment (no cache then; ValueError, from `segments_error`, for kinds that cannot).
+        prefix: None or (keys, values), each (P, K, H): prefix tuning's learned positions (`nn.peft.Prefix`),
+        which every query sees before the sequence's own keys (and every document of a packed row); used as they
+        are (no RoPE). Softmax attention only, without ALiBi or ReRoPE (PREFIX_ERROR)."""
         spec = self.spec
         if segment_ids is not None:
             error = segments_error(self.kind, spec.position)
             if error or cache is not None:
                 raise ValueError(error or "segment_ids are for a whole-sequence forward; decoding with a cache "
                                           "takes one sequence per row")
+        if prefix is not None and prefix_error(self.kind, spec.position):
+            raise ValueError(prefix_error(self.kind, spec.position))
         q, k, v = (dense(x, w.value, self.dtype, "bld,dnh->blnh") for w in (self.w_q, self.w_k, self.w_v))
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -289,7 +305,9 @@ class Attention(nnx.Module):
             scale *= scaling.attention_scale
             if spec.log_n:  # query at position p attends p + 1 keys
                 q = q * log_n_scale(positions + 1, spec.train_length)[..., None, None].astype(q.dtype)
-        if cache is None:
+        if prefix is not None:
+            out, cache = self._attend_with_prefix(q, k, v, scale, prefix, cache, cache_index, segment_ids)
+        elif cache is None:
             out = self._attend(q, k, v, scale, segment_ids)
         else:
             out, cache = self._attend_cached(q, k, v, scale, cache, cache_index)
@@ -324,6 +342,27 @@ class Attention(nnx.Module):
             raise ValueError(f"attention kind {kind!r} needs the length ({q.shape[1]}) to be a multiple of "
                              f"attention.block_size={spec.block_size}")
         return sparse.block_sparse_attention(q, k, v, layout, block_size=spec.block_size, mask=mask, scale=scale)
+
+    def _attend_with_prefix(self, q, k, v, scale, prefix, cache, cache_index, segment_ids):
+        """Softmax attention over the prefix's P keys then the sequence's (the cache's, when decoding): the
+        prefix visible to every query, the rest causal (within the window and the query's document).
+        Returns (out (B, T, N, H), the cache or None)."""
+        t = q.shape[1]
+        if cache is None:
+            allowed = cache_mask(t, t, 0, self.spec.window)
+            if segment_ids is not None:
+                allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        else:
+            start = (0, cache_index, 0, 0)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
+                     for name, new in (("k", k), ("v", v))}
+            k, v = cache["k"], cache["v"]
+            allowed = cache_mask(t, k.shape[1], cache_index, self.spec.window)
+        pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (k.shape[0], *p.shape)) for p in prefix)
+        mask = jnp.concatenate([jnp.ones((*allowed.shape[:-1], pk.shape[1]), bool), allowed], axis=-1)
+        out = dot_product_attention(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), None, mask,
+                                    scale=scale, implementation=self.spec.implementation)
+        return out, cache
 
     def _attend_cached(self, q, k, v, scale, cache, cache_index):
         """Attention of T new tokens against the cache; returns (out (B, T, N, H), new cache)."""

@@ -29,14 +29,23 @@ def _model(graphdef: nnx.GraphDef, params) -> nnx.Module:
     return nnx.merge(graphdef, nnx.State(params))
 
 
-def _loss_and_grad(graphdef: nnx.GraphDef, loss_fn: LossFn, grad_accum_steps: int):
-    """f(params, batch, loss_scale) -> ((loss, metrics), grads) for batch (b, ...), averaged over grad_accum_steps
-    micro-batches of b / grad_accum_steps rows (the same update as one batch of b rows). The gradients are those of
-    the loss times the scale of `loss_scale` (an `ops.precision` state), divided by it; the loss is the task's."""
+def _model_of(graphdef: nnx.GraphDef, reparametrize: Callable | None, frozen) -> Callable[[Any], nnx.Module]:
+    """params -> the model: `graphdef` merged with the params, or with reparametrize(params, frozen) (fine-tuning:
+    the trained params are adapters, `frozen` the pre-trained ones; `jaxmodels.train.finetune`)."""
+    if reparametrize is None:
+        return lambda params: _model(graphdef, params)
+    return lambda params: _model(graphdef, reparametrize(params, frozen))
+
+
+def _loss_and_grad(model_of: Callable[[Any], nnx.Module], loss_fn: LossFn, grad_accum_steps: int):
+    """f(params, batch, loss_scale) -> ((loss, metrics), grads) of the model `model_of(params)` for batch (b, ...),
+    averaged over grad_accum_steps micro-batches of b / grad_accum_steps rows (the same update as one batch of b
+    rows). The gradients are those of the loss times the scale of `loss_scale` (an `ops.precision` state), divided
+    by it; the loss is the task's."""
 
     def loss_and_grad(params, batch, loss_scale):
         def scaled(p):
-            loss, metrics = loss_fn(_model(graphdef, p), batch)
+            loss, metrics = loss_fn(model_of(p), batch)
             return precision.scale_loss(loss, loss_scale), (loss, metrics)
 
         (_, aux), grads = jax.value_and_grad(scaled, has_aux=True)(params)
@@ -68,7 +77,8 @@ def _keep_if(finite: jax.Array, new, old):
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1, *, strategy: Strategy | None = None,
-                    state_specs=None, batch_spec=None, loss_scaling: LossScaling = LossScaling()):
+                    state_specs=None, batch_spec=None, loss_scaling: LossScaling = LossScaling(),
+                    reparametrize: Callable | None = None):
     """Returns step(state, batch) -> (state, metrics) of a data-parallel `strategy` (default: plain
     `Strategy`, "replicated", which XLA partitions by the state's shardings; "fsdp" is the same step).
 
@@ -88,13 +98,18 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
     state["loss_scale"]: the gradients are those of S * loss divided by S, and the guard above is what skips an
     overflowing step; the scale's next value (backed off after such a step, grown after enough finite ones) is
     new_state["loss_scale"], and metrics["loss_scale"] the S of this step.
+
+    Fine-tuning (`reparametrize`, e.g. `jaxmodels.train.finetune.FineTune.combine`): the state also holds
+    "frozen", the pre-trained parameters, and the model is reparametrize(state["params"], state["frozen"]); only
+    state["params"] (the adapters) is differentiated and updated, "frozen" comes back as it went in.
     """
-    loss_and_grad = _loss_and_grad(graphdef, loss_fn, grad_accum_steps)
     strategy = strategy or Strategy(mesh=None)
 
     def step(state, batch):
         params = state["params"]
         loss_scale = state["loss_scale"] if loss_scaling.enabled else precision.NoOpLossScale()
+        loss_and_grad = _loss_and_grad(_model_of(graphdef, reparametrize, state.get("frozen")), loss_fn,
+                                       grad_accum_steps)
         (loss, metrics), grads = loss_and_grad(params, batch, loss_scale)
         loss, metrics = strategy.mean_over_shards((loss, metrics))
         grads, param_shard = strategy.shard_update(grads, params)
@@ -102,7 +117,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
         updates, opt_state = optimizer.update(grads, state["opt_state"], param_shard)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_shard = _keep_if(finite, optax.apply_updates(param_shard, updates), param_shard)
-        new_state = {"step": state["step"] + 1, "params": strategy.gather_params(new_shard, params),
+        new_state = {**state, "step": state["step"] + 1, "params": strategy.gather_params(new_shard, params),
                      "opt_state": _keep_if(finite, opt_state, state["opt_state"])}
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                        nonfinite=(~finite).astype(jnp.int32))
