@@ -25,6 +25,8 @@ from jaxmodels.models import make_model
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.precision import DTYPES
 from jaxmodels.tasks.lm import generate_text  # noqa: F401  (re-exported: inference's other half)
+from jaxmodels.train.checkpoint import restore_params
+from jaxmodels.train.finetune import fine_tune, model_builder
 from jaxmodels.train.loop import init_rngs
 from jaxmodels.train.paths import workdir_path
 
@@ -39,7 +41,9 @@ def load_model(workdir, *, step: int | None = None, dtype=None) -> tuple[nnx.Mod
     config: the run's saved config (WORKDIR/config.json). model: `jaxmodels.models.make_model(config.model)`
     built abstractly (`nnx.eval_shape`) and given the parameters of checkpoint `step` (None: the newest), read
     alone from the checkpoint's train state (orbax partial restore: the optimizer state is not read) onto
-    the default device `jax.devices()[0]`.
+    the default device `jax.devices()[0]`. For a fine-tune run (config.peft), the checkpoint holds the adapters
+    and the pre-trained parameters are read from its config.train.init_from (`jaxmodels.train.finetune`): the
+    model is the adapted one (LoRA merged into the kernels, or with its PEFT modules).
     dtype: None keeps the run's dtypes; a name in `jaxmodels.ops.precision.DTYPES` or a jnp floating dtype
     casts the parameters to it as they are restored and makes the model compute in it (the returned config's
     model.param_dtype and model.dtype are set to it).
@@ -69,9 +73,10 @@ def load_model(workdir, *, step: int | None = None, dtype=None) -> tuple[nnx.Mod
             raise LoadModelError(f"workdir {path} has no checkpoint of step {step}; its checkpoints are of steps "
                                  f"{steps}")
         abstract = nnx.eval_shape(lambda: make_model(config.model, init_rngs(config)))
+        fine = fine_tune(config, model_builder(config), lambda: init_rngs(config))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                         nnx.state(abstract, nnx.Param).to_pure_dict())}
+        saved = fine.abstract_trainable if fine else nnx.state(abstract, nnx.Param).to_pure_dict()
+        target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved)}
         try:
             restored = manager.restore(step, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
@@ -82,6 +87,9 @@ def load_model(workdir, *, step: int | None = None, dtype=None) -> tuple[nnx.Mod
                                  f"{steps}") from e
     finally:
         manager.close()
+    if fine:  # a fine-tune's checkpoints hold its adapters; the frozen base is read from train.init_from
+        frozen = restore_params(config.train.init_from, fine.abstract_frozen)
+        return nnx.merge(fine.graphdef, nnx.State(fine.combine(restored["params"], frozen))), config
     return nnx.merge(nnx.graphdef(abstract), nnx.State(restored["params"])), config
 
 

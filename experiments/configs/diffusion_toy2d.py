@@ -13,10 +13,13 @@ sliced W2 of 2000 samples to data within ~2x the data-vs-data floor (`baseline`)
 The sweep over data x objective x steps is experiments/diffusion_toy.py.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
 from jaxmodels.parallel.sharding import DEFAULT_RULES
+from jaxmodels.train.loss_scaling import LossScaling
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.sharding_rules = DEFAULT_RULES
     c.parallel = dict(strategy="replicated", collectives="ring")
+    c.precision = dataclasses.asdict(LossScaling())  # float16 loss scaling (see lm_tiny); float32 needs none
     # Sampler: ddpm -> "ddpm" | "ddim"; edm -> "heun" | "euler"; flow -> "euler" | "heun".
     c.sample = dict(sampler="euler", num_steps=32, num_samples=2000, guidance_scale=1.0)
     return c

@@ -20,6 +20,7 @@ from ml_collections import config_dict
 from jaxmodels.nn.attention import AttentionSpec, spec_from_config
 from jaxmodels.nn.transformer import MoESpec, moe_spec_from_config
 from jaxmodels.parallel.sharding import DEFAULT_RULES
+from jaxmodels.train.loss_scaling import LossScaling
 
 
 def attention_config(**overrides) -> dict:
@@ -129,6 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
     # jaxmodels/parallel/strategy.py); "fsdp" needs mesh.fsdp != 1. collectives (zero only): "ring"
     # (ppermute rings of jaxmodels/ops/collectives.py) or "xla" (lax.psum_scatter / all_gather, NCCL on GPU).
     c.parallel = dict(strategy="replicated", collectives="ring")
+    # Loss scaling for float16 (model.dtype="float16"; jaxmodels/train/loss_scaling.py): loss_scale "none",
+    # "static" or "dynamic" (S from init_scale, times backoff_factor on overflow, times growth_factor after
+    # growth_interval finite steps). bfloat16 and float32 need none.
+    c.precision = dataclasses.asdict(LossScaling())
 
     # top_k=0 and top_p=1.0 are off (the whole vocabulary).
     c.sample = dict(prompt="def ", max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0)

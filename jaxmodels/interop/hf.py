@@ -1,7 +1,10 @@
-"""Hugging Face causal-LM checkpoints in and out: `load_hf` and `save_hf`, and a command line.
+"""Hugging Face causal-LM checkpoints in and out: `load_hf` and `save_hf`, LoRA adapters out in Hugging Face peft's
+layout (`save_hf_lora`), and a command line.
 
     python -m jaxmodels.interop.hf import --hf_dir DIR --out OUT [--dtype bfloat16 --param_dtype float32]
-    python -m jaxmodels.interop.hf export --workdir WORKDIR --out DIR
+    python -m jaxmodels.interop.hf export --workdir WORKDIR --out DIR [--merge]
+
+(`export` of a LoRA fine-tune writes its peft adapter, or with --merge the model with the update merged.)
 
 Architectures (config.json "architectures", or "model_type" when that is absent):
   LlamaForCausalLM, MistralForCausalLM -> `DecoderLM` ("decoder_lm"): RMSNorm, SwiGLU, grouped-query softmax
@@ -38,11 +41,13 @@ from jaxmodels.models import check_model_config, make_model
 from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
 from jaxmodels.nn.attention import AttentionSpec
+from jaxmodels.nn.peft import PeftSpec, path_name
 from jaxmodels.nn.ssm import mamba_dt_rank
 from jaxmodels.nn.transformer import MoESpec
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.precision import DTYPES
 from jaxmodels.train.checkpoint import params_item, restore_params, save_params
+from jaxmodels.train.finetune import fine_tune, model_builder
 from jaxmodels.train.paths import workdir_path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MambaForCausalLM")
@@ -239,7 +244,8 @@ def hf_config(model: nnx.Module) -> dict:
     max_position_embeddings is attention.train_length (DEFAULT_MAX_POSITIONS when unset; only dynamic scaling
     uses it). No special tokens (bos/eos/pad None): generation stops only at max_new_tokens.
     Raises ValueError listing every field Hugging Face's Llama/Mistral cannot express (another attention kind,
-    positions, RoPE scaling, qk_norm, log_n, MoE, a GELU MLP, LayerNorm), TypeError for another model class.
+    positions, RoPE scaling, qk_norm, log_n, a logit divisor other than sqrt(head_dim), MoE, a GELU MLP, LayerNorm),
+    TypeError for another model class.
     """
     if not isinstance(model, DecoderLM | MambaLM):
         raise TypeError(f"save_hf exports a DecoderLM or a MambaLM, got {type(model).__name__}")
@@ -256,6 +262,7 @@ def hf_config(model: nnx.Module) -> dict:
     fields = {"mlp_kind": (model.mlp_kind, "swiglu"), "norm_kind": (model.norm_kind, "rms"),
               "attention.kind": (spec.kind, "softmax"), "attention.position": (spec.position, "rope"),
               "attention.qk_norm": (spec.qk_norm, False), "attention.log_n": (spec.log_n, False),
+              "attention.logit_divisor": (spec.logit_divisor, "sqrt_head_dim"),
               "moe.num_experts": (model.moe.num_experts, 0)}
     problems = [f"model.{name}={value!r} (Hugging Face needs {need!r})"
                 for name, (value, need) in fields.items() if value != need]
@@ -296,6 +303,57 @@ def save_hf(model: nnx.Module, directory, *, tokenizer=None) -> pathlib.Path:
     write_safetensors(tensors, directory)
     if tokenizer is not None:
         tokenizer.save(directory)
+    return directory
+
+
+LORA_LAYOUTS = ("linear", "heads_out")  # the tensors that are a torch Linear's weight, which peft's LoRA adapts
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def lora_target_modules(model: DecoderLM, lora: dict) -> tuple[dict[str, str], list[str]]:
+    """({our path: the transformers module it adapts, e.g. "model.layers.0.self_attn.q_proj"}, peft's
+    `target_modules`) of the LoRA factors `lora` (`nn.peft.lora_init`'s tree) of a Llama-shaped `model`.
+    target_modules are the modules' last names ("q_proj") when the factors adapt every module of those names, else
+    their full names. ValueError naming a path that is not a Linear projection of the Hugging Face model (the
+    embedding, say: peft keeps embedding LoRA under other names)."""
+    linear = {t.path: t.hf_name.removesuffix(".weight") for t in tensor_map("decoder_lm", model.num_layers,
+                                                                             model.tie_embeddings)
+              if t.layout in LORA_LAYOUTS}
+    paths = [tuple(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(lora)[0]
+             if path[-1].key == "lora_a"]
+    missing = [path_name(p) for p in paths if p not in linear]
+    if missing:
+        raise ValueError(f"LoRA factors of {missing} have no Hugging Face peft layout: only the Linear projections "
+                         f"({sorted({m.rsplit('.', 1)[-1] for m in linear.values()})}) export")
+    modules = {p: linear[p] for p in paths}
+    short = {m.rsplit(".", 1)[-1] for m in modules.values()}
+    every = all(m in modules.values() for m in linear.values() if m.rsplit(".", 1)[-1] in short)
+    return modules, sorted(short) if every else sorted(modules.values())
+
+
+def save_hf_lora(model: DecoderLM, lora: dict, spec: PeftSpec, directory) -> pathlib.Path:
+    """Write the LoRA factors `lora` (`nn.peft.lora_init`'s tree: A (in, r), B (r, out) per adapted kernel) of a
+    DecoderLM that `save_hf` exports as a Llama/Mistral, with rank and alpha of `spec`, as a Hugging Face peft
+    adapter folder: adapter_model.safetensors (base_model.model.<module>.lora_A.weight (r, in) = Aᵀ and
+    .lora_B.weight (out, r) = Bᵀ, in the factors' dtype) and adapter_config.json (LORA, r, lora_alpha,
+    target_modules: `lora_target_modules`). `peft.PeftModel.from_pretrained(the save_hf model, directory)` then
+    computes W + (lora_alpha / r) B A, which is our W + (alpha / r) A B transposed. `model` gives only the names
+    and sizes: it may be abstract (`nnx.eval_shape`). Returns the folder. Raises as `hf_config` for a model Hugging
+    Face cannot express and as `lora_target_modules` for another kernel."""
+    hf_config(model)
+    modules, target_modules = lora_target_modules(model, lora)
+    tensors = {}
+    for path, module in modules.items():
+        factors = _get(lora, path)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = factors["lora_a"].T
+        tensors[f"base_model.model.{module}.lora_B.weight"] = factors["lora_b"].T
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+                  target_modules=target_modules, bias="none", fan_in_fan_out=False, use_rslora=False,
+                  init_lora_weights=True, inference_mode=True, modules_to_save=None, base_model_name_or_path=None)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(tensors, directory, ADAPTER_WEIGHTS)
     return directory
 
 
@@ -370,16 +428,37 @@ def import_checkpoint(hf_dir, out, *, dtype: str = "float32",
     return section
 
 
-def export_workdir(workdir, out) -> pathlib.Path:
+def export_workdir(workdir, out, *, merge: bool = False) -> pathlib.Path:
     """Export the latest checkpoint of a training run's workdir (its config.json gives config.model and
     config.data.tokenizer) as a Hugging Face checkpoint folder `out` (`save_hf`), with the run's tokenizer files
-    beside the weights. Prints what it did; returns `out`."""
+    beside the weights. Prints what it did; returns `out`.
+
+    A LoRA fine-tune (config.peft.method "lora") exports its adapter as a Hugging Face peft folder (`save_hf_lora`)
+    to load on the base model (the one its train.init_from holds, exported by `save_hf`), or with `merge` the model
+    with the update folded into its kernels. Other PEFT methods have no such export (ValueError)."""
     workdir = workdir_path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     section = config.model
     check_model_config(section)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: make_model(section, nnx.Rngs(0))))
-    state.replace_by_pure_dict(restore_params(workdir, state.to_pure_dict()))
+    fine = fine_tune(config, model_builder(config), lambda: nnx.Rngs(0))
+    if fine and fine.spec.method != "lora":
+        raise ValueError(f"{workdir} fine-tunes with peft.method={fine.spec.method!r}, which has no Hugging Face "
+                         "export; LoRA runs export as a peft adapter or, with --merge, as the merged model")
+    abstract = nnx.eval_shape(lambda: make_model(section, nnx.Rngs(0)))
+    if fine:
+        lora = restore_params(workdir, fine.abstract_trainable)
+        if not merge:
+            save_hf_lora(abstract, lora, fine.spec, out)
+            print(f"exported the LoRA adapter (r={fine.spec.rank}, alpha={fine.spec.alpha}) of "
+                  f"{params_item(workdir)} as a Hugging Face peft adapter to {out}: {ADAPTER_CONFIG}, "
+                  f"{ADAPTER_WEIGHTS}; its base model is {config.train.init_from} (export that run, or use the "
+                  "Hugging Face checkpoint it was imported from)")
+            return pathlib.Path(out)
+        params = fine.combine(lora, restore_params(config.train.init_from, fine.abstract_frozen))
+    else:
+        params = restore_params(workdir, nnx.state(abstract, nnx.Param).to_pure_dict())
+    graphdef, state = nnx.split(abstract)
+    state.replace_by_pure_dict(params)
     model = nnx.merge(graphdef, state)
     tokenizer = resolve_tokenizer(config.data)
     save_hf(model, out, tokenizer=tokenizer)
@@ -401,12 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     exp = commands.add_parser("export", help="a training run's latest checkpoint -> a Hugging Face checkpoint folder")
     exp.add_argument("--workdir", required=True, help="the run's workdir (config.json and checkpoints/)")
     exp.add_argument("--out", required=True, help="folder to write config.json and model.safetensors to")
+    exp.add_argument("--merge", action="store_true",
+                     help="for a LoRA fine-tune: the model with the update merged (default: the peft adapter)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             import_checkpoint(args.hf_dir, args.out, dtype=args.dtype, param_dtype=args.param_dtype)
         else:
-            export_workdir(args.workdir, args.out)
+            export_workdir(args.workdir, args.out, merge=args.merge)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -66,9 +66,10 @@ class SafetensorsFolder:
         return self._handle(name).get_tensor(name)
 
 
-def write_safetensors(tensors: dict[str, jax.Array], directory) -> pathlib.Path:
+def write_safetensors(tensors: dict[str, jax.Array], directory, name: str = SINGLE_FILE) -> pathlib.Path:
     """Write `tensors` (name -> array of any shape and dtype, bfloat16 included) as one
-    DIRECTORY/model.safetensors with the {"format": "pt"} metadata transformers expects; returns its path."""
-    path = pathlib.Path(directory) / SINGLE_FILE
+    DIRECTORY/NAME (model.safetensors by default) with the {"format": "pt"} metadata transformers expects; returns
+    its path."""
+    path = pathlib.Path(directory) / name
     save_file(tensors, path, metadata={"format": "pt"})
     return path

@@ -13,6 +13,7 @@ from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
 from jaxmodels.models.vit import ViT
+from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.precision import DTYPES
 
@@ -28,15 +29,19 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
     MODELS[config.name].check_config(config)
 
 
-def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs, peft: PeftSpec | None = None) -> nnx.Module:
     """Build the model named config.name from the remaining fields of the config section.
 
     `dtype` (compute) and `param_dtype` are names from DTYPES (a precision policy: parameters
     stay in param_dtype, arithmetic runs in dtype with float32 statistics).
+    `peft` (config.peft as a PeftSpec; None: none): a method that adds modules (`nn.peft.HOOK_METHODS`) is passed
+    to the model as its `peft` argument (`Model.check_peft` says whether it has them); LoRA changes nothing here.
     """
     fields = dict(config)
     name = fields.pop("name")
     one_of("model.name", name, MODELS)
     for k in ("dtype", "param_dtype"):
         fields[k] = DTYPES[one_of(f"model.{k}", fields[k], DTYPES)]
+    if peft is not None and peft.method in HOOK_METHODS:
+        fields["peft"] = peft
     return MODELS[name](**fields, rngs=rngs)

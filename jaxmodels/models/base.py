@@ -3,6 +3,7 @@
 import ml_collections
 from flax import nnx
 
+from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec
 from jaxmodels.ops.checks import one_of, positive_int
 
 
@@ -13,13 +14,26 @@ class Model(nnx.Module):
     raising ValueError that names the field as the user wrote it ("config.model.num_heads=...").
     Checks that span sections (sequence length vs attention blocks, batch vs mesh) live in
     `jaxmodels.train.config`.
+    `peft_methods`: the PEFT methods that add modules to the model (`nn.peft.HOOK_METHODS`), which it takes as
+    its `peft` argument; `check_peft` says whether a config's PEFT fits the model.
     """
+
+    peft_methods: tuple[str, ...] = ()
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         """Raise ValueError for an invalid field of this model's config section. Default: nothing to check
         beyond the constructor's own arguments."""
         del config
+
+    @classmethod
+    def check_peft(cls, config: ml_collections.ConfigDict, spec: PeftSpec) -> None:
+        """Raise ValueError when this model (section config.model) cannot take the PEFT `spec` (config.peft): by
+        default, a method that adds modules the model does not have (`peft_methods`). LoRA fits every model."""
+        if spec.method in HOOK_METHODS and spec.method not in cls.peft_methods:
+            raise ValueError(f"config.peft.method={spec.method!r} needs modules that config.model.name="
+                             f"{config.name!r} does not have (it has {list(cls.peft_methods)}); 'lora' adapts any "
+                             "model")
 
 
 def check_fields(config: ml_collections.ConfigDict, prefix: str, choices: dict | None = None, positive=()) -> None:

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
-from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, segments_error, spec_from_config
+from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, prefix_error, segments_error, spec_from_config
 from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
+from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec, Prefix, peft_spec_from_config
 from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
 from jaxmodels.ops.checks import non_negative_int, positive_int, real_in_range, values_in_range
 from jaxmodels.ops.moe import moe_flops_per_token
@@ -39,20 +40,29 @@ class DecoderLM(Model):
     moe.every-th block a mixture of experts. `model(tokens, return_aux=True)` then also returns
     the routers' statistics combined over the MoE blocks (`combine_moe_aux`), whose "moe_loss" the
     objective adds (`jaxmodels.tasks.lm.next_token_loss`).
+    `peft` (an `nn.peft.PeftSpec` or its config section; None: none) adds the modules of a PEFT method that has
+    them (`peft_methods`), created after every other parameter: "prefix" a `Prefix` (`prefix`) whose keys and
+    values every layer's attention sees first; "prompt" `prompt` (prompt_length, embed_dim) embeddings prepended
+    to the tokens' (the logits are the tokens' only; positions count the prompt; no packed documents); "adapter"
+    Houlsby adapters in every block (`TransformerBlock`). Without, the model is unchanged.
     """
+
+    peft_methods = HOOK_METHODS
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
                  tie_embeddings: bool = False, attention: AttentionSpec | Mapping | None = None,
                  moe: MoESpec | Mapping | None = None, remat: str = "none", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: Any = jnp.float32, peft: PeftSpec | Mapping | None = None, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
         if not isinstance(attention, AttentionSpec):
             attention = spec_from_config(attention)
         if not isinstance(moe, MoESpec):
             moe = moe_spec_from_config(moe)
-        self.attention, self.moe, self.dtype, self.remat = attention, moe, dtype, remat
+        if not isinstance(peft, PeftSpec):
+            peft = peft_spec_from_config(peft)
+        self.attention, self.moe, self.dtype, self.remat, self.peft = attention, moe, dtype, remat, peft
         self.vocab_size, self.num_layers, self.embed_dim, self.mlp_dim = vocab_size, num_layers, embed_dim, mlp_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_kind = num_heads, num_kv_heads, head_dim, mlp_kind
         self.norm_kind, self.norm_eps, self.tie_embeddings = norm_kind, norm_eps, tie_embeddings
@@ -70,6 +80,17 @@ class DecoderLM(Model):
                                         (None, "embed"), param_dtype)
         if not tie_embeddings:
             self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+        self.num_prompt = peft.prompt_length if peft.method == "prompt" else 0
+        if peft.method == "prefix":
+            self.prefix = Prefix(num_layers=num_layers, length=peft.prefix_length, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, embed_dim=embed_dim, hidden=peft.prefix_hidden,
+                                 param_dtype=param_dtype, rngs=rngs)
+        elif peft.method == "prompt":  # N(0, 1) as the token embeddings
+            self.prompt = param(rngs, jax.nn.initializers.normal(1.0), (self.num_prompt, embed_dim), (None, "embed"),
+                                param_dtype)
+        elif peft.method == "adapter":
+            for block in self.blocks:
+                block.add_adapters(peft.adapter_dim, **kw)
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -99,6 +120,16 @@ class DecoderLM(Model):
         if attention.position in ("rope", "rerope") and config.head_dim % 2:
             raise ValueError(f"config.model.head_dim={config.head_dim} must be even: "
                              f"config.model.attention.position={attention.position!r} rotates pairs of dims")
+
+    @classmethod
+    def check_peft(cls, config, spec: PeftSpec) -> None:
+        """`Model.check_peft`, and prefix tuning needs softmax attention in every layer, without ALiBi or ReRoPE
+        (`nn.attention.prefix_error`)."""
+        super().check_peft(config, spec)
+        attention = spec_from_config(config.attention)
+        error = spec.method == "prefix" and prefix_error(attention.kind, attention.position)
+        if error:
+            raise ValueError(f"config.peft.method='prefix' does not fit config.model.attention: {error}")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: list[Cache] | None = None, cache_index: jax.Array | None = None, *, return_aux: bool = False,
@@ -130,23 +161,33 @@ class DecoderLM(Model):
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
-        if self.attention.position == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, x.shape[-1]).astype(x.dtype)
-        elif self.attention.position == "learned":
-            x = x + self._learned_positions(positions, tokens.shape[1] + (0 if cache is None else cache_index))
+        if self.num_prompt:
+            if segment_ids is not None:
+                raise ValueError("prompt tuning's soft prompt is one per row: it cannot be prepended to each of "
+                                 "several packed documents (segment_ids)")
+            positions = positions + self.num_prompt
+            if cache is None:
+                prompt = jnp.broadcast_to(self.prompt.value.astype(x.dtype), (x.shape[0], *self.prompt.value.shape))
+                x = jnp.concatenate([prompt, x], axis=1)
+                positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(self.num_prompt), prompt.shape[:2]),
+                                             positions], axis=1)
+            else:
+                cache_index = cache_index + self.num_prompt  # the prompt fills the first slots (`init_cache`)
+        x = self._add_positions(x, positions, x.shape[1] + (0 if cache is None else cache_index))
+        prefixes = self._prefixes()
         layer_aux = []
         if cache is None:
             block_fn = _block_forward
             if REMAT_POLICIES[self.remat] is not None:
                 block_fn = nnx.remat(_block_forward, policy=REMAT_POLICIES[self.remat])
-            for block in self.blocks:
-                x, aux = block_fn(block, x, positions, segment_ids)
+            for block, prefix in zip(self.blocks, prefixes):
+                x, aux = block_fn(block, x, positions, segment_ids, prefix)
                 layer_aux.append(aux)
-            out = (self._logits(x),)
+            out = (self._logits(x[:, self.num_prompt:] if self.num_prompt else x),)
         else:
             new_cache = []
-            for block, layer_cache in zip(self.blocks, cache):
-                x, layer_cache, aux = block(x, positions, layer_cache, cache_index)
+            for block, layer_cache, prefix in zip(self.blocks, cache, prefixes):
+                x, layer_cache, aux = block(x, positions, layer_cache, cache_index, prefix=prefix)
                 new_cache.append(layer_cache)
                 layer_aux.append(aux)
             out = (self._logits(x), new_cache)
@@ -160,6 +201,21 @@ class DecoderLM(Model):
         return train_flops_per_token(vocab_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                      mlp_dim=self.mlp_dim, mlp_kind=self.mlp_kind, seq_len=seq_len, moe=self.moe)
+
+    def _add_positions(self, x, positions, length):
+        """x (B, T, D) plus the absolute position embeddings of `positions` (B, T), if the model has them."""
+        if self.attention.position == "sinusoidal":
+            return x + sinusoidal_embedding(positions, x.shape[-1]).astype(x.dtype)
+        if self.attention.position == "learned":
+            return x + self._learned_positions(positions, length)
+        return x
+
+    def _prefixes(self) -> list[tuple[jax.Array, jax.Array] | None]:
+        """Each layer's prefix-tuning (keys, values) in the compute dtype, or None per layer without prefixes."""
+        if self.peft.method != "prefix":
+            return [None] * self.num_layers
+        kv = self.prefix().astype(self.dtype)
+        return [(kv[i, 0], kv[i, 1]) for i in range(self.num_layers)]
 
     def _learned_positions(self, positions, length):
         """Rows `positions` of the learned table; `length` (static when it can be) is checked against its size."""
@@ -177,11 +233,24 @@ class DecoderLM(Model):
         return all(block.has_cache for block in self.blocks)
 
     def init_cache(self, batch: int, max_length: int) -> list[Cache]:
-        """One empty cache per layer (KV cache or recurrent state), for sequences up to max_length tokens."""
-        if self.attention.position == "learned" and max_length > self.attention.max_positions:
-            raise ValueError(f"max_length={max_length} is longer than the {self.attention.max_positions} learned "
-                             "positions (attention.max_positions)")
-        return [block.init_cache(batch, max_length) for block in self.blocks]
+        """One empty cache per layer (KV cache or recurrent state), for sequences up to max_length tokens. With
+        prompt tuning, the caches are prompt_length slots longer and hold the soft prompt's keys and values (or
+        recurrent state) already: a call with the cache then starts at cache_index 0 as without."""
+        length = max_length + self.num_prompt
+        if self.attention.position == "learned" and length > self.attention.max_positions:
+            raise ValueError(f"max_length={max_length} (+ {self.num_prompt} soft-prompt positions) is longer than "
+                             f"the {self.attention.max_positions} learned positions (attention.max_positions)")
+        cache = [block.init_cache(batch, length) for block in self.blocks]
+        if not self.num_prompt:
+            return cache
+        positions = jnp.broadcast_to(jnp.arange(self.num_prompt), (batch, self.num_prompt))
+        x = jnp.broadcast_to(self.prompt.value.astype(self.dtype), (batch, *self.prompt.value.shape))
+        x = self._add_positions(x, positions, self.num_prompt)
+        filled = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache, _ = block(x, positions, layer_cache, 0)
+            filled.append(layer_cache)
+        return filled
 
 
 def check_norm_and_head(config) -> None:
@@ -202,8 +271,8 @@ def output_logits(model: nnx.Module, x: jax.Array) -> jax.Array:
     return dense(x, model.w_out.value, model.dtype, "bld,dv->blv").astype(jnp.float32)
 
 
-def _block_forward(block, x, positions, segment_ids):
-    x, _, aux = block(x, positions, segment_ids=segment_ids)
+def _block_forward(block, x, positions, segment_ids, prefix):
+    x, _, aux = block(x, positions, segment_ids=segment_ids, prefix=prefix)
     return x, aux
 
 

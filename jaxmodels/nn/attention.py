@@ -36,6 +36,7 @@ from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import sparse_attention as sparse
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention
 from jaxmodels.ops.checks import non_negative_int, one_of, positive_int, real_in_range
+from jaxmodels.ops.init import t5_query
 from jaxmodels.ops.linear_attention import (
     FEATURE_MAPS,
     diagonal_block_attention,
@@ -65,6 +66,14 @@ ABSOLUTE_POSITIONS = ("sinusoidal", "learned")  # added to the token embeddings 
 # Kinds with a cached form: KV cache (softmax, diag, sparse) or recurrent state (linear, performer, norm).
 RECURRENT_KINDS = ("linear", "performer", "norm")
 CACHED_KINDS = ("softmax", "diag", *SPARSE_KINDS, *RECURRENT_KINDS)
+# logits = q·k / divisor(head_dim): Vaswani et al. 2017's sqrt(head_dim) keeps their variance O(1) for unit-variance
+# q and k; T5 (Raffel et al. 2020) divides by nothing and shrinks q's initialisation instead (query_init "t5");
+# muP (Yang et al. 2021) divides by head_dim. Kinds whose scores take the divisor: LOGIT_SCALED_KINDS.
+LOGIT_DIVISORS = {"sqrt_head_dim": math.sqrt, "head_dim": float, "none": lambda head_dim: 1.0}
+LOGIT_SCALED_KINDS = ("softmax", "performer", *SPARSE_KINDS)
+# The query kernel's initialiser: "lecun" (variance 1 / embed_dim, like k and v) or "t5" (1 / (embed_dim * head_dim),
+# `jaxmodels.ops.init.t5_query`, which makes up for logit_divisor "none").
+QUERY_INITS = ("lecun", "t5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +90,8 @@ class AttentionSpec:
     max_positions: the table size of "learned" positions (longer sequences are an error).
     rerope_window: ReRoPE's window w; rerope_leaky: Leaky ReRoPE's k (0 = plain ReRoPE).
     qk_norm: RMS-normalise queries and keys per head (learned gains) before RoPE (Dehghani et al. 2023).
+    logit_divisor: what q·k is divided by (LOGIT_DIVISORS; kinds in LOGIT_SCALED_KINDS); query_init: the query
+      kernel's initialiser (QUERY_INITS). T5 pairs logit_divisor="none" with query_init="t5".
     window: sliding-window softmax, a query sees its last `window` keys (0 = unlimited).
     feature_map: linear/norm kinds' φ (FEATURE_MAPS). num_features: Performer's m.
     chunk_size: chunk of the causal linear forms, diag's block, flash_gau's chunk.
@@ -103,6 +114,8 @@ class AttentionSpec:
     rerope_window: int = 16
     rerope_leaky: float = 0.0
     qk_norm: bool = False
+    logit_divisor: str = "sqrt_head_dim"
+    query_init: str = "lecun"
     window: int = 0
     feature_map: str = "elu"
     num_features: int = 64
@@ -119,7 +132,8 @@ class AttentionSpec:
 
     def __post_init__(self):
         for name, choices in (("kind", KINDS), ("position", POSITIONS), ("rope_scaling", ROPE_SCALING_METHODS),
-                              ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS))):
+                              ("implementation", (None, *IMPLEMENTATIONS)), ("feature_map", tuple(FEATURE_MAPS)),
+                              ("logit_divisor", tuple(LOGIT_DIVISORS)), ("query_init", QUERY_INITS)):
             one_of(f"attention.{name}", getattr(self, name), choices)
         for name in self.POSITIVE_INTS:
             positive_int(f"attention.{name}", getattr(self, name))
@@ -140,6 +154,12 @@ class AttentionSpec:
             raise ValueError(f"attention.window needs attention.kind='softmax', got {self.kind!r}")
         if self.kind in GAU_KINDS and self.position in ("alibi", "rerope"):
             raise ValueError(f"attention.kind={self.kind!r} does not support position {self.position!r}")
+        if self.logit_divisor != "sqrt_head_dim" and self.kind not in LOGIT_SCALED_KINDS:
+            raise ValueError(f"attention.logit_divisor={self.logit_divisor!r} needs attention.kind in "
+                             f"{list(LOGIT_SCALED_KINDS)} (whose scores are q·k / divisor), got {self.kind!r}")
+        if self.query_init != "lecun" and self.kind in GAU_KINDS:
+            raise ValueError(f"attention.query_init={self.query_init!r} needs a kind with a query kernel, got "
+                             f"{self.kind!r} (GAU derives q and k from one shared projection)")
 
     def layer_kind(self, layer: int, num_layers: int) -> str:
         """The kind of layer `layer` (0-based): TransNormer puts diag below norm, others are uniform."""
@@ -158,6 +178,17 @@ def segments_error(kind: str, position: str) -> str | None:
     what = f"position {position!r}" if kind == "softmax" else f"attention kind {kind!r}"
     return (f"{what} cannot keep packed documents apart (segment_ids): only kind 'softmax' with a position "
             f"other than 'rerope' masks the keys of other documents")
+
+
+def prefix_error(kind: str, position: str) -> str | None:
+    """Why a layer of attention `kind` with `position` cannot take prefix tuning's keys and values, or None when
+    it can: softmax attention with any position but ALiBi and ReRoPE (whose scores depend on key positions that a
+    prefix does not have)."""
+    if kind == "softmax" and position not in ("alibi", "rerope"):
+        return None
+    what = f"position {position!r}" if kind == "softmax" else f"attention kind {kind!r}"
+    return (f"{what} cannot take prefix tuning's keys and values: only kind 'softmax' with a position other than "
+            "'alibi' and 'rerope' can")
 
 
 def spec_from_config(attention: dict | None) -> AttentionSpec:
@@ -213,7 +244,8 @@ class Attention(nnx.Module):
             raise ValueError(f"RoPE rotates pairs of dims: head_dim must be even, got {head_dim}")
         self.num_heads, self.head_dim, self.feature_seed, self.dtype = num_heads, head_dim, feature_seed, dtype
         init = fan_in_init()
-        self.w_q = param(rngs, init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
+        q_init = t5_query(head_dim, "truncated_normal", in_axis=0, out_axis=(1, 2)) if spec.query_init == "t5" else init
+        self.w_q = param(rngs, q_init, (embed_dim, num_heads, head_dim), ("embed", "heads", "head_dim"), param_dtype)
         kv_axes = ("embed", "kv_heads", "head_dim")
         self.w_k = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
         self.w_v = param(rngs, init, (embed_dim, num_kv_heads, head_dim), kv_axes, param_dtype)
@@ -242,23 +274,28 @@ class Attention(nnx.Module):
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, Cache | None]:
+                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 prefix: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Cache | None]:
         """x: (B, T, D); positions: (B, T) int positions (with segment_ids, each document's own, from 0). With a
         cache (from `init_cache`), x holds the tokens at positions cache_index .. cache_index + T - 1; returns the
         new cache. segment_ids: None or (B, T) int, packed documents: a query attends only to keys of its own
-        segment (no cache then; ValueError, from `segments_error`, for kinds that cannot)."""
+        segment (no cache then; ValueError, from `segments_error`, for kinds that cannot).
+        prefix: None or (keys, values), each (P, K, H): prefix tuning's learned positions (`nn.peft.Prefix`),
+        which every query sees before the sequence's own keys (and every document of a packed row); used as they
+        are (no RoPE). Softmax attention only, without ALiBi or ReRoPE (PREFIX_ERROR)."""
         spec = self.spec
         if segment_ids is not None:
             error = segments_error(self.kind, spec.position)
             if error or cache is not None:
                 raise ValueError(error or "segment_ids are for a whole-sequence forward; decoding with a cache "
                                           "takes one sequence per row")
+        if prefix is not None and prefix_error(self.kind, spec.position):
+            raise ValueError(prefix_error(self.kind, spec.position))
         q, k, v = (dense(x, w.value, self.dtype, "bld,dnh->blnh") for w in (self.w_q, self.w_k, self.w_v))
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         length = x.shape[1] if cache is None else cache_index + x.shape[1]  # keys seen by the last query
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / LOGIT_DIVISORS[spec.logit_divisor](self.head_dim)
         if spec.position == "rope":
             scaling = rope_inverse_frequencies(self.head_dim, base=spec.rope_base, method=spec.rope_scaling,
                                                factor=spec.rope_factor, train_length=spec.train_length or None,
@@ -268,7 +305,9 @@ class Attention(nnx.Module):
             scale *= scaling.attention_scale
             if spec.log_n:  # query at position p attends p + 1 keys
                 q = q * log_n_scale(positions + 1, spec.train_length)[..., None, None].astype(q.dtype)
-        if cache is None:
+        if prefix is not None:
+            out, cache = self._attend_with_prefix(q, k, v, scale, prefix, cache, cache_index, segment_ids)
+        elif cache is None:
             out = self._attend(q, k, v, scale, segment_ids)
         else:
             out, cache = self._attend_cached(q, k, v, scale, cache, cache_index)
@@ -303,6 +342,27 @@ class Attention(nnx.Module):
             raise ValueError(f"attention kind {kind!r} needs the length ({q.shape[1]}) to be a multiple of "
                              f"attention.block_size={spec.block_size}")
         return sparse.block_sparse_attention(q, k, v, layout, block_size=spec.block_size, mask=mask, scale=scale)
+
+    def _attend_with_prefix(self, q, k, v, scale, prefix, cache, cache_index, segment_ids):
+        """Softmax attention over the prefix's P keys then the sequence's (the cache's, when decoding): the
+        prefix visible to every query, the rest causal (within the window and the query's document).
+        Returns (out (B, T, N, H), the cache or None)."""
+        t = q.shape[1]
+        if cache is None:
+            allowed = cache_mask(t, t, 0, self.spec.window)
+            if segment_ids is not None:
+                allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        else:
+            start = (0, cache_index, 0, 0)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start)
+                     for name, new in (("k", k), ("v", v))}
+            k, v = cache["k"], cache["v"]
+            allowed = cache_mask(t, k.shape[1], cache_index, self.spec.window)
+        pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (k.shape[0], *p.shape)) for p in prefix)
+        mask = jnp.concatenate([jnp.ones((*allowed.shape[:-1], pk.shape[1]), bool), allowed], axis=-1)
+        out = dot_product_attention(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), None, mask,
+                                    scale=scale, implementation=self.spec.implementation)
+        return out, cache
 
     def _attend_cached(self, q, k, v, scale, cache, cache_index):
         """Attention of T new tokens against the cache; returns (out (B, T, N, H), new cache)."""

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels.ops.init import lecun
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -39,17 +41,15 @@ def ones_init(key, shape, dtype) -> jax.Array:
 
 
 def fan_in_init(fan_in_dims: int = 1, scale: float = 1.0) -> Initializer:
-    """Truncated-normal init with variance scale / fan_in, fan_in = product of the first dims.
+    """LeCun truncated normal (`jaxmodels.ops.init.lecun`) for a weight laid out (in..., out...): variance
+    scale / fan_in with fan_in the product of the first `fan_in_dims` dims and the other dims the fan-out.
 
-    LeCun-normal when scale = 1 (LeCun et al. 1998): keeps activations at unit variance
-    through a linear map, the same argument that gives attention its 1/sqrt(d).
+    LeCun-normal when scale = 1 (LeCun et al. 1998): keeps activations at unit variance through a linear map,
+    the same argument that gives attention its 1/sqrt(d).
     """
 
     def init(key, shape, dtype):
-        fan_in = 1
-        for d in shape[:fan_in_dims]:
-            fan_in *= d
-        std = (scale / fan_in) ** 0.5 / 0.87962566103423978  # truncnorm(-2, 2) has std 0.8796
-        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+        axes = tuple(range(len(shape)))
+        return lecun(scale=scale, in_axis=axes[:fan_in_dims], out_axis=axes[fan_in_dims:])(key, shape, dtype)
 
     return init

@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.nn.attention import GAU_KINDS, Attention, AttentionSpec, Cache, segments_error
+from jaxmodels.nn.attention import GAU_KINDS, Attention, AttentionSpec, Cache, prefix_error, segments_error
 from jaxmodels.nn.gau import GAU
 from jaxmodels.nn.layers import MLP, make_norm
 from jaxmodels.nn.moe import MoEFeedForward
+from jaxmodels.nn.peft import Adapter
 from jaxmodels.nn.spec import spec_from_section
 from jaxmodels.ops import moe as moe_ops
 from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.init import residual_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,16 +105,20 @@ class TransformerBlock(nnx.Module):
 
     `norm_eps` is the epsilon of the block's two norms (RMSNorm or LayerNorm).
 
-    Call: (x, positions, cache=None, cache_index=None, segment_ids=None) -> (x, cache, aux); aux is the MoE
-    layer's dict of float32 statistics (`MoEFeedForward`), None for a dense block. segment_ids (B, T) int:
-    packed documents, attention stays within each (`Attention`); GAU blocks cannot (ValueError).
+    `add_adapters` adds Houlsby adapters (`nn.peft.Adapter`) on the output of the attention (or GAU) and of the
+    MLP, before each residual sum.
+
+    Call: (x, positions, cache=None, cache_index=None, segment_ids=None, prefix=None) -> (x, cache, aux); aux is
+    the MoE layer's dict of float32 statistics (`MoEFeedForward`), None for a dense block. segment_ids (B, T) int:
+    packed documents, attention stays within each (`Attention`); GAU blocks cannot (ValueError). prefix: prefix
+    tuning's (keys, values) of this layer (`Attention`).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_dim: int,
                  num_layers: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
                  attention: AttentionSpec = AttentionSpec(), kind: str | None = None, layer: int = 0,
                  moe: MoESpec = MoESpec(), dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        out_scale = (2 * num_layers) ** -0.5
+        out_scale = residual_scale(num_layers)  # GPT-2's 1/sqrt(2 num_layers) on the residual outputs
         kind = self.kind = kind or attention.kind
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = make_norm(norm_kind, embed_dim, eps=norm_eps, **kw)
@@ -135,6 +141,15 @@ class TransformerBlock(nnx.Module):
                                           out_scale=out_scale, **kw)
             else:
                 self.mlp = MLP(embed_dim, mlp_dim, kind=mlp_kind, out_scale=out_scale, **kw)
+        self.attn_adapter, self.mlp_adapter = nnx.data(None), nnx.data(None)  # `add_adapters` may set them
+        self.embed_dim = embed_dim
+
+    def add_adapters(self, bottleneck: int, **kwargs) -> None:
+        """Add Houlsby adapters of width `bottleneck` after the attention (or GAU) and the MLP; `kwargs`: dtype,
+        param_dtype, rngs of `Adapter`. Zero-initialised: the block computes what it did before."""
+        self.attn_adapter = Adapter(self.embed_dim, bottleneck, **kwargs)
+        if self.mlp is not None:
+            self.mlp_adapter = Adapter(self.embed_dim, bottleneck, **kwargs)
 
     @property
     def has_cache(self) -> bool:
@@ -144,19 +159,25 @@ class TransformerBlock(nnx.Module):
         return self.attn.init_cache(batch, max_length)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Cache | None = None,
-                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, Cache | None, dict | None]:
+                 cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 prefix: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Cache | None, dict | None]:
         if self.mlp is None:
             if cache is not None:
                 raise ValueError("GAU blocks have no cached form; decode without a cache")
             if segment_ids is not None:
                 raise ValueError(segments_error(self.kind, "none"))
-            return x + self.attn(self.attn_norm(x), positions), None, None
-        h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, segment_ids)
-        x = x + h
+            if prefix is not None:
+                raise ValueError(prefix_error(self.kind, "none"))
+            return x + _adapted(self.attn_adapter, self.attn(self.attn_norm(x), positions)), None, None
+        h, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, segment_ids, prefix)
+        x = x + _adapted(self.attn_adapter, h)
         aux = None
         if isinstance(self.mlp, MoEFeedForward):
             h, aux = self.mlp(self.mlp_norm(x))
         else:
             h = self.mlp(self.mlp_norm(x))
-        return x + h, cache, aux
+        return x + _adapted(self.mlp_adapter, h), cache, aux
+
+
+def _adapted(adapter: Adapter | None, h: jax.Array) -> jax.Array:
+    return h if adapter is None else adapter(h)

@@ -115,7 +115,8 @@ def he(distribution: str = "truncated_normal", mode: str = "fan_in", *, scale: f
 def lecun(distribution: str = "truncated_normal", *, scale: float = 1.0, in_axis: Axes = -2, out_axis: Axes = -1,
           batch_axis: Axes = ()) -> Initializer:
     """LeCun: variance scale / fan_in, unit-variance outputs for unit-variance inputs (LeCun et al. 1998,
-    "Efficient BackProp", §4.6). `scale=1` with the truncated normal is `jaxmodels.nn.param.fan_in_init`."""
+    "Efficient BackProp", §4.6). `jaxmodels.nn.param.fan_in_init`, the kernels' initialiser in nn/ and models/, is
+    this with the truncated normal and in_axis the leading dims of the weight."""
     return variance_scaling(scale, "fan_in", distribution, in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
 
 

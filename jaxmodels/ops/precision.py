@@ -13,8 +13,8 @@ finite steps in a row, double S. bfloat16 has float32's exponent range and needs
 
 The loss-scale state is a NamedTuple of arrays (a pytree), so it lives in the train state, passes through
 `jax.jit` and is checkpointed with it. The functions dispatch on its type (static), never on its values. Skipping
-the optimizer update is `optax.apply_if_finite` in the train step; these functions give it the scaled loss, the
-unscaled gradients and the next scale.
+the optimizer update is the train step's non-finite guard (`jaxmodels.train.step`, or `optax.apply_if_finite`
+around an optimizer); these functions give it the scaled loss, the unscaled gradients and the next scale.
 """
 
 import dataclasses

@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from jaxmodels.models import make_model
+from jaxmodels.nn.peft import PeftSpec
 
 
 class Task(abc.ABC):
@@ -44,10 +45,11 @@ class Task(abc.ABC):
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
 
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        """The model of config.model (`jaxmodels.models.make_model`), parameters drawn from `rngs`. The trainer
-        calls it under `nnx.eval_shape` for shapes and again inside the jitted, sharded initialiser."""
-        return make_model(self.config.model, rngs)
+    def build_model(self, rngs: nnx.Rngs, peft: PeftSpec | None = None) -> nnx.Module:
+        """The model of config.model (`jaxmodels.models.make_model`), parameters drawn from `rngs`, with the modules
+        of the PEFT method `peft` if it adds some. The trainer calls it under `nnx.eval_shape` for shapes and again
+        inside the jitted, sharded initialiser."""
+        return make_model(self.config.model, rngs, peft)
 
     @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -25,18 +25,24 @@ class Checkpointer:
     Orbax writes each step to a temporary directory and renames it when complete, so an interrupted save
     never shadows the previous checkpoint. A step that cannot be restored while an older one can is moved
     to `unreadable_dir` (kept for inspection, never deleted) so that training past it can save it again.
+    `transient`: entries of the state (a dict) that are neither saved nor restored, e.g. a fine-tune's frozen
+    pre-trained parameters, which the run reads from config.train.init_from (`jaxmodels.train.finetune`).
     """
 
-    def __init__(self, directory, *, every: int, keep: int, unreadable_dir=None):
-        self.directory = epath.Path(directory)
+    def __init__(self, directory, *, every: int, keep: int, unreadable_dir=None, transient: tuple[str, ...] = ()):
+        self.directory, self.transient = epath.Path(directory), transient
         self.unreadable_dir = epath.Path(unreadable_dir or self.directory.parent / f"{self.directory.name}.unreadable")
         policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()])
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, save_decision_policy=policy)
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Save `state` as `step` if the policy says so (or `force`); returns whether it saved."""
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        """Save `state` (but its `transient` entries) as `step` if the policy says so (or `force`); returns whether
+        it saved."""
+        return self.manager.save(step, args=ocp.args.StandardSave(self._saved(state)), force=force)
+
+    def _saved(self, state):
+        return {k: v for k, v in state.items() if k not in self.transient} if self.transient else state
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every host reached JAX's preemption sync point at `step` (False on a single process, whose
@@ -51,7 +57,8 @@ class Checkpointer:
         self.wait()
 
     def restore_latest(self, abstract_state, hint: str = ""):
-        """Restore the newest readable checkpoint into `abstract_state`'s structure and shardings.
+        """Restore the newest readable checkpoint into `abstract_state`'s structure and shardings (but its
+        `transient` entries, which the restored state lacks).
 
         Returns (step, state), or (None, None) when there is none. A step that fails to read is reported with
         its step and skipped for the one before it; once an older step restores, the newer unreadable ones are
@@ -62,7 +69,7 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
             try:
-                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+                state = self.manager.restore(step, args=ocp.args.StandardRestore(self._saved(abstract_state)))
             except Exception as e:  # any read failure means "try the previous one"
                 log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
                             step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")

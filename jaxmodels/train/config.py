@@ -10,14 +10,16 @@ the attention's blocks and learned positions.
 import jax
 import ml_collections
 
-from jaxmodels.models import check_model_config
+from jaxmodels.models import MODELS, check_model_config
 from jaxmodels.models.base import check_fields
 from jaxmodels.nn.attention import SPARSE_KINDS, spec_from_config
+from jaxmodels.nn.peft import peft_spec_from_config
 from jaxmodels.ops.checks import non_negative_int, positive_int
 from jaxmodels.parallel.mesh import MESH_AXES, mesh_shape
 from jaxmodels.parallel.strategy import STRATEGIES
 from jaxmodels.parallel.zero import COLLECTIVES
 from jaxmodels.tasks import TASKS, Task, make_task
+from jaxmodels.train.loss_scaling import loss_scaling_from_config
 from jaxmodels.train.optimizer import check_optimizer_config
 
 NAN_POLICIES = ("skip", "halt")
@@ -58,7 +60,12 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Tas
     if not isinstance(init_from, str):
         raise ValueError(f"config.train.init_from must be a path (a str; '' for a random init), got {init_from!r}")
     check_optimizer_config(config.optimizer)
+    if loss_scaling_from_config(config).loss_scale == "dynamic" and config.train.nan_policy == "halt":
+        raise ValueError("config.precision.loss_scale='dynamic' skips each step whose float16 gradients overflow "
+                         "and lowers the scale, but config.train.nan_policy='halt' would stop at the first; use "
+                         "nan_policy='skip' (train.max_consecutive_skips bounds a run of skips)")
     check_model_config(config.model)
+    _check_peft(config)
     non_negative_int("config.data.eval_batches", config.data.eval_batches)
     task = make_task(config)
     if config.data.eval_batches < task.min_eval_batches:  # 0 = the whole eval split, where the task reads it
@@ -78,6 +85,20 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int | None) -> Tas
     if config.data.global_batch_size % jax.process_count():
         raise ValueError(f"config.data.global_batch_size must be divisible by the {jax.process_count()} processes")
     return task
+
+
+def _check_peft(config: ml_collections.ConfigDict) -> None:
+    """config.peft (`PeftSpec`'s fields and values), its fit to the model (`Model.check_peft`), and a pre-trained
+    model to start from: config.train.init_from must be set unless the method is "none"."""
+    try:
+        spec = peft_spec_from_config(config.get("peft"))
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+    MODELS[config.model.name].check_peft(config.model, spec)
+    if spec.method != "none" and not config.train.get("init_from"):
+        raise ValueError(f"config.peft.method={spec.method!r} fine-tunes a pre-trained model, but "
+                         "config.train.init_from is not set: give the params to start from (the folder `python -m "
+                         "jaxmodels.interop.hf import` wrote, or a training run's workdir)")
 
 
 def _check_sequence_length(config: ml_collections.ConfigDict) -> None:

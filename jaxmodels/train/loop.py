@@ -22,7 +22,9 @@ from jaxmodels.parallel.mesh import make_mesh
 from jaxmodels.parallel.strategy import make_strategy
 from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, restore_params
 from jaxmodels.train.config import ConfigError, validate_config
+from jaxmodels.train.finetune import FROZEN, fine_tune
 from jaxmodels.train.goodput import Goodput, goodput_text
+from jaxmodels.train.loss_scaling import loss_scaling_from_config
 from jaxmodels.train.metrics import MetricWriter, device_peak_flops
 from jaxmodels.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from jaxmodels.train.paths import check_writable, workdir_path
@@ -56,9 +58,9 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
 
 
 # Config sections that decide the layout of the saved train state.
-STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules")
+STATE_SECTIONS = ("model", "parallel", "mesh", "sharding_rules", "precision", "peft")
 # Fields a resumed run may not change without --allow_config_changes: what is learned and from what.
-PROTECTED = ("task", "model.", "diffusion.", "data.name", "data.files", "data.tokenizer", "data.text_key")
+PROTECTED = ("task", "model.", "diffusion.", "peft.", "data.name", "data.files", "data.tokenizer", "data.text_key")
 
 
 def _flat(tree, prefix=""):
@@ -95,8 +97,10 @@ class Trainer:
 
     The task (`jaxmodels.tasks.base.Task`) supplies the model, loss and batches; config.parallel.strategy
     (`jaxmodels.parallel.strategy.Strategy`) supplies the optimiser-state layout and the collectives of the
-    one train step (`make_train_step`). The config and the workdir (a local path or a URL such as
-    gs://bucket/run, which every process must be able to write) are checked first, before anything is built.
+    one train step (`make_train_step`); config.peft (`jaxmodels.train.finetune`) makes the trained params the
+    adapters of a frozen pre-trained model, held in the state's "frozen" entry. The config and the workdir (a
+    local path or a URL such as gs://bucket/run, which every process must be able to write) are checked first,
+    before anything is built.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: list | None = None):
@@ -112,55 +116,71 @@ class Trainer:
         rules = tuple(tuple(r) for r in config.sharding_rules)
         num_steps, accum = config.train.num_steps, config.train.grad_accum_steps
         self.schedule = learning_rate_schedule(config.optimizer, num_steps)
+        self.loss_scaling = loss_scaling_from_config(config)  # config.precision: {} or {"loss_scale"} in the state
 
         abstract_model = nnx.eval_shape(lambda: self.task.build_model(init_rngs(config)))
         self.graphdef = nnx.graphdef(abstract_model)
         self.flops_per_example = self.task.flops_per_example(abstract_model)
-        param_specs = sh.param_specs(abstract_model, self.mesh, rules)
+        param_specs = model_specs = sh.param_specs(abstract_model, self.mesh, rules)
         # Decay mask and clipping norm come from the whole parameters, even where the optimiser sees shards.
         abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
+        init_params = lambda: nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
+        self.fine_tune = fine_tune(config, self.task.build_model, lambda: init_rngs(config))  # None: all params train
+        if self.fine_tune:  # the state's params are the adapters; the pre-trained ones are its "frozen" entry
+            self.graphdef, abstract_params, init_params = (self.fine_tune.graphdef, self.fine_tune.abstract_trainable,
+                                                           self.fine_tune.init)
+            param_specs, frozen_specs, model_specs = self.fine_tune.specs(self.mesh, rules)
         optimizer = make_optimizer(config.optimizer, num_steps, decay=decay_mask(abstract_params),
                                    axis_name=self.strategy.update_axis)
 
         def init():
-            params = nnx.state(self.task.build_model(init_rngs(config)), nnx.Param).to_pure_dict()
+            params = init_params()
             return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": optimizer.init(self.strategy.opt_layout(params))}
+                    "opt_state": optimizer.init(self.strategy.opt_layout(params)), **self.loss_scaling.state()}
 
         self.abstract_state = jax.eval_shape(init)
         opt_param_specs = self.strategy.opt_param_specs(param_specs)
         specs = {"step": P(), "params": param_specs,
-                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs)}
+                 "opt_state": sh.opt_state_specs(optimizer, self.abstract_state["opt_state"], opt_param_specs),
+                 **self.loss_scaling.state_specs()}
+        if self.fine_tune:
+            specs[FROZEN], self.abstract_state[FROZEN] = frozen_specs, self.fine_tune.abstract_frozen
         self.state_shardings = sh.named(self.mesh, specs)
+        self.model_shardings = sh.named(self.mesh, model_specs)
         self.abstract_batch = self.task.abstract_batch()  # pytree of global ShapeDtypeStructs
         batch_spec = jax.tree.map(lambda b: sh.batch_spec(rules, b.ndim), self.abstract_batch)
         self.batch_sharding = sh.named(self.mesh, batch_spec)
         replicated = NamedSharding(self.mesh, P())
-        self.init = jax.jit(init, out_shardings=self.state_shardings)
+        self.init = jax.jit(init, out_shardings={k: v for k, v in self.state_shardings.items() if k != FROZEN})
         step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, strategy=self.strategy,
-                               state_specs=specs, batch_spec=batch_spec)
+                               state_specs=specs, batch_spec=batch_spec, loss_scaling=self.loss_scaling,
+                               reparametrize=self.fine_tune.combine if self.fine_tune else None)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),
-                                 in_shardings=(self.state_shardings["params"], self.batch_sharding),
+                                 in_shardings=(self.model_shardings, self.batch_sharding),
                                  out_shardings=replicated)
+        if self.fine_tune:
+            self.combine = jax.jit(self.fine_tune.combine, in_shardings=(self.state_shardings["params"],
+                                                                         self.state_shardings[FROZEN]),
+                                   out_shardings=self.model_shardings)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", every=config.train.checkpoint_every,
-                                         keep=config.train.keep_checkpoints)
+                                         keep=config.train.keep_checkpoints, transient=(FROZEN,))
         peak = device_peak_flops(self.mesh.devices.flat[0].device_kind, config.train.peak_flops)
         self.peak_flops_total = peak * self.mesh.size if peak else None
 
     def compile_train_step(self) -> dict[str, float]:
         """Compile the train step ahead of time (the compiled executable then serves every call) and
         return its per-device memory in GiB: the parameters and the optimizer state as stored (from
-        their shardings), and from XLA's memory analysis the arguments (params, optimizer state,
-        batch), temporaries (activations, gradients) and the peak where the backend reports it."""
+        their shardings; a fine-tune's frozen base too), and from XLA's memory analysis the arguments (params,
+        optimizer state, batch), temporaries (activations, gradients) and the peak where the backend reports it."""
         batch = abstract_with_shardings(self.abstract_batch, self.batch_sharding)
         state = abstract_with_shardings(self.abstract_state, self.state_shardings)
         self.train_step = self.train_step.lower(state, batch).compile()
         stats = self.train_step.memory_analysis()
         gib = 2.0**30
         memory = {f"{k}_gib": sh.bytes_per_device(self.abstract_state[k], self.state_shardings[k]) / gib
-                  for k in ("params", "opt_state")}
+                  for k in ("params", "opt_state", FROZEN) if k in self.abstract_state}
         memory.update(arguments_gib=stats.argument_size_in_bytes / gib, temporaries_gib=stats.temp_size_in_bytes / gib)
         if getattr(stats, "peak_memory_in_bytes", 0):
             memory["peak_gib"] = stats.peak_memory_in_bytes / gib
@@ -174,27 +194,27 @@ class Trainer:
         """(start_step, state): the newest readable checkpoint, or a fresh sharded init at step 0, whose params
         come from config.train.init_from when it names a checkpoint (`restore_params`: a tensor of another
         shape raises ConfigError, a ValueError, naming it and both shapes; the optimizer state starts afresh).
-        init_from is ignored, with a note, when the workdir has checkpoints: resuming wins.
+        init_from is ignored, with a note, when the workdir has checkpoints: resuming wins. A fine-tune
+        (config.peft, `jaxmodels.train.finetune`) reads its frozen base from init_from instead, at the start and
+        at every resume (its checkpoints hold only the adapters), so resuming one may not change init_from.
 
         Resuming with a config that changes what is learned (PROTECTED fields: the task, the model, the
         diffusion objective, the data set) raises CheckpointError naming the changes, unless
         `allow_config_changes`; other changes (steps, schedule, mesh ...) are printed and allowed.
         """
         init_from = self.config.train.get("init_from", "")
+        started = FROZEN if self.fine_tune else "params"  # the entry init_from gives
         if not self.checkpointer.manager.all_steps():
             if not init_from:
                 return 0, self.init()
-            try:
-                params = restore_params(init_from, self.abstract_state["params"], self.state_shardings["params"])
-            except ValueError as e:  # a ConfigError: the entry point reports it without a traceback
-                raise ConfigError(f"config.train.init_from={init_from!r}: {e}") from None
-            return 0, {**self.init(), "params": params}
-        if init_from and jax.process_index() == 0:
+            return 0, {**self.init(), started: self._restore_init_from(started)}
+        if init_from and not self.fine_tune and jax.process_index() == 0:
             print(f"config.train.init_from={init_from!r} is ignored: resuming from {self.checkpointer.directory}",
                   flush=True)
         previous = previous_config(self.workdir / "config.json")
         changes = config_changes(previous, self.config)
-        protected = [c for c in changes if c.startswith(PROTECTED)]
+        # A fine-tune reads its frozen base from init_from again: changing it would change the model under the adapters
+        protected = [c for c in changes if c.startswith(PROTECTED + (("train.init_from",) if self.fine_tune else ()))]
         if protected and not allow_config_changes:
             raise CheckpointError(f"{self.workdir} holds a run of another model or objective: "
                                   f"{'; '.join(protected)}. Resume with the same config, use another --workdir, "
@@ -208,7 +228,25 @@ class Trainer:
         hint = ". The checkpoints were written with a different config (state layout): " + "; ".join(layout)
         step, state = self.checkpointer.restore_latest(
             abstract_with_shardings(self.abstract_state, self.state_shardings), hint if layout else "")
-        return (0, self.init()) if step is None else (step, state)
+        if step is None:
+            step, state = 0, self.init()
+        if self.fine_tune:
+            state = {**state, FROZEN: self._restore_init_from(FROZEN)}
+        return step, state
+
+    def _restore_init_from(self, entry: str):
+        """The state's `entry` ("params", or a fine-tune's frozen base) read from config.train.init_from
+        (`restore_params`); a checkpoint that does not fit raises ConfigError naming the tensors and shapes."""
+        init_from = self.config.train.init_from
+        try:
+            return restore_params(init_from, self.abstract_state[entry], self.state_shardings[entry])
+        except ValueError as e:  # a ConfigError: the entry point reports it without a traceback
+            raise ConfigError(f"config.train.init_from={init_from!r}: {e}") from None
+
+    def model_params(self, state) -> dict:
+        """The model's parameters in `state`: its params, or for a fine-tune the adapters combined with the
+        frozen base (`FineTune.combine`), laid out for the eval step."""
+        return self.combine(state["params"], state[FROZEN]) if self.fine_tune else state["params"]
 
     def evaluate(self, params, batches) -> dict[str, float]:
         """The task's metrics over the fixed eval batches, combined by `Task.combine_metrics` (counts summed,
@@ -291,6 +329,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
     profiler = StepProfiler(tc.profile_steps, workdir, enabled=lead)
     writer.print(f"{describe_processes(trainer.mesh)}, strategy {config.parallel.strategy!r}; "
                  f"{'resuming from step ' + str(start) if start else 'starting from scratch'}")
+    if note := trainer.loss_scaling.note(config.model):
+        writer.print(note)
     with goodput.timing("compile"):
         summary_memory = trainer.compile_train_step()
     writer.print(f"train step per-device memory ({config.parallel.strategy}; params and optimizer state as "
@@ -303,7 +343,7 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
 
     def run_eval(step):
         with goodput.timing("eval"):
-            metrics = trainer.evaluate(state["params"], eval_batches)
+            metrics = trainer.evaluate(trainer.model_params(state), eval_batches)
         writer.write(step, {**metrics, **baseline}, prefix="eval")
         return metrics
 
@@ -322,7 +362,8 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
         skipped = skipped + 1 if metrics["nonfinite"] else 0
         if metrics["nonfinite"]:
             msg = f"non-finite loss or gradient at step {step_done} (loss={float(metrics['loss'])}, " \
-                  f"grad_norm={float(metrics['grad_norm'])}); the update was skipped"
+                  f"grad_norm={float(metrics['grad_norm'])}); the update was skipped" + \
+                  (f" (loss scale {float(metrics['loss_scale']):g})" if "loss_scale" in metrics else "")
             writer.print(msg)
             if tc.nan_policy == "halt":
                 raise NonFiniteLossError(msg + "; halting (train.nan_policy='halt')")
@@ -380,7 +421,7 @@ def _train(trainer: Trainer, lock: WorkdirLock, goodput: Goodput, allow_config_c
     summary.update(final_step=step, interrupted=interrupted)
     if not interrupted:
         summary["eval_end"] = run_eval(step)
-        summary["sample"] = trainer.task.sample(trainer.model(state["params"]), tc.seed)
+        summary["sample"] = trainer.task.sample(trainer.model(trainer.model_params(state)), tc.seed)
     summary["goodput"] = goodput.summary()
     writer.print(f"interrupted at step {step}: checkpoint saved in {workdir}; run the same command to resume"
                  if interrupted else _summary_text(summary))

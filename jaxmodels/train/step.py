@@ -1,6 +1,7 @@
 """The generic train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
 
-A train state is a dict {"step": int32 scalar, "params": pure dict of arrays, "opt_state": optax state}.
+A train state is a dict {"step": int32 scalar, "params": pure dict of arrays, "opt_state": optax state}, and
+"loss_scale" (`jaxmodels.ops.precision` state) when config.precision scales the loss (`jaxmodels.train.loss_scaling`).
 The model structure (an NNX GraphDef) is static; parameters flow in as arrays (the functional
 `nnx.split` -> `jax.jit` -> `nnx.merge` pattern), so one compiled step serves every task.
 `make_train_step` is the step of every data-parallel strategy (`jaxmodels.parallel.strategy`): XLA partitions
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxmodels.ops import precision
 from jaxmodels.parallel.strategy import Strategy
+from jaxmodels.train.loss_scaling import LossScaling
 from jaxmodels.train.optimizer import global_norm
 
 # loss_fn(model, batch) -> (loss, metrics); a batch is a pytree of arrays with the examples on axis 0.
@@ -26,26 +29,41 @@ def _model(graphdef: nnx.GraphDef, params) -> nnx.Module:
     return nnx.merge(graphdef, nnx.State(params))
 
 
-def _loss_and_grad(graphdef: nnx.GraphDef, loss_fn: LossFn, grad_accum_steps: int):
-    """f(params, batch) -> ((loss, metrics), grads) for batch (b, ...), averaged over grad_accum_steps
-    micro-batches of b / grad_accum_steps rows (the same update as one batch of b rows)."""
+def _model_of(graphdef: nnx.GraphDef, reparametrize: Callable | None, frozen) -> Callable[[Any], nnx.Module]:
+    """params -> the model: `graphdef` merged with the params, or with reparametrize(params, frozen) (fine-tuning:
+    the trained params are adapters, `frozen` the pre-trained ones; `jaxmodels.train.finetune`)."""
+    if reparametrize is None:
+        return lambda params: _model(graphdef, params)
+    return lambda params: _model(graphdef, reparametrize(params, frozen))
 
-    def loss_and_grad(params, batch):
-        return jax.value_and_grad(lambda p: loss_fn(_model(graphdef, p), batch), has_aux=True)(params)
+
+def _loss_and_grad(model_of: Callable[[Any], nnx.Module], loss_fn: LossFn, grad_accum_steps: int):
+    """f(params, batch, loss_scale) -> ((loss, metrics), grads) of the model `model_of(params)` for batch (b, ...),
+    averaged over grad_accum_steps micro-batches of b / grad_accum_steps rows (the same update as one batch of b
+    rows). The gradients are those of the loss times the scale of `loss_scale` (an `ops.precision` state), divided
+    by it; the loss is the task's."""
+
+    def loss_and_grad(params, batch, loss_scale):
+        def scaled(p):
+            loss, metrics = loss_fn(model_of(p), batch)
+            return precision.scale_loss(loss, loss_scale), (loss, metrics)
+
+        (_, aux), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+        return aux, precision.unscale_grads(grads, loss_scale)
 
     if grad_accum_steps == 1:
         return loss_and_grad
 
-    def accumulated(params, batch):
+    def accumulated(params, batch, loss_scale):
         # Micro-batch m takes rows m, m + A, m + 2A, ...: each device's shard splits evenly.
         micro = jax.tree.map(
             lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def body(acc, mb):
-            return jax.tree.map(jnp.add, acc, loss_and_grad(params, mb)), None
+            return jax.tree.map(jnp.add, acc, loss_and_grad(params, mb, loss_scale)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, first))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, first, loss_scale))
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
@@ -59,7 +77,8 @@ def _keep_if(finite: jax.Array, new, old):
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1, *, strategy: Strategy | None = None,
-                    state_specs=None, batch_spec=None):
+                    state_specs=None, batch_spec=None, loss_scaling: LossScaling = LossScaling(),
+                    reparametrize: Callable | None = None):
     """Returns step(state, batch) -> (state, metrics) of a data-parallel `strategy` (default: plain
     `Strategy`, "replicated", which XLA partitions by the state's shardings; "fsdp" is the same step).
 
@@ -74,23 +93,37 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
     clipping sees the full norm) and all-gathers the result, inside `jax.shard_map` with `state_specs` and
     `batch_spec`. Metrics that are means over examples (loss, bits/byte), grad_norm, learning_rate and
     nonfinite are the same under every strategy.
+
+    `loss_scaling` (config.precision, `jaxmodels.train.loss_scaling`), when enabled, reads the scale S from
+    state["loss_scale"]: the gradients are those of S * loss divided by S, and the guard above is what skips an
+    overflowing step; the scale's next value (backed off after such a step, grown after enough finite ones) is
+    new_state["loss_scale"], and metrics["loss_scale"] the S of this step.
+
+    Fine-tuning (`reparametrize`, e.g. `jaxmodels.train.finetune.FineTune.combine`): the state also holds
+    "frozen", the pre-trained parameters, and the model is reparametrize(state["params"], state["frozen"]); only
+    state["params"] (the adapters) is differentiated and updated, "frozen" comes back as it went in.
     """
-    loss_and_grad = _loss_and_grad(graphdef, loss_fn, grad_accum_steps)
     strategy = strategy or Strategy(mesh=None)
 
     def step(state, batch):
         params = state["params"]
-        (loss, metrics), grads = loss_and_grad(params, batch)
+        loss_scale = state["loss_scale"] if loss_scaling.enabled else precision.NoOpLossScale()
+        loss_and_grad = _loss_and_grad(_model_of(graphdef, reparametrize, state.get("frozen")), loss_fn,
+                                       grad_accum_steps)
+        (loss, metrics), grads = loss_and_grad(params, batch, loss_scale)
         loss, metrics = strategy.mean_over_shards((loss, metrics))
         grads, param_shard = strategy.shard_update(grads, params)
         grad_norm = global_norm(grads, strategy.update_axis)
         updates, opt_state = optimizer.update(grads, state["opt_state"], param_shard)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_shard = _keep_if(finite, optax.apply_updates(param_shard, updates), param_shard)
-        new_state = {"step": state["step"] + 1, "params": strategy.gather_params(new_shard, params),
+        new_state = {**state, "step": state["step"] + 1, "params": strategy.gather_params(new_shard, params),
                      "opt_state": _keep_if(finite, opt_state, state["opt_state"])}
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                        nonfinite=(~finite).astype(jnp.int32))
+        if loss_scaling.enabled:
+            new_state["loss_scale"] = loss_scaling.update(loss_scale, finite)
+            metrics["loss_scale"] = loss_scale.scale
         return new_state, metrics
 
     return strategy.wrap_step(step, state_specs=state_specs, batch_spec=batch_spec)

@@ -15,7 +15,8 @@ ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__ini
 RUN = {"train.num_steps": 4, "train.log_every": 2, "train.eval_every": 0, "train.checkpoint_every": 4,
        "optimizer.warmup_steps": 1, "data.eval_batches": 1}
 # Config name -> overrides that shrink it to seconds; configs not listed here are covered by
-# tests/models/test_attention_kinds.py (the attention kinds) or tests/train (lm_tiny).
+# tests/models/test_attention_kinds.py (the attention kinds) or tests/train (lm_tiny, and the fine-tunes: configs
+# with a peft section, which start from a checkpoint, in tests/train/test_peft_training.py).
 SMOKE = {
     "lm_mamba": {"model.num_layers": 1, "model.embed_dim": 32, "data.seq_len": 32, "data.global_batch_size": 8,
                  "sample.max_new_tokens": 8},

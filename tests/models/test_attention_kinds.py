@@ -146,9 +146,15 @@ def test_sparse_kind_needs_a_length_multiple_of_the_block():
         _model(kind="sparse_strided")(_tokens(9, 12))
 
 
+def _attention_config(name: str) -> bool:
+    """A decoder-LM config of an attention kind: not lm_tiny (tests/train) nor a fine-tune (config.peft: lm_tiny's
+    model, trained in tests/train/test_peft_training.py)."""
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    return name != "lm_tiny" and config.model.name == "decoder_lm" and "peft" not in config
+
+
 CONFIGS = sorted(p.stem for p in pathlib.Path(__file__).parents[2].glob("experiments/configs/lm_*.py")
-                 if p.stem != "lm_tiny"
-                 and importlib.import_module(f"experiments.configs.{p.stem}").get_config().model.name == "decoder_lm")
+                 if _attention_config(p.stem))
 
 
 def test_a_config_exists_for_every_kind():
