@@ -238,8 +238,9 @@ class DecoderLM(Model):
         recurrent state) already: a call with the cache then starts at cache_index 0 as without."""
         length = max_length + self.num_prompt
         if self.attention.position == "learned" and length > self.attention.max_positions:
-            raise ValueError(f"max_length={max_length} (+ {self.num_prompt} soft-prompt positions) is longer than "
-                             f"the {self.attention.max_positions} learned positions (attention.max_positions)")
+            prompt = f" (+ {self.num_prompt} soft-prompt positions)" if self.num_prompt else ""
+            raise ValueError(f"max_length={max_length}{prompt} is longer than the {self.attention.max_positions} "
+                             "learned positions (attention.max_positions)")
         cache = [block.init_cache(batch, length) for block in self.blocks]
         if not self.num_prompt:
             return cache
