@@ -171,10 +171,11 @@ def lora_targets(model: nnx.Module, spec: PeftSpec) -> list[LoraTarget]:
     return targets
 
 
-def lora_init(key: jax.Array, targets: list[LoraTarget], rank: int, dtype=jnp.float32) -> dict:
+def lora_init(key: jax.Array, targets: list[LoraTarget], rank: int) -> dict:
     """The LoRA parameters of `targets`: a tree mirroring the params' paths with {"lora_a": (in, r), "lora_b":
-    (r, out)} at each target. A ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's Kaiming-uniform with a = sqrt(5), as in
-    Hu et al.'s code and Hugging Face peft), B = 0: the adapted model starts equal to the base."""
+    (r, out)} at each target, float32 whatever the kernels' dtype. A ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's
+    Kaiming-uniform with a = sqrt(5), as in Hu et al.'s code and Hugging Face peft), B = 0: the adapted model
+    starts equal to the base."""
     tree: dict = {}
     for target, k in zip(targets, jax.random.split(key, len(targets))):
         bound = 1.0 / math.sqrt(target.in_features)
@@ -182,8 +183,8 @@ def lora_init(key: jax.Array, targets: list[LoraTarget], rank: int, dtype=jnp.fl
         for key_ in target.path[:-1]:
             node = node.setdefault(key_, {})
         node[target.path[-1]] = {
-            "lora_a": jax.random.uniform(k, (target.in_features, rank), jnp.float32, -bound, bound).astype(dtype),
-            "lora_b": jnp.zeros((rank, target.out_features), dtype)}
+            "lora_a": jax.random.uniform(k, (target.in_features, rank), jnp.float32, -bound, bound),
+            "lora_b": jnp.zeros((rank, target.out_features), jnp.float32)}
     return tree
 
 
