@@ -5,6 +5,7 @@ from flax import nnx
 
 from jaxmodels.models.autoencoder import KLAutoencoder
 from jaxmodels.models.dit import DiT
+from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
 from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
 from jaxmodels.models.mlp_denoiser import MLPDenoiser
@@ -17,7 +18,8 @@ from jaxmodels.ops.precision import DTYPES
 
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
-          "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger}
+          "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger,
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF}
 def check_model_config(config: ml_collections.ConfigDict) -> None:
     """Validate a model config section before anything is built: its name, its dtypes, and the model's own
     `check_config`. Raises ValueError naming the field (config.model.X) and the valid choices."""
