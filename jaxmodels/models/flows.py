@@ -257,9 +257,10 @@ class Glow(MultiScaleFlow):
     (actnorm, invertible 1x1 convolution in LU form, affine coupling of the channel halves with Glow's sigmoid
     scale and a `CouplingConvNet` of `hidden_dim` channels and `num_blocks` residual blocks: 0 is the paper's
     conv3x3-conv1x1-conv3x3), then, except after the last level, factoring out half of the channels with a
-    learned Gaussian prior from the kept half (`GaussianPrior`; `learned_prior=False`: N(0, I)). The paper's
-    CIFAR-10 model: L = 3, K = 32, 512 channels. Call `initialize(x)` on a data batch before training
-    (actnorm's data-dependent start). input_shape: (H, W, C), H and W divisible by 2^num_levels."""
+    learned Gaussian prior from the kept half (`GaussianPrior`; `learned_prior=False`: N(0, I)). The 1x1
+    convolutions start from fixed random rotations, one seed per step. The paper's CIFAR-10 model: L = 3,
+    K = 32, 512 channels. Call `initialize(x)` on a data batch before training (actnorm's data-dependent start).
+    input_shape: (H, W, C), H and W divisible by 2^num_levels."""
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -281,8 +282,9 @@ class Glow(MultiScaleFlow):
         for level in range(num_levels):
             h, w, c = h // 2, w // 2, 4 * c
             steps = []
-            for _ in range(num_steps):
-                steps += [layers.ActNorm(c, **kw), layers.InvertibleConv1x1(c, **kw),
+            for k in range(num_steps):
+                steps += [layers.ActNorm(c, **kw),
+                          layers.InvertibleConv1x1(c, seed=level * num_steps + k, param_dtype=param_dtype),
                           layers.AffineCoupling((h, w, c), mask="channel", hidden_dim=hidden_dim,
                                                 num_blocks=num_blocks, scale="sigmoid", dtype=dtype, **kw)]
             split = level < num_levels - 1

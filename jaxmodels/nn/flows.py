@@ -180,16 +180,20 @@ class ActNorm(Bijector):
 
 class InvertibleConv1x1(Bijector):
     """Glow's invertible 1x1 convolution in LU form (`ops.flows.invertible_conv_1x1`, §3.2): W = P L (U + diag(s))
-    from a random rotation (`invertible_conv_1x1_init`); P and sign(s) stay fixed (stored as static tuples), L, U
-    and log|s| are trained. x: (B, ..., channels)."""
+    from a random rotation (`invertible_conv_1x1_init`); P and sign(s) stay fixed, L, U and log|s| are trained.
 
-    def __init__(self, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        p, l, u, s = F.invertible_conv_1x1_init(rngs.params(), channels)
-        self.permutation = tuple(int(i) for i in np.argmax(np.asarray(p), axis=1))  # P[i, permutation[i]] = 1
-        self.sign = tuple(float(v) for v in np.sign(np.asarray(s)))
-        self.lower = nnx.Param(l.astype(param_dtype), logical_axes=(None, None))
-        self.upper = nnx.Param(u.astype(param_dtype), logical_axes=(None, None))
-        self.log_abs_s = nnx.Param(jnp.log(jnp.abs(s)).astype(param_dtype), logical_axes=("norm",))
+    P and sign(s) are static data of the layer (tuples), so the rotation is drawn from `seed`, a static int,
+    eagerly even when the layer is built under a trace (the trainer builds models inside `jax.jit`); the
+    parameters then start from it whatever the rngs. x: (B, ..., channels)."""
+
+    def __init__(self, channels: int, *, seed: int = 0, param_dtype=jnp.float32):
+        with jax.ensure_compile_time_eval():
+            p, l, u, s = (np.asarray(a) for a in F.invertible_conv_1x1_init(jax.random.key(seed), channels))
+        self.permutation = tuple(int(i) for i in np.argmax(p, axis=1))  # P[i, permutation[i]] = 1
+        self.sign = tuple(float(v) for v in np.sign(s))
+        self.lower = nnx.Param(jnp.asarray(l, param_dtype), logical_axes=(None, None))
+        self.upper = nnx.Param(jnp.asarray(u, param_dtype), logical_axes=(None, None))
+        self.log_abs_s = nnx.Param(jnp.asarray(np.log(np.abs(s)), param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array, inverse: bool = False) -> tuple[jax.Array, jax.Array]:
         c = len(self.permutation)
