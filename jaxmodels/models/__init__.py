@@ -4,6 +4,7 @@ import ml_collections
 from flax import nnx
 
 from jaxmodels.models.autoencoder import KLAutoencoder
+from jaxmodels.models.cpc import CPC
 from jaxmodels.models.dit import DiT
 from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
 from jaxmodels.models.lm import DecoderLM
@@ -19,7 +20,7 @@ from jaxmodels.ops.precision import DTYPES
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger,
-          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF}
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC}
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The model section as its model takes it: a field named after a model of MODELS holds that model's own
     settings (e.g. config.model.glow.num_levels), so that one config can carry several models and
