@@ -37,7 +37,8 @@ from jaxmodels.tasks.diffusion import example_seeds
 from jaxmodels.tasks.metrics import frechet_distance
 
 IMAGE_DATA = {"digits": (digits, (8, 8, 1), digits.MAX_PIXEL + 1), "mnist": (mnist, (28, 28, 1), mnist.MAX_PIXEL + 1)}
-DATA = tuple(toy2d.SAMPLERS) + tuple(IMAGE_DATA)
+SYNTHETIC = "synthetic_images"  # uniformly random 8-bit images of model.input_shape, for benchmarks
+DATA = tuple(toy2d.SAMPLERS) + tuple(IMAGE_DATA) + (SYNTHETIC,)
 PREPROCESS = ("logit", "centre")
 
 
@@ -45,8 +46,9 @@ class FlowLikelihood(Task):
     """Trains a flow of `jaxmodels.models.flows` by maximum likelihood (module docstring).
 
     Config sections used: model (a flow, `make_model`; model.input_shape must be the data's example shape:
-    (2,) for the toys, (8, 8, 1) digits, (28, 28, 1) mnist), data (name: a toy of `toy2d.SAMPLERS`, "digits" or
-    "mnist" (needs the `mnist` extra); global_batch_size, seed, eval_seed, eval_batches, data_dir), flow
+    (2,) for the toys, (8, 8, 1) digits, (28, 28, 1) mnist), data (name: a toy of `toy2d.SAMPLERS`, "digits",
+    "mnist" (needs the `mnist` extra) or "synthetic_images" (uniformly random 8-bit images of model.input_shape,
+    for benchmarks); global_batch_size, seed, eval_seed, eval_batches, data_dir), flow
     (preprocess: "logit" | "centre", alpha: the logit transform's), sample (num_samples, temperature).
     Metrics: loss, bits_per_dim, and for images nll_nats (-log P(x) of the discrete data, nats per example).
     """
@@ -75,12 +77,16 @@ class FlowLikelihood(Task):
     @property
     def example_shape(self) -> tuple[int, ...]:
         name = self.config.data.name
+        if name == SYNTHETIC:
+            return tuple(self.config.model.input_shape)
         return IMAGE_DATA[name][1] if name in IMAGE_DATA else (2,)
 
     @property
     def num_bins(self) -> int | None:
         """K, the number of pixel values of the image data; None for the continuous toys."""
         name = self.config.data.name
+        if name == SYNTHETIC:
+            return 256
         return IMAGE_DATA[name][2] if name in IMAGE_DATA else None
 
     @property
@@ -140,6 +146,9 @@ class FlowLikelihood(Task):
             module = IMAGE_DATA[d.name][0]
             inputs = module.batch(split, seed, step, b, process_index, process_count, view="counts",
                                   data_dir=d.data_dir)["inputs"]
+        elif d.name == SYNTHETIC:
+            inputs = np.random.default_rng([seed, step]).integers(0, 256, (b, *self.example_shape))
+            inputs = inputs.astype(np.float32)[rows]
         else:
             inputs = np.asarray(toy2d.sample(d.name, jax.random.fold_in(jax.random.key(seed), step), b))[rows]
         return {"inputs": inputs, "seed": example_seeds(seed, step, b)[rows]}
@@ -196,9 +205,11 @@ class FlowLikelihood(Task):
 
     def baseline(self) -> dict[str, float]:
         """Images: bits/dim of the uniform distribution over the K values (log2 K), and of independent pixels, each
-        with its train-split histogram (add-one smoothing), on the first data.eval_batches test batches. Toys:
-        none."""
+        with its train-split histogram (add-one smoothing), on the first data.eval_batches test batches (synthetic
+        images: the uniform one, their true distribution). Toys: none."""
         d = self.config.data
+        if d.name == SYNTHETIC:
+            return {"uniform_bits_per_dim": 8.0}
         if d.name not in IMAGE_DATA:
             return {}
         k = self.num_bins
@@ -221,6 +232,8 @@ class FlowLikelihood(Task):
         s, d = self.config.sample, self.config.data
         x = self.draw(model, seed, s.num_samples, s.temperature)
         head = f"{s.num_samples} samples at temperature {s.temperature}"
+        if d.name == SYNTHETIC:
+            return f"{head}: mean pixel {x.mean():.2f} (data 127.5)"
         if d.name not in IMAGE_DATA:
             ref = np.asarray(toy2d.sample(d.name, d.eval_seed + 1, s.num_samples))
             x = np.nan_to_num(x, nan=0.0, posinf=1e3, neginf=-1e3)
