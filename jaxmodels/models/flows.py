@@ -170,10 +170,6 @@ class MultiScaleFlow(Flow):
             log_det += ld
         return h, log_det
 
-    def initialize(self, x: jax.Array) -> None:
-        """Runs `x` through the flow, setting each actnorm from the activations it receives (Glow §3.1)."""
-        self._forward(x, initialize=True)
-
 
 class NICE(MultiScaleFlow):
     """NICE (Dinh, Krueger & Bengio 2014): `num_couplings` additive couplings on alternating odd/even halves of
@@ -293,6 +289,10 @@ class Glow(MultiScaleFlow):
             if split:
                 c //= 2
         self.levels = nnx.List(levels)
+
+    def initialize(self, x: jax.Array) -> None:
+        """Runs `x` through the flow, setting each actnorm from the activations it receives (Glow §3.1)."""
+        self._forward(x, initialize=True)
 
 
 SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint, "bosh3": diffrax.Bosh3,
