@@ -11,8 +11,9 @@ test accuracy against the same probe on a randomly initialised network.
 Run:
     python -m jaxmodels.main --config experiments/configs/cpc_digits.py --workdir /tmp/cpc_digits
 
-Expect (2-core CPU, 1500 steps of batch 64): see experiments/results/cpc/results.md (experiments/cpc.py:
-the MI bound log N - L over training and the probe accuracies).
+Expect (shared 2-core CPU, 1500 steps of batch 64, ~4 min): eval MI bound log N - L ~1.8 nats (k = 1, 2, 3:
+2.3, 1.6, 1.4; log N = 6.24); probe test accuracy 0.97 (random encoders 0.96) with all labels, 0.79 (random
+0.67) with 100. experiments/cpc.py runs the variants (experiments/results/cpc/results.md).
 """
 
 import ml_collections

@@ -15,8 +15,10 @@ Run:
     python -m jaxmodels.main --config experiments/configs/flow_digits.py --workdir /tmp/flow_digits \
         --config.model.name=glow
 
-Expect (2-core CPU): see experiments/results/flows/results.md (experiments/flows.py runs all four; the
-uniform baseline is log2 17 = 4.09 bits/dim, the independent-pixels one ~2.6).
+Expect (shared 2-core CPU, 3000 steps, 3-8 min each): test bits/dim over the 297 test digits NICE 2.64,
+RealNVP 2.12, Glow 2.09, CNF 2.24 (uniform baseline log2 17 = 4.09, independent pixels 2.43); the eval
+metric of a run is on data.eval_batches test batches. experiments/flows.py runs all four
+(experiments/results/flows/results.md).
 """
 
 import ml_collections

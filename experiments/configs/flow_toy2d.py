@@ -10,8 +10,10 @@ Run:
     python -m jaxmodels.main --config experiments/configs/flow_toy2d.py --workdir /tmp/flow_toy2d \
         --config.data.name=two_moons [--config.model.name=cnf]
 
-Expect (2-core CPU, 2000 steps of batch 256): see experiments/results/flows/results.md
-(experiments/flows.py, which draws the density heat maps and samples of both models on the three densities).
+Expect (shared 2-core CPU, 1500 steps of batch 256; RealNVP ~1-2 min, CNF 4-9 min): eval NLL in nats per
+point two moons 1.72 / 1.71 (RealNVP / CNF), checkerboard 2.04 / 2.18, 8 Gaussians 0.86 / 0.35; samples at the
+data-vs-data sliced-W2 floor but RealNVP's on 8 Gaussians. experiments/flows.py draws the density heat maps and
+samples (experiments/results/flows/results.md).
 """
 
 import ml_collections
