@@ -22,14 +22,12 @@ def _full_precision_matmuls():
         yield
 
 
-def _perturbed(model, seed=0, scale=0.2):
-    """Every parameter moved by scale·N(0, 1): the zero-initialised last layers no longer make the identity."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
-                                                   for x, k in zip(leaves, keys)]))
-    return model
+def _random(factory, seed=0, scale=0.2):
+    """factory()'s model built abstractly, every parameter then drawn as scale·N(0, 1) on the host: a generic
+    invertible map (the zero-initialised last layers would make the identity), without compiling initialisers."""
+    graphdef, state = nnx.split(nnx.eval_shape(factory))
+    rng = np.random.default_rng(seed)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(scale * rng.normal(size=a.shape), a.dtype), state))
 
 
 def _x(shape, seed=1):
@@ -61,10 +59,9 @@ def _initialized(model, x):
 
 
 def _built(name):
-    """The model, initialised on a batch x (3, *input_shape) and perturbed, and x."""
-    model = MODELS_UNDER_TEST[name]()
-    x = _x((3, *model.input_shape))
-    return _perturbed(_initialized(model, x)), x
+    """The model with random parameters (actnorm's too: no data-dependent start needed), and x (3, *input_shape)."""
+    model = _random(MODELS_UNDER_TEST[name])
+    return model, _x((3, *model.input_shape))
 
 
 def _jit(model, fn):
@@ -121,7 +118,7 @@ def test_log_prob_is_the_change_of_variables_and_sampling_inverts_the_scaled_pri
 
 
 def test_glow_initialize_sets_actnorm_from_the_data():
-    model = Glow(input_shape=(4, 4, 1), num_levels=1, num_steps=1, hidden_dim=4, rngs=nnx.Rngs(0))
+    model = _random(lambda: Glow(input_shape=(4, 4, 1), num_levels=1, num_steps=1, hidden_dim=4, rngs=nnx.Rngs(0)))
     x = 3.0 + 2.0 * _x((16, 4, 4, 1))
     out = _initialized(model, x).levels[0].post[0](F.squeeze(x)[0])[0]
     np.testing.assert_allclose(out.mean((0, 1, 2)), 0.0, atol=1e-5)
@@ -130,8 +127,8 @@ def test_glow_initialize_sets_actnorm_from_the_data():
 
 def test_cnf_hutchinson_needs_a_key_and_estimates_the_exact_log_det():
     kw = dict(input_shape=(2,), hidden_dims=(8,), solver="heun", num_steps=4)
-    exact = _perturbed(CNF(trace="exact", rngs=nnx.Rngs(0), **kw))
-    estimated = _perturbed(CNF(trace="hutchinson", rngs=nnx.Rngs(0), **kw))
+    exact = _random(lambda: CNF(trace="exact", rngs=nnx.Rngs(0), **kw))
+    estimated = _random(lambda: CNF(trace="hutchinson", rngs=nnx.Rngs(0), **kw))
     x = _x((2, 2))
     with pytest.raises(ValueError, match="needs key"):
         jax.eval_shape(lambda: estimated.forward(x))
