@@ -14,8 +14,8 @@ their index, send their first n_c to "test", where n_c are the largest-remainder
 "train". The split depends on nothing but the data: no random generator, no library version.
 
 Readers: `prepare(data_dir).as_data_source(split)` gives random access; `batch`/`batches` give
-deterministic float batches as images `(B, 8, 8, 1)` or, for sequential-digits classification,
-as pixel sequences `(B, 64, 1)` in row-major order.
+deterministic float batches as images `(B, 8, 8, 1)` (in [-1, 1], or the pixel values 0..16 themselves
+for likelihoods) or, for sequential-digits classification, as pixel sequences `(B, 64, 1)` in row-major order.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ NUM_EXAMPLES = 1797
 NUM_TEST = 297
 NUM_CLASSES = 10
 MAX_PIXEL = 16  # pixels are counts in 0..16
-VIEWS = ("image", "sequence")
+VIEWS = ("image", "sequence", "counts")
 
 
 def _hash_order(indices: np.ndarray) -> np.ndarray:
@@ -143,10 +143,14 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
 def _view(images: np.ndarray, view: str) -> np.ndarray:
     if view == "image":
         return to_unit_range(images)
+    if view == "counts":  # the pixel values themselves, for likelihoods of the discrete data (flows)
+        return np.asarray(images, np.float32)
     return to_unit_range(images).reshape(len(images), 64, 1)  # "sequence": row-major pixel order
 
 
-def _check(view: str, global_batch_size: int, seed: int, step: int, process_index: int, process_count: int):
+def check_batch_arguments(view: str, global_batch_size: int, seed: int, step: int, process_index: int,
+                          process_count: int) -> None:
+    """Raises ValueError for a view outside VIEWS or a bad batch, seed, step or process (shared with `mnist`)."""
     one_of("view", view, VIEWS)
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
@@ -157,7 +161,7 @@ def _check(view: str, global_batch_size: int, seed: int, step: int, process_inde
         raise ValueError(f"seed and step must be >= 0, got {seed} and {step}")
 
 
-def _index_batches(num_examples: int, global_batch_size: int, seed: int, process_index: int,
+def index_batches(num_examples: int, global_batch_size: int, seed: int, process_index: int,
                    process_count: int) -> grain.MapDataset:
     """Infinite MapDataset whose item s is this process's int `(B // P,)` example indices of step s.
 
@@ -173,7 +177,8 @@ def batch(split: str, seed: int, step: int, global_batch_size: int, process_inde
     """This process's batch of `split` at `step`, the one `batches` yields there.
 
     Returns {"inputs": float32 in [-1, 1], (B_l, 8, 8, 1) for view="image" or (B_l, 64, 1) for
-    view="sequence" (row-major pixels), "labels": int32 (B_l,)}, B_l = global_batch_size // process_count.
+    view="sequence" (row-major pixels), or the pixel values 0..16 as float32 (B_l, 8, 8, 1) for view="counts",
+    "labels": int32 (B_l,)}, B_l = global_batch_size // process_count.
     Process p gets rows [p*B_l, (p+1)*B_l) of the global batch; each epoch is a fresh permutation.
     """
     return next(batches(split, seed, global_batch_size, process_index, process_count, start_step=step, view=view,
@@ -187,8 +192,8 @@ def batches(split: str, seed: int, global_batch_size: int, process_index: int = 
     A batch is a pure function of (split, seed, step, process): resuming needs only the step.
     Raises ValueError on bad arguments, before the first batch is asked for.
     """
-    _check(view, global_batch_size, seed, start_step, process_index, process_count)
+    check_batch_arguments(view, global_batch_size, seed, start_step, process_index, process_count)
     images, labels, _ = load_split(split, data_dir)
-    ds = _index_batches(len(labels), global_batch_size, seed, process_index, process_count)
+    ds = index_batches(len(labels), global_batch_size, seed, process_index, process_count)
     rows = map(ds.__getitem__, itertools.count(start_step))
     return ({"inputs": _view(images[r], view), "labels": labels[r].astype(np.int32)} for r in rows)

@@ -152,3 +152,30 @@ class Downsample(nnx.Module):
         b, h, w, c = x.shape
         pooled = jnp.mean(x.astype(jnp.float32).reshape(b, h // r, r, w // r, r, c), axis=(2, 4)).astype(self.dtype)
         return pooled if self.conv is None else self.conv(pooled)
+
+
+class Conv1D(nnx.Module):
+    """1-D convolution over sequences, x (B, L, in_channels) -> (B, L', out_channels) in `dtype`, no padding
+    ("VALID": L' = floor((L - kernel_size) / stride) + 1), or with `causal` padding by kernel_size - 1 on the left
+    (stride 1: L' = L, output t sees inputs t - kernel_size + 1 .. t only, as WaveNet's causal convolutions).
+    Kernel (kernel_size, in_channels, out_channels): LeCun normal over kernel_size·in_channels; bias zeros."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 causal: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if causal and stride != 1:
+            raise ValueError(f"a causal convolution has stride 1, got stride={stride}")
+        self.in_channels, self.kernel_size, self.stride, self.causal, self.dtype = (in_channels, kernel_size, stride,
+                                                                                  causal, dtype)
+        self.kernel = param(rngs, fan_in_init(fan_in_dims=2), (kernel_size, in_channels, out_channels),
+                            (None, None, "embed"), param_dtype)
+        self.bias = param(rngs, zeros_init, (out_channels,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 3 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"x must be (batch, length, {self.in_channels}), got shape {x.shape}")
+        if not self.causal and x.shape[1] < self.kernel_size:
+            raise ValueError(f"x's length {x.shape[1]} is shorter than the kernel ({self.kernel_size})")
+        pad = ((self.kernel_size - 1, 0),) if self.causal else ((0, 0),)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel.value.astype(self.dtype), (self.stride,),
+                                         pad, dimension_numbers=("NWC", "WIO", "NWC"))
+        return y + self.bias.value.astype(self.dtype)

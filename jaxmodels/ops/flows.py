@@ -23,6 +23,7 @@ and what acts per channel (actnorm, the 1x1 convolution) treats every other non-
   multi-scale      squeeze (space-to-depth; `inverse=True` is unsqueeze), factor_out / factor_in (RealNVP §3.6)
   data             logit_transform (RealNVP §4.1), uniform_dequantize, variational_dequantize (Flow++ §3.1)
   likelihood       standard_normal_log_prob, gaussian_log_prob, bits_per_dim
+  continuous flow  exact_divergence, hutchinson_divergence (FFJORD §2.2-2.3): d log p(z(t))/dt = -tr(df/dz)
 """
 
 import math
@@ -414,3 +415,50 @@ def bits_per_dim(log_likelihood: jax.Array, num_dims: int, *, num_bins: int | No
     if num_bins is not None:
         nll = nll + num_dims * math.log(num_bins)
     return nll / (num_dims * math.log(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous normalising flows: the divergence of the dynamics (FFJORD)
+# ----------------------------------------------------------------------------------------------
+
+def _check_dynamics_output(out: jax.Array, z: jax.Array) -> None:
+    if out.shape != z.shape:
+        raise ValueError(f"the dynamics must map z {z.shape} to its own shape, got {out.shape}")
+
+
+def exact_divergence(fn: Callable[[jax.Array], jax.Array], z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(f(z), tr(df/dz)) per example, the trace of each example's D x D Jacobian by `jax.jacfwd`: the exact
+    instantaneous change of variables of a continuous normalising flow (Chen et al. 2018, Theorem 1;
+    FFJORD, Grathwohl et al. 2019, eq. 4), d log p(z(t)) / dt = -tr(df/dz(t)). D forward-mode passes per
+    example: meant for small D (2-D densities).
+
+    fn: (B, ...) -> (B, ...), example i of the output depending on example i of the input only (it is called
+    on single examples, shape (1, ...)); z: (B, ...) float. Returns (f(z) of z's shape, divergence (B,) float32).
+    """
+    _check_batched(z, "z")
+
+    def one(zi):  # (...) -> ((...), (...)): the Jacobian of one example, and its value as auxiliary output
+        out = fn(zi[None])[0]
+        return out, out
+
+    jac, out = jax.vmap(jax.jacfwd(one, has_aux=True))(z)  # (B, *event, *event)
+    _check_dynamics_output(out, z)
+    d = math.prod(z.shape[1:])
+    return out, _batch_sum(jnp.trace(jac.reshape(z.shape[0], d, d), axis1=1, axis2=2)[:, None])
+
+
+def hutchinson_divergence(fn: Callable[[jax.Array], jax.Array], z: jax.Array,
+                          noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(f(z), eps^T (df/dz) eps) per example: Hutchinson's unbiased estimator of the trace (Hutchinson 1989;
+    FFJORD, Grathwohl et al. 2019, eq. 7), E_eps[eps^T A eps] = tr(A) for any eps with E[eps eps^T] = I
+    (Rademacher or standard normal). One Jacobian-vector product (`jax.jvp`), whatever D; FFJORD keeps one eps
+    over a whole ODE solve.
+
+    fn: (B, ...) -> (B, ...) per example; z, noise: (B, ...) float. Returns (f(z), estimate (B,) float32).
+    """
+    _check_batched(z, "z")
+    if noise.shape != z.shape:
+        raise ValueError(f"noise must have z's shape {z.shape}, got {noise.shape}")
+    out, jvp = jax.jvp(fn, (z,), (noise.astype(z.dtype),))
+    _check_dynamics_output(out, z)
+    return out, _batch_sum(jvp * noise)

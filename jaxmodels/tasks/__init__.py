@@ -4,14 +4,17 @@ import ml_collections
 
 from jaxmodels.ops.checks import one_of
 from jaxmodels.tasks.base import Task
+from jaxmodels.tasks.cpc import CPCTask
 from jaxmodels.tasks.diffusion import Diffusion
+from jaxmodels.tasks.flows import FlowLikelihood
 from jaxmodels.tasks.lm import LanguageModeling
 from jaxmodels.tasks.sequence import SequenceClassification, SequenceTokens
 
 __all__ = ["TASKS", "Task", "make_task"]
 
 TASKS: dict[str, type[Task]] = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens,
-                                "sequence_classification": SequenceClassification}
+                                "sequence_classification": SequenceClassification, "flow": FlowLikelihood,
+                                "cpc": CPCTask}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

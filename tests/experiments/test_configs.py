@@ -31,6 +31,12 @@ SMOKE = {
                    "data.global_batch_size": 16},
     "diffusion_toy2d": {"model.hidden_dim": 16, "model.num_layers": 1, "data.global_batch_size": 16,
                         "sample.num_samples": 32, "sample.num_steps": 2},
+    "cpc_digits": {"model.encoder_channels": (8, 8), "model.context_dim": 8, "data.global_batch_size": 8,
+                   "sample.probe_examples": 200},
+    "flow_toy2d": {"model.realnvp.hidden_dim": 8, "model.realnvp.num_couplings": 2, "data.global_batch_size": 16,
+                   "sample.num_samples": 32},
+    "flow_digits": {"model.realnvp.hidden_dim": 4, "model.realnvp.num_couplings": 1, "data.global_batch_size": 8,
+                    "sample.num_samples": 8},
     "diffusion_digits": {"model.base_channels": 8, "model.num_groups": 4, "data.global_batch_size": 8,
                          "sample.num_samples": 10, "sample.num_steps": 1},
 }

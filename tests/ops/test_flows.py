@@ -272,3 +272,47 @@ def test_bad_input():
         flows.invertible_conv_1x1(jnp.zeros((2, 3)), jnp.eye(3), jnp.eye(3), jnp.eye(2), jnp.ones(3))
     with pytest.raises(ValueError, match="num_dims"):
         flows.bits_per_dim(jnp.zeros(2), 0)
+
+
+def _dynamics(seed, d):
+    """A nonlinear per-example map (B, d) -> (B, d) and its float64 NumPy Jacobian's trace."""
+    w1, w2 = np.random.default_rng(seed).normal(size=(2, d, d)) / math.sqrt(d)
+    fn = lambda z: jnp.tanh(z @ jnp.asarray(w1, z.dtype)) @ jnp.asarray(w2, z.dtype)
+
+    def trace(z):  # d/dz [tanh(z W1) W2]_j = sum_k W1[i, k] (1 - tanh^2) W2[k, j]; its trace, per example
+        g = 1 - np.tanh(z @ w1) ** 2
+        return np.einsum("ik,bk,ki->b", w1, g, w2)
+
+    return fn, trace
+
+
+@pytest.mark.parametrize("d", [2, 5])
+def test_exact_divergence_is_the_jacobian_trace(d):
+    fn, trace = _dynamics(0, d)
+    z = _normal(1, (3, d))
+    out, div = flows.exact_divergence(fn, z)
+    np.testing.assert_allclose(out, fn(z), rtol=1e-6)
+    np.testing.assert_allclose(div, trace(np.asarray(z, np.float64)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "normal"])
+def test_hutchinson_divergence_is_unbiased(noise):
+    """The mean over many probes is the exact trace, within 4 standard errors; one probe is not."""
+    fn, trace = _dynamics(2, 6)
+    z = _normal(3, (2, 6))
+    draw = jax.random.rademacher if noise == "rademacher" else jax.random.normal
+    probes = 4000
+    estimates = jax.jit(jax.vmap(lambda k: flows.hutchinson_divergence(fn, z, draw(k, z.shape, jnp.float32))[1]))(
+        jax.random.split(jax.random.key(0), probes))
+    exact = trace(np.asarray(z, np.float64))
+    stderr = np.asarray(estimates.std(0)) / math.sqrt(probes)
+    assert np.all(stderr > 1e-3)
+    np.testing.assert_array_less(np.abs(np.asarray(estimates.mean(0)) - exact), 4 * stderr)
+    assert np.abs(np.asarray(estimates[0]) - exact).max() > 10 * stderr.max()
+
+
+def test_divergence_bad_input():
+    with pytest.raises(ValueError, match="noise must have z's shape"):
+        flows.hutchinson_divergence(jnp.sin, jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="map z"):
+        flows.exact_divergence(lambda z: z[:, :1], jnp.ones((2, 3)))
