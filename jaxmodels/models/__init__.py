@@ -4,6 +4,7 @@ import ml_collections
 from flax import nnx
 
 from jaxmodels.models.autoencoder import KLAutoencoder
+from jaxmodels.models.classifier import DigitClassifier
 from jaxmodels.models.cpc import CPC
 from jaxmodels.models.dit import DiT
 from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
@@ -13,6 +14,7 @@ from jaxmodels.models.mlp_denoiser import MLPDenoiser
 from jaxmodels.models.mmdit import MMDiT
 from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
+from jaxmodels.models.swin import Swin
 from jaxmodels.models.unet import UNet
 from jaxmodels.models.vit import ViT
 from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec
@@ -22,7 +24,8 @@ from jaxmodels.ops.precision import DTYPES
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT,
-          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC}
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "swin": Swin,
+          "convnet": DigitClassifier}
 
 
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

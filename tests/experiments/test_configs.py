@@ -39,6 +39,9 @@ SMOKE = {
                     "sample.num_samples": 8},
     "diffusion_digits": {"model.base_channels": 8, "model.num_groups": 4, "data.global_batch_size": 8,
                          "sample.num_samples": 10, "sample.num_steps": 1},
+    "image_classification": {"data.name": "digits", "model.image_size": 8, "model.swin.patch_size": 1,
+                             "model.swin.window_size": 4, "model.swin.embed_dim": 8, "model.swin.depths": (2,),
+                             "model.swin.num_heads": (2,), "data.global_batch_size": 8},
 }
 
 
