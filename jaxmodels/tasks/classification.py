@@ -145,7 +145,8 @@ class ImageClassification(Task):
         d = self.config.data
         images, labels = self.test_split()
         if d.eval_batches:
-            images, labels = images[:d.eval_batches * d.global_batch_size], labels[:d.eval_batches * d.global_batch_size]
+            n = d.eval_batches * d.global_batch_size
+            images, labels = images[:n], labels[:n]
         return padded_eval_batches(images, labels, d.global_batch_size)
 
     def baseline(self) -> dict[str, float]:
