@@ -7,6 +7,7 @@ from jaxmodels.models.autoencoder import KLAutoencoder
 from jaxmodels.models.classifier import DigitClassifier
 from jaxmodels.models.cpc import CPC
 from jaxmodels.models.dit import DiT
+from jaxmodels.models.embedding import EmbeddingClassifier
 from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
 from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
@@ -25,7 +26,7 @@ MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": S
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT,
           "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "swin": Swin,
-          "convnet": DigitClassifier}
+          "convnet": DigitClassifier, "embedding_classifier": EmbeddingClassifier}
 
 
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -7,6 +7,7 @@ from jaxmodels.tasks.base import Task
 from jaxmodels.tasks.classification import ImageClassification
 from jaxmodels.tasks.cpc import CPCTask
 from jaxmodels.tasks.diffusion import Diffusion
+from jaxmodels.tasks.embedding import EmbeddingVerification
 from jaxmodels.tasks.flows import FlowLikelihood
 from jaxmodels.tasks.lm import LanguageModeling
 from jaxmodels.tasks.sequence import SequenceClassification, SequenceTokens
@@ -15,7 +16,8 @@ __all__ = ["TASKS", "Task", "make_task"]
 
 TASKS: dict[str, type[Task]] = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens,
                                 "sequence_classification": SequenceClassification, "flow": FlowLikelihood,
-                                "cpc": CPCTask, "classification": ImageClassification}
+                                "cpc": CPCTask, "classification": ImageClassification,
+                                "embedding": EmbeddingVerification}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

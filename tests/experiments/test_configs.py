@@ -42,6 +42,8 @@ SMOKE = {
     "image_classification": {"data.name": "digits", "model.image_size": 8, "model.swin.patch_size": 1,
                              "model.swin.window_size": 4, "model.swin.embed_dim": 8, "model.swin.depths": (2,),
                              "model.swin.num_heads": (2,), "data.global_batch_size": 8},
+    "arcface_mnist": {"data.name": "digits", "model.channels": 4, "model.num_stages": 1, "model.feature_dim": 8,
+                      "model.embed_dim": 8, "data.global_batch_size": 8, "verification.num_pairs": 50},
 }
 
 

@@ -91,14 +91,17 @@ def test_a_few_adam_steps_fit_a_tiny_batch():
 
 def test_convnet_flops_and_config():
     shape = dict(in_channels=1, channels=4, feature_dim=8, num_classes=10)
-    model = nnx.eval_shape(lambda: DigitClassifier(**shape, image_size=7, rngs=nnx.Rngs(0)))
-    flops = convnet_flops_per_example(image_size=7, **shape)
-    assert matmul_flops(model, jnp.zeros((1, 7, 7, 1))) == flops
-    assert model.train_flops_per_example() == 3 * flops
+    for stages in (1, 2):
+        model = nnx.eval_shape(lambda: DigitClassifier(**shape, num_stages=stages, image_size=7, rngs=nnx.Rngs(0)))
+        flops = convnet_flops_per_example(image_size=7, num_stages=stages, **shape)
+        assert matmul_flops(model, jnp.zeros((1, 7, 7, 1))) == flops
+        assert model.train_flops_per_example() == 3 * flops
+    assert flops == 2 * (9 * (49 * 4 + 16 * 4 * 8 + 16 * 8 * 8 + 4 * 8 * 16 + 4 * 16 * 16) + 16 * 8 + 8 * 10)
     assert nnx.eval_shape(lambda: DigitClassifier(rngs=nnx.Rngs(0))).train_flops_per_example() is None  # any size
     with pytest.raises(ValueError, match=r"x must be \(batch, 7, 7, 1\)"):
         model(jnp.zeros((1, 8, 8, 1)))
     good = dict(name="convnet", dtype="float32", param_dtype="float32", image_size=None, **shape)
     check_model_config(ml_collections.ConfigDict(good))
-    with pytest.raises(ValueError, match="config.model.channels"):
-        check_model_config(ml_collections.ConfigDict({**good, "channels": 0}))
+    for field in ("channels", "num_stages"):
+        with pytest.raises(ValueError, match=f"config.model.{field}"):
+            check_model_config(ml_collections.ConfigDict({**good, field: 0}))
