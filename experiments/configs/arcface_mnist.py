@@ -19,27 +19,18 @@ experiments/arcface.py with the measured verification accuracies and wall times 
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import image_classification
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    """image_classification's optimiser, trainer and mesh sections with the embedding task and model."""
+    c = image_classification.get_config()
     c.task = "embedding"
     c.model = dict(name="embedding_classifier", in_channels=1, channels=24, num_stages=2, feature_dim=128,
                    embed_dim=64, num_classes=7, head="arcface", scale=16.0, margin=0.5, dtype="float32",
                    param_dtype="float32")
-    c.data = dict(name="mnist", train_classes=(0, 1, 2, 3, 4, 5, 6), global_batch_size=64, seed=0, eval_batches=0,
-                  data_dir=config_dict.placeholder(str))
+    c.data.update(train_classes=(0, 1, 2, 3, 4, 5, 6), global_batch_size=64)
     c.verification = dict(num_pairs=3000, seed=0)
-    c.optimizer = dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.01, b1=0.9,
-                       b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=1.0)
-    c.train = dict(num_steps=1000, seed=0, grad_accum_steps=1, log_every=100, eval_every=250,
-                   checkpoint_every=1000, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels", init_from="")
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.train.update(num_steps=1000, eval_every=250, checkpoint_every=1000)
     return c
