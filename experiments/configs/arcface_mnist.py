@@ -19,6 +19,7 @@ experiments/arcface.py with the measured verification accuracies and wall times 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import image_classification
 
@@ -30,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = dict(name="embedding_classifier", in_channels=1, channels=24, num_stages=2, feature_dim=128,
                    embed_dim=64, num_classes=7, head="arcface", scale=16.0, margin=0.5, dtype="float32",
                    param_dtype="float32")
-    c.data.update(train_classes=(0, 1, 2, 3, 4, 5, 6), global_batch_size=64)
+    c.data = dict(name="mnist", train_classes=(0, 1, 2, 3, 4, 5, 6), global_batch_size=64, seed=0, eval_batches=0,
+                  data_dir=config_dict.placeholder(str))
     c.verification = dict(num_pairs=3000, seed=0)
     c.train.update(num_steps=1000, eval_every=250, checkpoint_every=1000)
     return c

