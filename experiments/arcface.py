@@ -101,8 +101,7 @@ def main():
            "num_pairs": config.verification.num_pairs, "pixels": task.verification(None)}
     for head in args.heads.split(","):  # heads run before (with their scores) are kept
         result, scores, same = run(head, args.steps, args.data)
-        runs[head] = {**result, "unseen_test_scores": {"same": scores[same].round(4).tolist(),
-                                                       "different": scores[~same].round(4).tolist()}}
+        runs[head] = {**result, "unseen_test_histogram": histogram(scores, same)}
         v = result["verification"]
         print(f"{head}: unseen verification {v['unseen']['test_accuracy']:.4f} (AUC {v['unseen']['test_auc']:.4f}), "
               f"seen {v['seen']['test_accuracy']:.4f}, {result['train_seconds']:.0f} s", flush=True)
@@ -114,13 +113,21 @@ def main():
         f.write(markdown(out))
 
 
+BINS = np.linspace(-1, 1, 81)
+
+
+def histogram(scores: np.ndarray, same: np.ndarray) -> dict:
+    """Counts of the cosine scores of same and different pairs in BINS (80 bins over [-1, 1])."""
+    return {"bins": BINS.tolist(), "same": np.histogram(scores[same], BINS)[0].tolist(),
+            "different": np.histogram(scores[~same], BINS)[0].tolist()}
+
+
 def plot(runs: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.4), squeeze=False)
-    bins = np.linspace(-1, 1, 81)
     for ax, r in zip(axes[0], runs):
-        v = r["verification"]["unseen"]
-        ax.hist(r["unseen_test_scores"]["same"], bins, alpha=0.6, label="same class")
-        ax.hist(r["unseen_test_scores"]["different"], bins, alpha=0.6, label="different classes")
+        v, h = r["verification"]["unseen"], r["unseen_test_histogram"]
+        ax.stairs(h["same"], h["bins"], fill=True, alpha=0.6, label="same class")
+        ax.stairs(h["different"], h["bins"], fill=True, alpha=0.6, label="different classes")
         ax.axvline(v["threshold"], color="k", lw=1, ls="--", label="threshold (validation)")
         ax.set(title=f"{r['head']}: unseen test pairs, accuracy {v['test_accuracy']:.3f}", xlabel="cosine")
         ax.legend(fontsize=8)

