@@ -197,11 +197,12 @@ def block_ranges(block, size, length, other_size, num_other, other_len, band, ma
     lo, hi = band if band is not None else (None, None)
     start = block * size
     last = minimum(start + size, length) - 1  # the last real own position (< start for an all-padding block)
-    first = 0 if lo is None else div(maximum(start + lo, 0), other_size)
-    stop = _cdiv(other_len, other_size, div)  # blocks of padding only are never visited
-    if hi is not None:
-        stop = minimum(stop, _cdiv(maximum(last + hi + 1, 0), other_size, div))
-    stop = minimum(stop, maximum(last - start + 1, 0) * num_other)  # an all-padding own block visits nothing
+    # Allowed real other positions: [lo_pos, hi_pos] (empty if hi_pos < lo_pos, e.g. for an all-padding block).
+    lo_pos = 0 if lo is None else maximum(start + lo, 0)
+    hi_pos = other_len - 1 if hi is None else minimum(last + hi, other_len - 1)
+    hi_pos = minimum(hi_pos, (last >= start) * (other_len + 1) - 2)  # -2 for an all-padding own block
+    first = div(lo_pos, other_size)
+    stop = first + (hi_pos >= lo_pos) * (div(maximum(hi_pos, 0), other_size) + 1 - first)
     full_first = 0 if lo is None else _cdiv(maximum(lo + start + size - 1, 0), other_size, div)
     full_stop = num_other if hi is None else div(hi + start + 1, other_size)
     if mask_other_padding:
