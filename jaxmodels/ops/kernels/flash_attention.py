@@ -352,7 +352,7 @@ def _forward_kernel(*refs, st, names):
 
 
 def _query_block(st, bq):
-    """The forward's query block of this program: with a causal band the last (longest) rows go first."""
+    """The query block of this forward / dQ program: with a causal band the last (longest) rows go first."""
     pid = pl.program_id(0)
     return (st.t_pad // bq - 1 - pid) if _heavy_last(st) else pid
 
@@ -380,7 +380,7 @@ def _dq_kernel(*refs, st, names):
     r = dict(zip(names, refs))
     blocks = st.config.dq
     bq, bk = blocks.block_q, blocks.block_k
-    i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i, b, n = _query_block(st, bq), pl.program_id(1), pl.program_id(2)
     q, do = r["q"][...], r["do"][...]
     lse, delta = r["lse"][...], r["delta"][...]
     q_start = i * bq
@@ -422,7 +422,7 @@ def _dkv_kernel(*refs, st, names):
                       table_name="table_dkv", seg_name="seg_range_dkv")
 
     zeros = jnp.zeros((bk, st.head_dim), jnp.float32)
-    dk, dv = lax.fori_loop(0, st.group, head, (zeros, zeros))
+    dk, dv = head(0, (zeros, zeros)) if st.group == 1 else lax.fori_loop(0, st.group, head, (zeros, zeros))
     r["dk"][...] = (dk * st.scale).astype(r["dk"].dtype)
     r["dv"][...] = dv.astype(r["dv"].dtype)
 
@@ -516,9 +516,11 @@ def _forward(st, q, k, v, arrays):
 def _dq(st, q, k, v, do, lse, delta, arrays):
     blocks = st.config.dq
     bq, H = blocks.block_q, st.head_dim
-    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, i, n, 0))
+    num_q = st.t_pad // bq
+    order = (lambda i: num_q - 1 - i) if _heavy_last(st) else (lambda i: i)
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, n: (b, order(i), n, 0))
     kv_spec = pl.BlockSpec((None, st.s_pad, None, H), lambda i, b, n: (b, 0, n // st.group, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, order(i)))
     names, extra, extra_specs = _extras(st, arrays, ("table_dq", "table_dq_counts", "seg_range_dq"))
     names = ["q", "k", "v", "do", "lse", "delta", *names, "dq"]
     return pl.pallas_call(

@@ -4,7 +4,6 @@ bias shapes, ALiBi, soft-capping, block-sparse layouts, segment ids, fully maske
 multiples of the blocks; block skipping; dispatch and errors."""
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +93,8 @@ def _check(dims, options, config=BLOCKS16, *, seed=0, dtype=jnp.float32, tol=2e-
     d_out = jnp.asarray(np.random.default_rng(seed + 1).normal(size=q.shape), jnp.float32)
     reference_options = {n: x for n, x in options.items() if n not in ("layout", "layout_block_size")}
     if "layout" in options:  # "reference" takes the layout as a mask
-        element = np.repeat(np.repeat(options["layout"], options["layout_block_size"], 0), options["layout_block_size"], 1)
+        b = options["layout_block_size"]
+        element = np.repeat(np.repeat(options["layout"], b, 0), b, 1)
         reference_arrays = dict(arrays, mask=element if "mask" not in arrays else arrays["mask"] & element)
     else:
         reference_arrays = arrays
@@ -296,7 +296,8 @@ def test_dispatch_and_fallbacks():
                            ("capped_xla", capped)):
         np.testing.assert_allclose(out[name], expected, atol=2e-5, rtol=2e-5, err_msg=name)
     q8 = q[..., :8]
-    with pytest.warns(UserWarning, match=r"implementation 'pallas' cannot run this case \(head_dim=8 is not a power"):
+    with pytest.warns(UserWarning, match=r"implementation 'pallas' cannot run this case \(head_dim=8 is not a power"), \
+            jax.default_matmul_precision("float32"):
         out = jax.jit(lambda q: dot_product_attention(q, q, q, implementation="pallas", local_window_size=(3, 1)))(q8)
     np.testing.assert_allclose(out, _np_attention(q8, q8, q8, local_window_size=(3, 1))[0], atol=2e-5, rtol=2e-5)
 
