@@ -5,13 +5,14 @@
     python -m benchmarks.flash_attention --small     # seconds on a CPU (kernels interpreted): checks that it runs
 
 Every case is forward + backward (jit of grad of <out, dO> w.r.t. q, k, v; PyTorch: out.backward(dO)) in
-bfloat16, the median of synchronised calls after warm-up. Sections (the JSON is rewritten after each, so an
-interrupted run keeps what it measured):
+bfloat16, the median of synchronised calls after warm-up. Sections (the JSON is rewritten after every case, so
+an interrupted run keeps what it measured; within a section the slow baselines come last):
 
   sweep   blocks of the three kernels per head dim (64, 128) at T = 4096, B = 8, N·H = 2048, causal: forward
           time of each forward `Blocks` candidate; then forward + backward of (dQ, dK/dV) candidates with the
-          best forward (dQ swept with the first dK/dV, then dK/dV with the best dQ). The best become the
-          "pallas" configs of the other sections (and `DEFAULT_CONFIGS`).
+          best forward (dQ swept with the first dK/dV, then dK/dV with the best dQ). Run first, the best become
+          the "pallas" configs of the other sections; run last (e.g. --sections dense,window,sparse,sweep), those
+          use `DEFAULT_CONFIGS`.
   dense   causal, B·T = 32k tokens, N·H = 2048 (as benchmarks/attention.py), T in {4096, 16384}, H in
           {64, 128}: "pallas", "cudnn" (jax.nn's cuDNN flash attention), "flash" (pure JAX), "torch" (SDPA,
           whatever backend PyTorch picks), and the forward alone of "pallas" and "cudnn" (where the time goes).
@@ -198,29 +199,35 @@ def _time_backward(config, args, flops, iters, rows, info):
 
 def dense(configs, lengths, head_dims, iters, rows, *, with_torch=True, with_cudnn=True, forward_alone=True,
           width=WIDTH, tokens=TOKENS):
-    for H in head_dims:
-        N = width // H
-        for T in lengths:
-            B = max(1, tokens // T)
-            args = _inputs((B, T, N, H))
-            flops = attention_flops(B, N, H, causal_pairs(T))
-            info = dict(section="dense", T=T, H=H, B=B, N=N, causal=True)
-            config = configs.get(H)
-            impls = {"pallas": _pallas(config, is_causal=True),
-                     "flash": lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation="flash")}
-            if with_cudnn:
-                impls["cudnn"] = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True,
-                                                                       implementation="cudnn")
-            for name, fn in impls.items():
-                n_iters = iters if name != "flash" or T <= 4096 else max(2, iters // 2)
-                rows.append(_row(time_jax(fn, args, n_iters), flops, impl=name, **info,
-                                 **({"config": [list(b) for b in config]} if name == "pallas" and config else {})))
-                if name in ("pallas", "cudnn") and forward_alone:
-                    rows.append(_row(time_jax(fn, args, iters, backward=False), flops / 3.5, impl=name + "_forward",
-                                     **info))
-            if with_torch:
-                rows.append(_row(time_torch(B, T, N, H, iters), flops, impl="torch", **info))
-            del args
+    """Every shape's "pallas", "cudnn" and "torch" first, then the forwards alone, then "flash" (the slowest)."""
+    shapes = [(T, H) for H in head_dims for T in lengths]
+
+    def case(T, H):
+        N, B = width // H, max(1, tokens // T)
+        return N, B, _inputs((B, T, N, H)), attention_flops(B, N, H, causal_pairs(T)), dict(
+            section="dense", T=T, H=H, B=B, N=N, causal=True)
+
+    def impls(H):
+        fns = {"pallas": _pallas(configs.get(H), is_causal=True)}
+        if with_cudnn:
+            fns["cudnn"] = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return fns
+
+    for T, H in shapes:
+        N, B, args, flops, info = case(T, H)
+        for name, fn in impls(H).items():
+            config = {"config": [list(b) for b in configs[H]]} if name == "pallas" and H in configs else {}
+            rows.append(_row(time_jax(fn, args, iters), flops, impl=name, **info, **config))
+        if with_torch:
+            rows.append(_row(time_torch(B, T, N, H, iters), flops, impl="torch", **info))
+    for T, H in shapes if forward_alone else ():
+        N, B, args, flops, info = case(T, H)
+        for name, fn in impls(H).items():
+            rows.append(_row(time_jax(fn, args, iters, backward=False), flops / 3.5, impl=name + "_forward", **info))
+    for T, H in shapes:
+        N, B, args, flops, info = case(T, H)
+        fn = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, implementation="flash")
+        rows.append(_row(time_jax(fn, args, iters if T <= 4096 else 2, warmup=1), flops, impl="flash", **info))
 
 
 def window(configs, T, size, iters, rows, *, B=1, N=16, H=128, with_torch=True, with_cudnn=True):
@@ -228,9 +235,7 @@ def window(configs, T, size, iters, rows, *, B=1, N=16, H=128, with_torch=True, 
     flops = attention_flops(B, N, H, window_pairs(T, size))
     info = dict(section="window", T=T, H=H, B=B, N=N, window=size, causal=True)
     band = (size - 1, 0)
-    impls = {"pallas": _pallas(configs.get(H), is_causal=True, local_window_size=band),
-             "flash": lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, local_window_size=band,
-                                                            implementation="flash")}
+    impls = {"pallas": _pallas(configs.get(H), is_causal=True, local_window_size=band)}
     if with_cudnn:
         impls["cudnn"] = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, local_window_size=band,
                                                                implementation="cudnn")
@@ -239,6 +244,9 @@ def window(configs, T, size, iters, rows, *, B=1, N=16, H=128, with_torch=True, 
     if with_torch:
         i, j = np.arange(T)[:, None], np.arange(T)[None, :]
         rows.append(_row(time_torch(B, T, N, H, iters, mask=(j <= i) & (i - j < size)), flops, impl="torch", **info))
+    flash = lambda q, k, v: dot_product_attention(q, k, v, is_causal=True, local_window_size=band,
+                                                  implementation="flash")
+    rows.append(_row(time_jax(flash, args, max(2, iters // 2), warmup=1), flops, impl="flash", **info))
 
 
 def layouts(T, block, names=("strided", "fixed", "local_global")):
@@ -253,32 +261,44 @@ def layouts(T, block, names=("strided", "fixed", "local_global")):
 
 def sparse(configs, T, block, iters, rows, *, B=2, N=16, H=128, with_cudnn=True,
            names=("strided", "fixed", "local_global")):
+    """Every layout's "pallas", then "cudnn" with the dense bias, "gather", and "flash" with the dense mask (the
+    dense-operand ones compiled once, the layout's mask an argument)."""
     q, k, v, d_out = _inputs((B, T, N, H))
-    dense_impls = {"flash": lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask, implementation="flash")}
-    if with_cudnn:
-        dense_impls["cudnn"] = lambda q, k, v, bias: dot_product_attention(q, k, v, bias, implementation="cudnn")
-    compiled = {name: fwd_bwd(fn) for name, fn in dense_impls.items()}  # one compilation for every layout
+    cases = []
     for name, layout in layouts(T, block, names).items():
-        pairs = int(layout.sum()) * block * block
-        flops = attention_flops(B, N, H, pairs)
         info = dict(section="sparse", T=T, H=H, B=B, N=N, layout=name, block=block,
                     density=float(layout.sum() / layout.size))
-        impls = {"pallas": _pallas(configs.get(H), layout=layout, layout_block_size=block),
-                 "gather": lambda q, k, v, layout=layout: sparse_attention.block_sparse_attention(
-                     q, k, v, layout, block_size=block)}
-        for impl, fn in impls.items():
-            rows.append(_row(time_jax(fn, (q, k, v, d_out), iters), flops, impl=impl, **info))
+        cases.append((layout, attention_flops(B, N, H, int(layout.sum()) * block * block), info))
+    for layout, flops, info in cases:
+        fn = _pallas(configs.get(H), layout=layout, layout_block_size=block)
+        rows.append(_row(time_jax(fn, (q, k, v, d_out), iters), flops, impl="pallas", **info))
+
+    def dense_operand(name, layout):
         element = jnp.repeat(jnp.repeat(jnp.asarray(layout), block, 0), block, 1)[None, None]
-        extra = {"flash": element, "cudnn": jnp.where(element, 0.0, -1e9).astype(jnp.bfloat16)}
-        for impl, fn in compiled.items():
+        return element if name == "flash" else jnp.where(element, 0.0, -1e9).astype(jnp.bfloat16)
+
+    dense_impls = {"cudnn": lambda q, k, v, bias: dot_product_attention(q, k, v, bias, implementation="cudnn")}
+    if not with_cudnn:
+        dense_impls = {}
+    for impl in [*dense_impls, "gather", "flash"]:
+        if impl == "flash":
+            dense_impls["flash"] = lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask,
+                                                                               implementation="flash")
+        compiled = fwd_bwd(dense_impls[impl]) if impl != "gather" else None
+        for layout, flops, info in cases:
+            if impl == "gather":
+                fn = lambda q, k, v, layout=layout: sparse_attention.block_sparse_attention(q, k, v, layout,
+                                                                                            block_size=block)
+                rows.append(_row(time_jax(fn, (q, k, v, d_out), iters), flops, impl="gather", **info))
+                continue
             try:
-                call = lambda fn=fn, operand=extra[impl]: fn(q, k, v, d_out, operand)
+                operand = dense_operand(impl, layout)
+                call = lambda operand=operand, compiled=compiled: compiled(q, k, v, d_out, operand)
                 jax.block_until_ready(call())
-                result = {"time_s": median_time(call, warmup=1, iters=max(2, iters // 2))}
+                result = {"time_s": median_time(call, warmup=0, iters=max(2, iters // 2))}
             except Exception as e:
                 result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             rows.append(_row(result, flops, impl=impl + "_dense_mask", **info))
-        del element, extra
 
 
 def summary(rows) -> list[dict]:
@@ -325,8 +345,7 @@ def main(argv=None):
                      window_T=32768, window=4096, sparse_T=16384, block=128, H=128, N=16, candidates=CANDIDATES,
                      iters=args.iters)
     on_gpu = jax.default_backend() == "gpu"
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "small": args.small, "rows": []}
-    rows = result["rows"]
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "small": args.small}
 
     def save():
         result["summary"] = summary(rows)
@@ -335,13 +354,14 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
+    rows = result["rows"] = _SavingList(save)
     configs = {H: fa.default_config(H) for H in sizes["head_dims"] + (sizes["H"],)}
-    if "sweep" in sections:
-        best = sweep(sizes["head_dims"], sizes["sweep_T"], sizes["candidates"], sizes["iters"], rows,
-                     width=sizes["width"], tokens=sizes["tokens"])
-        configs.update(best)
-        result["best_configs"] = {str(H): [list(b) for b in c] for H, c in best.items()}
-        save()
+    result["default_configs"] = {str(H): [list(b) for b in c] for H, c in configs.items()}
+    for section in sections:
+        if section not in SECTIONS:
+            p.error(f"unknown section {section!r}; choose from {SECTIONS}")
+    if sections[0] == "sweep":  # the best blocks then serve the other sections
+        sweep_section(result, configs, sizes, rows)
     if "dense" in sections:
         dense(configs, sizes["lengths"], sizes["head_dims"], sizes["iters"], rows, with_torch=on_gpu,
               with_cudnn=on_gpu, forward_alone=not args.small, width=sizes["width"], tokens=sizes["tokens"])
@@ -354,9 +374,34 @@ def main(argv=None):
         sparse(configs, sizes["sparse_T"], sizes["block"], sizes["iters"], rows, N=sizes["N"], H=sizes["H"],
                with_cudnn=on_gpu, names=("strided",) if args.small else ("strided", "fixed", "local_global"))
         save()
+    if "sweep" in sections[1:]:
+        sweep_section(result, configs, sizes, rows)
+    save()
     for entry in result["summary"]:
         print(entry)
     return result
+
+
+SECTIONS = ("sweep", "dense", "window", "sparse")
+
+
+def sweep_section(result, configs, sizes, rows):
+    best = sweep(sizes["head_dims"], sizes["sweep_T"], sizes["candidates"], sizes["iters"], rows,
+                 width=sizes["width"], tokens=sizes["tokens"])
+    configs.update(best)
+    result["best_configs"] = {str(H): [list(b) for b in c] for H, c in best.items()}
+
+
+class _SavingList(list):
+    """A list that calls save() after each append: an interrupted run keeps every row it measured."""
+
+    def __init__(self, save):
+        super().__init__()
+        self._save = save
+
+    def append(self, row):
+        super().append(row)
+        self._save()
 
 
 if __name__ == "__main__":
