@@ -36,8 +36,9 @@ Fully masked query rows (no allowed key) give output 0, L = +inf and zero gradie
 (`interpret=True`): slow, used by the tests.
 
 Speed (one H200, bf16, causal, forward + backward; benchmarks/results/flash_attention_h200.json): 300-350 TFLOP/s,
-0.80-0.85x cuDNN at head_dim 64 and 0.66-0.71x at 128, where the backward is the gap (Triton's kernels here use
-no TMA or warp specialisation, which cuDNN's FlashAttention-3-style kernels do); 5-7x the pure-JAX "flash".
+0.80-0.85x cuDNN at head_dim 64 and 0.66-0.71x at 128 (forward 0.74x, backward 0.63-0.69x there: these Triton
+kernels use no TMA or warp specialisation, which cuDNN's FlashAttention-3-style kernels do); 4.5-7.4x the
+pure-JAX "flash".
 Sparse layouts at 16k: 10-11x cuDNN given the layout as a dense bias, 5-7x `block_sparse_attention`'s gather.
 """
 
