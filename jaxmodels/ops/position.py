@@ -329,12 +329,19 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int, *, causal: bool = True, 
     causal=False: -m_h · |i - j|, the symmetric form used for bidirectional encoders.
     Returns (1, num_heads, q_len, kv_len) float32 for `dot_product_attention(bias=...)`.
     """
-    rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]  # i - j, (T, S)
-    distance = (rel if causal else jnp.abs(rel)).astype(jnp.float32)
-    bias = -alibi_slopes(num_heads)[:, None, None] * distance
+    bias = alibi_distance_bias(alibi_slopes(num_heads), q_len, kv_len, q_offset=q_offset)
     if causal:
+        rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]  # i - j, (T, S)
         bias = jnp.where(rel >= 0, bias, MASKED_SCORE)
-    return bias[None]
+    return bias
+
+
+def alibi_distance_bias(slopes, q_len: int, kv_len: int, *, q_offset: int = 0) -> jax.Array:
+    """-m_h · |i - j| for head h's slope m_h = slopes[h], query t at position i = q_offset + t and key j:
+    ALiBi's bias (Press et al. 2022) in its symmetric form, which equals the causal form -m_h · (i - j) on
+    every pair a causal mask allows. slopes (N,) float -> (1, N, q_len, kv_len) float32."""
+    rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]
+    return (-jnp.asarray(slopes, jnp.float32)[:, None, None] * jnp.abs(rel).astype(jnp.float32))[None]
 
 
 def t5_relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32,
