@@ -208,7 +208,7 @@ class MaskDecoder(nnx.Module):
         self.upscale_conv1 = ConvTranspose2D(c, c // 4, 2, stride=2, **kw)
         self.upscale_norm = LayerNorm(c // 4, eps=NECK_EPS, **kw)
         self.upscale_conv2 = ConvTranspose2D(c // 4, c // 8, 2, stride=2, **kw)
-        self.hypernetworks = nnx.List([MLPHead(c, c, c // 8, 3, **kw) for _ in range(self.num_mask_tokens)])
+        self.hypernetworks = MLPHead(c, c, c // 8, 3, num_stacked=self.num_mask_tokens, **kw)  # one per mask token
         self.iou_head = MLPHead(c, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth, **kw)
 
     def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array,
@@ -224,7 +224,7 @@ class MaskDecoder(nnx.Module):
         upscaled = keys.reshape(src.shape)
         upscaled = jax.nn.gelu(self.upscale_norm(self.upscale_conv1(upscaled)), approximate=False)
         upscaled = jax.nn.gelu(self.upscale_conv2(upscaled), approximate=False)  # (B, 4g, 4g, C/8)
-        hyper_in = jnp.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.hypernetworks)], axis=1)
+        hyper_in = self.hypernetworks(mask_tokens_out)  # (B, M + 1, C/8): mask token i through MLP i
         masks = jnp.einsum("bmc,bhwc->bhwm", hyper_in.astype(jnp.float32), upscaled.astype(jnp.float32))
         return masks, self.iou_head(iou_token_out).astype(jnp.float32)
 

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.diffusion import Linear
-from jaxmodels.nn.layers import LayerNorm
+from jaxmodels.nn.layers import LayerNorm, dense
+from jaxmodels.nn.param import param, zeros_init
 from jaxmodels.ops.attention import dot_product_attention
 from jaxmodels.ops.checks import positive_int
+from jaxmodels.ops.init import lecun
 
 # PyTorch's nn.LayerNorm default, which Segment Anything's decoder uses.
 LAYER_NORM_EPS = 1e-5
@@ -23,19 +25,35 @@ LAYER_NORM_EPS = 1e-5
 class MLPHead(nnx.Module):
     """A ReLU MLP of `num_layers` linear layers with biases, in_dim -> hidden_dim ... -> out_dim (Segment Anything's
     `MLP`: the mask decoder's hypernetworks, its IoU head, and with two layers the two-way block's MLP).
-    x: (..., in_dim) -> (..., out_dim) in `dtype`."""
+    x: (..., in_dim) -> (..., out_dim) in `dtype`.
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    With `num_stacked` = K the module holds K independent MLPs (the hypernetworks, one per mask token) with
+    stacked parameters, kernels (K, a, b): x (..., K, in_dim) -> (..., K, out_dim), MLP k applied to x[..., k, :]
+    (one einsum per layer instead of K small MLPs). Kernels LeCun normal over each MLP's fan-in, biases zero.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, num_stacked: int | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         positive_int("num_layers", num_layers)
+        positive_int("num_stacked", num_stacked, allow_none=True)
+        lead, lead_axes = ((), ()) if num_stacked is None else ((num_stacked,), (None,))
+        init = lecun(in_axis=-2, out_axis=-1, batch_axis=tuple(range(len(lead))))
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nnx.List([Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for a, b in zip(dims[:-1], dims[1:])])
+        self.num_stacked, self.dtype = num_stacked, dtype
+        self.kernels = nnx.List([param(rngs, init, (*lead, a, b), (*lead_axes, "embed", "mlp"), param_dtype)
+                                 for a, b in zip(dims[:-1], dims[1:])])
+        self.biases = nnx.List([param(rngs, zeros_init, (*lead, b), (*lead_axes, "mlp"), param_dtype)
+                                for b in dims[1:]])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
+        in_dim = self.kernels[0].value.shape[-2]
+        stacked = () if self.num_stacked is None else (self.num_stacked,)
+        if x.ndim < 1 + len(stacked) or x.shape[x.ndim - 1 - len(stacked):] != (*stacked, in_dim):
+            raise ValueError(f"x must be (..., {', '.join(map(str, (*stacked, in_dim)))}), got shape {x.shape}")
+        spec = "...i,io->...o" if self.num_stacked is None else "...ki,kio->...ko"
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+            x = dense(x, kernel.value, self.dtype, spec) + bias.value.astype(self.dtype)
+            if i < len(self.kernels) - 1:
                 x = jax.nn.relu(x)
         return x
 

@@ -53,10 +53,12 @@ def _attention(attn, q, k, v):
     return _linear(attn.out_proj, out)
 
 
-def _mlp(mlp, x):
-    for i, layer in enumerate(mlp.layers):
-        x = _linear(layer, x)
-        x = np.maximum(x, 0) if i < len(mlp.layers) - 1 else x
+def _mlp(mlp, x, k=None):
+    """MLP k of a stacked MLPHead (k=None: an unstacked one)."""
+    for i, (kernel, bias) in enumerate(zip(mlp.kernels, mlp.biases)):
+        w, b = _p(kernel), _p(bias)
+        x = x @ (w if k is None else w[k]) + (b if k is None else b[k])
+        x = np.maximum(x, 0) if i < len(mlp.kernels) - 1 else x
     return x
 
 
@@ -121,10 +123,16 @@ def test_block_is_equivariant_to_token_and_image_permutations(skip_first_layer_p
     np.testing.assert_allclose(perm_k, out_k[:, ip], atol=1e-5)
 
 
-def test_mlp_head_and_errors():
+def test_mlp_heads_stacked_and_not_and_errors():
     mlp = _random(lambda: MLPHead(3, 5, 2, 3, rngs=nnx.Rngs(0)))
     x = np.random.default_rng(4).normal(size=(4, 3))
     np.testing.assert_allclose(mlp(jnp.asarray(x, jnp.float32)), _mlp(mlp, x), rtol=1e-5, atol=1e-5)
+    stacked = _random(lambda: MLPHead(3, 5, 2, 2, num_stacked=4, rngs=nnx.Rngs(0)))
+    xs = np.random.default_rng(5).normal(size=(2, 4, 3))
+    np.testing.assert_allclose(stacked(jnp.asarray(xs, jnp.float32)),
+                               np.stack([_mlp(stacked, xs[:, k], k) for k in range(4)], axis=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"x must be \(..., 4, 3\)"):
+        stacked(jnp.zeros((2, 3, 3)))
     model = nnx.eval_shape(lambda: TwoWayTransformer(1, DIM, HEADS, MLP_DIM, rngs=nnx.Rngs(0)))
     image, pe, tokens = (jnp.zeros(a.shape, jnp.float32) for a in _data(0))
     with pytest.raises(ValueError, match="image_pe must be"):
