@@ -2,6 +2,7 @@
 from one box.
 
     nice -n 10 python -m experiments.segmentation [--steps 1200] [--out experiments/results/segmentation]
+                                                  [--set optimizer.learning_rate=2e-3 ...]
 
 Trains experiments/configs/sam_shapes.py through `train_and_evaluate` (eval on 4 fixed test batches every
 steps / 4), then evaluates every object of the 500 test images (`PromptableSegmentation.split_miou`) with one
@@ -13,12 +14,14 @@ with the prompts, predicted and true masks).
 """
 
 import argparse
+import ast
 import json
 import os
 import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from flax import nnx
@@ -28,31 +31,34 @@ import matplotlib.pyplot as plt
 from matplotlib import patches
 
 from experiments.configs import sam_shapes
+from experiments.flows import train
 from jaxmodels.data import shapes
-from jaxmodels.train.loop import Trainer, train_and_evaluate
+from jaxmodels.ops.losses import mask_iou
+from jaxmodels.ops.spatial import resize_bilinear
+from jaxmodels.train.plot import read_metrics
 
 KINDS = {"point": "one point (centre)", "random_point": "one point (uniform)", "box": "one box"}
 
 
-def train(config, workdir):
-    """(task, trained model, summary, metrics rows, seconds)."""
-    start = time.time()
-    summary = train_and_evaluate(config, workdir)
-    seconds = time.time() - start
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    trainer = Trainer(config, workdir)
-    _, state = trainer.restore_or_init()
-    return trainer.task, trainer.model(state["params"]), summary, rows, seconds
-
-
-def baselines(task) -> dict[str, float]:
-    """mIoU over every test object of answering a box with the box itself, and anything with the whole image."""
+def baselines(task) -> dict[str, dict]:
+    """Over every test object, {"miou", "by_class"} of: answering a box with the box itself ("box_as_mask"), anything
+    with the whole image ("whole_image"), and the true mask average-pooled to the decoder's resolution (4 x the
+    embedding grid), upsampled bilinearly like the model's logits and thresholded at 1/2 ("resolution_ceiling": what
+    the mask decoder's output resolution allows)."""
     arrays = shapes.load_split("test", task.config.data.data_dir, task.shapes_config)
     masks, boxes = arrays["masks"][arrays["valid"]], arrays["boxes"][arrays["valid"]]
+    classes = arrays["classes"][arrays["valid"]]
     area = masks.sum((-2, -1))
     box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return {"box_as_mask": float(np.mean(area / box_area)), "whole_image": float(np.mean(area / masks[0].size))}
+    size, low = masks.shape[-1], 4 * task.config.model.image_size // task.config.model.patch_size
+    factor = size // low
+    pooled = masks.reshape(len(masks), low, factor, low, factor).mean((2, 4))[..., None].astype(np.float32)
+    restored = np.asarray(resize_bilinear(jnp.asarray(pooled), size))[..., 0] > 0.5
+    ious = {"box_as_mask": area / box_area, "whole_image": area / masks[0].size,
+            "resolution_ceiling": np.asarray(mask_iou(jnp.asarray(restored), jnp.asarray(masks)))}
+    return {name: {"miou": float(v.mean()), "by_class": {c: float(v[classes == k].mean())
+                                                         for k, c in enumerate(shapes.CLASSES)}}
+            for name, v in ious.items()}
 
 
 def plot_curves(rows, path):
@@ -82,8 +88,9 @@ def plot_curves(rows, path):
 
 
 def plot_predictions(task, model, path, num_images=8):
-    """Rows: test images; columns: centre point prompt, box prompt (predicted masks in colour, IoU in the title),
-    and the true mask of the prompted object."""
+    """Rows: test images (the front-most object of each); columns: the centre point prompt (yellow star) and the
+    box prompt (yellow box) with the predicted mask in red (its IoU and predicted IoU in the title), and the true
+    mask."""
     arrays = shapes.load_split("test", task.config.data.data_dir, task.shapes_config)
     outputs = {}
     for kind in ("point", "box"):
@@ -99,8 +106,10 @@ def plot_predictions(task, model, path, num_images=8):
             ax = axes[row, col]
             ax.imshow(image)
             overlay = np.zeros((*image.shape[:2], 4))
-            overlay[out["masks"][k]] = (0.0, 1.0, 1.0, 0.55)
+            overlay[out["masks"][k]] = (1.0, 0.0, 0.0, 0.45)
             ax.imshow(overlay)
+            if out["masks"][k].any():
+                ax.contour(out["masks"][k], levels=[0.5], colors="red", linewidths=1.2)
             if kind == "point":
                 ax.plot(p["points"][k, 0, 0] + 0.5, p["points"][k, 0, 1] + 0.5, "*", color="yellow", ms=12,
                         mec="black")
@@ -141,8 +150,12 @@ def write_markdown(results, path):
         oracle = f"{e['best_of_multimask_miou']:.3f}" if kind != "box" else "–"
         per = " | ".join(f"{e['miou_by_class'].get(c, float('nan')):.3f}" for c in shapes.CLASSES)
         lines.append(f"| {label} | **{e['miou']:.3f}** | {oracle} | {per} |")
-    lines += [f"| baseline: the box as the mask | {base['box_as_mask']:.3f} | | | | |",
-              f"| baseline: the whole image | {base['whole_image']:.3f} | | | | |", ""]
+    low = 4 * m["image_size"] // m["patch_size"]
+    for name, label in (("box_as_mask", "baseline: the box as the mask"), ("whole_image", "baseline: the whole image"),
+                        ("resolution_ceiling", f"ceiling: the true mask at the decoder's {low}x{low}")):
+        per = " | ".join(f"{base[name]['by_class'][c]:.3f}" for c in shapes.CLASSES)
+        lines.append(f"| {label} | {base[name]['miou']:.3f} | | {per} |")
+    lines.append("")
     lines += results.get("notes", [])
     lines += ["", "![training curves](training_curves.png)", "", "![predictions](predictions.png)", ""]
     with open(path, "w") as f:
@@ -154,14 +167,25 @@ def main():
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--out", default="experiments/results/segmentation")
     parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="config overrides, e.g. optimizer.learning_rate=2e-3 (values parsed as Python literals)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = sam_shapes.get_config()
     config.data.data_dir = args.data_dir
+    for item in args.set:
+        path, value = item.split("=", 1)
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = ast.literal_eval(value)
     config.train.update(num_steps=args.steps, checkpoint_every=args.steps, eval_every=max(args.steps // 4, 1),
                         log_every=25)
     with tempfile.TemporaryDirectory() as workdir:
-        task, model, summary, rows, seconds = train(config, workdir)
+        trainer, model, summary, seconds = train(config, workdir)
+        rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    task = trainer.task
     print(f"trained {args.steps} steps in {seconds:.0f} s", flush=True)
     start = time.time()
     evaluation = {kind: task.split_miou(model, "test", kind) for kind in KINDS}

@@ -12,8 +12,12 @@ dice + MSE of the IoU prediction.
 Run:
     nice -n 10 python -m jaxmodels.main --config experiments/configs/sam_shapes.py --workdir /tmp/sam_shapes
 
-Expect: see experiments/results/segmentation/results.md (experiments/segmentation.py trains this config and
-evaluates mIoU over every object of the 500 test images from one point and from one box).
+Expect (shared 2-core CPU under load, nice -n 10: 1200 steps of batch 32 in ~13 min, 0.47 s/step): over every
+object of the 500 test images (1207), mIoU 0.641 from one point (the centre point, best predicted IoU of the 3
+masks; 0.597 from a uniform point) and 0.683 from one box (single-mask output) — still rising at the end, and for
+boxes just below the box-as-mask baseline 0.700 (better on ellipses and triangles, worse on rectangles). The eval
+metrics of a run (4 fixed test batches, uniform points and boxes) end near miou_point 0.67, miou_box 0.71.
+experiments/segmentation.py trains it and writes experiments/results/segmentation/results.md.
 """
 
 import ml_collections
