@@ -11,6 +11,7 @@ from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
 from jaxmodels.models.mlp_denoiser import MLPDenoiser
 from jaxmodels.models.mmdit import MMDiT
+from jaxmodels.models.sam import SAM
 from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.unet import UNet
@@ -22,7 +23,7 @@ from jaxmodels.ops.precision import DTYPES
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT,
-          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC}
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "sam": SAM}
 
 
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

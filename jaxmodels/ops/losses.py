@@ -1,11 +1,11 @@
-"""Loss functions as pure functions on arrays."""
+"""Loss functions as pure functions on arrays (and the mask IoU that Segment Anything regresses)."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.ops.checks import real_in_range
+from jaxmodels.ops.checks import positive_int, real_in_range
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -120,3 +120,81 @@ def cosface_logits(cosine: jax.Array, labels: jax.Array, *, scale: float = 64.0,
     scale = real_in_range("scale", scale, 0, include_low=False)
     margin = real_in_range("margin", margin, 0)
     return scale * (cosine - margin * jax.nn.one_hot(labels, cosine.shape[-1], dtype=cosine.dtype))
+
+
+def _check_mask_pair(logits, targets, names=("logits", "targets")):
+    if logits.shape != targets.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {logits.shape} and "
+                         f"{targets.shape}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"{names[0]} must be floating point, got {logits.dtype}")
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, *, alpha: float | None = 0.25,
+                       gamma: float = 2.0) -> jax.Array:
+    """Focal loss of independent binary predictions (Lin et al. 2017, "Focal Loss for Dense Object Detection",
+    eq. 5; torchvision's `sigmoid_focal_loss` with reduction="none"), element by element:
+
+        FL = -α_t (1 - p_t)^γ log p_t,  p = sigmoid(logits), p_t = p where the target is 1 and 1 - p where it is 0,
+        α_t = α for targets 1 and 1 - α for targets 0 (alpha=None: α_t = 1).
+
+    For soft targets t in [0, 1], log p_t is replaced by -BCE(logits, t) and p_t = p·t + (1 - p)(1 - t), as
+    torchvision. Segment Anything's mask loss is 20·FL + dice (`dice_loss`; Kirillov et al. 2023, §3).
+    logits, targets: the same shape (...), targets in [0, 1]. Returns (...) float32 (float64 for float64 logits).
+    gamma = 0 and alpha=None give the binary cross entropy.
+    """
+    _check_mask_pair(logits, targets)
+    gamma = real_in_range("gamma", gamma, 0)
+    if alpha is not None:
+        alpha = real_in_range("alpha", alpha, 0, 1)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    x, t = logits.astype(dtype), targets.astype(dtype)
+    # BCE with logits, stable: max(x, 0) - x t + log(1 + exp(-|x|))
+    ce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    p = jax.nn.sigmoid(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma if gamma else ce
+    if alpha is not None:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss
+
+
+def dice_loss(logits: jax.Array, targets: jax.Array, *, num_mask_dims: int = 2, smooth: float = 1.0) -> jax.Array:
+    """Soft Dice loss of a mask (Milletari et al. 2016, V-Net, eq. 1; DETR's and Segment Anything's mask loss
+    with +1 smoothing), per mask over its last `num_mask_dims` axes:
+
+        1 - (2 Σ p·t + smooth) / (Σ p + Σ t + smooth),  p = sigmoid(logits).
+
+    logits, targets: the same shape (..., *mask_shape), targets in [0, 1]. Returns (...) float32 (float64 for
+    float64 logits), in [0, 1).
+    """
+    _check_mask_pair(logits, targets)
+    positive_int("num_mask_dims", num_mask_dims)
+    if num_mask_dims > logits.ndim:
+        raise ValueError(f"num_mask_dims={num_mask_dims} exceeds the rank of logits {logits.shape}")
+    smooth = real_in_range("smooth", smooth, 0, include_low=False)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    p, t = jax.nn.sigmoid(logits.astype(dtype)), targets.astype(dtype)
+    axes = tuple(range(-num_mask_dims, 0))
+    return 1 - (2 * jnp.sum(p * t, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(t, axes) + smooth)
+
+
+def mask_iou(masks: jax.Array, targets: jax.Array, *, num_mask_dims: int = 2) -> jax.Array:
+    """Intersection over union of binary masks (the Jaccard index), per mask over its last `num_mask_dims` axes:
+    |m ∧ t| / |m ∨ t|, and 1 where both masks are empty (identical). The target of Segment Anything's IoU
+    prediction head and its mIoU metric (Kirillov et al. 2023, §3, §7.1).
+
+    masks, targets: the same shape (..., *mask_shape), bool or {0, 1} numbers (a number counts as set when > 0.5;
+    threshold logits at 0 first). Returns (...) float32. No gradient (a count).
+    """
+    if masks.shape != targets.shape:
+        raise ValueError(f"masks and targets must have the same shape, got {masks.shape} and {targets.shape}")
+    positive_int("num_mask_dims", num_mask_dims)
+    if num_mask_dims > masks.ndim:
+        raise ValueError(f"num_mask_dims={num_mask_dims} exceeds the rank of masks {masks.shape}")
+    m = masks if masks.dtype == jnp.bool_ else masks > 0.5
+    t = targets if targets.dtype == jnp.bool_ else targets > 0.5
+    axes = tuple(range(-num_mask_dims, 0))
+    inter = jnp.sum(m & t, axes, dtype=jnp.float32)
+    union = jnp.sum(m | t, axes, dtype=jnp.float32)
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)

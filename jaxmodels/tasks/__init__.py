@@ -8,13 +8,14 @@ from jaxmodels.tasks.cpc import CPCTask
 from jaxmodels.tasks.diffusion import Diffusion
 from jaxmodels.tasks.flows import FlowLikelihood
 from jaxmodels.tasks.lm import LanguageModeling
+from jaxmodels.tasks.segmentation import PromptableSegmentation
 from jaxmodels.tasks.sequence import SequenceClassification, SequenceTokens
 
 __all__ = ["TASKS", "Task", "make_task"]
 
 TASKS: dict[str, type[Task]] = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens,
                                 "sequence_classification": SequenceClassification, "flow": FlowLikelihood,
-                                "cpc": CPCTask}
+                                "cpc": CPCTask, "segmentation": PromptableSegmentation}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

@@ -39,6 +39,11 @@ SMOKE = {
                     "sample.num_samples": 8},
     "diffusion_digits": {"model.base_channels": 8, "model.num_groups": 4, "data.global_batch_size": 8,
                          "sample.num_samples": 10, "sample.num_steps": 1},
+    "sam_shapes": {"data.shapes.image_size": 16, "data.shapes.num_train": 16, "data.shapes.num_test": 4,
+                   "data.shapes.min_visible": 2, "data.global_batch_size": 4, "model.image_size": 16,
+                   "model.patch_size": 4, "model.hidden_dim": 16, "model.depth": 1, "model.mlp_dim": 16,
+                   "model.embed_dim": 16, "model.decoder_depth": 1, "model.decoder_num_heads": 2,
+                   "model.decoder_mlp_dim": 16, "model.iou_head_hidden_dim": 16, "sample.num_images": 2},
 }
 
 
