@@ -37,6 +37,10 @@ SMOKE = {
                    "sample.num_samples": 32},
     "flow_digits": {"model.realnvp.hidden_dim": 4, "model.realnvp.num_couplings": 1, "data.global_batch_size": 8,
                     "sample.num_samples": 8},
+    "detr_shapes": {"model.image_size": 16, "model.hidden_dim": 16, "model.num_heads": 2, "model.mlp_dim": 16,
+                    "model.num_encoder_layers": 1, "model.num_decoder_layers": 1, "model.num_queries": 3,
+                    "model.backbone_channels": (8, 8), "data.shapes.image_size": 16, "data.shapes.num_train": 16,
+                    "data.shapes.num_test": 4, "data.shapes.min_visible": 4, "data.global_batch_size": 4},
     "diffusion_digits": {"model.base_channels": 8, "model.num_groups": 4, "data.global_batch_size": 8,
                          "sample.num_samples": 10, "sample.num_steps": 1},
 }
