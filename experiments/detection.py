@@ -45,7 +45,7 @@ def variant_config(variant: str, steps: int, evals: int, small: bool):
     c = detr_shapes.get_config()
     c.model.deformable = variant == "deformable"
     c.model.num_feature_levels = 2
-    every = max(steps // evals, 1)
+    every = max(-(-steps // evals), 1)  # ceil: `evals` checkpoints, the last at `steps`
     c.train.update(num_steps=steps, log_every=max(min(50, steps // 10), 1), eval_every=every, checkpoint_every=every,
                    keep_checkpoints=evals + 1)
     if small:
@@ -67,7 +67,9 @@ def train_and_score(config, workdir: str) -> dict:
     curve = []
     for step in steps:
         model = trainer.model(restore_params(workdir, abstract, step=step))
-        curve.append({"step": step, **trainer.task.coco_metrics(model)})
+        agnostic = trainer.task.coco_metrics(model, use_categories=False)
+        curve.append({"step": step, **trainer.task.coco_metrics(model), "agnostic_mAP": agnostic["mAP"],
+                      "agnostic_mAP50": agnostic["mAP50"]})
     rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     return {"model": model, "task": trainer.task, "wall_s": wall, "coco": curve, "summary": summary,
             "parameters": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract)),
@@ -83,6 +85,7 @@ def plot_curves(results: dict, out: str) -> None:
         steps = [c["step"] for c in r["coco"]]
         axes[1].plot(steps, [c["mAP"] for c in r["coco"]], "o-", label=f"{name} mAP@[.5:.95]")
         axes[1].plot(steps, [c["mAP50"] for c in r["coco"]], "s--", label=f"{name} mAP@.5")
+        axes[1].plot(steps, [c["agnostic_mAP50"] for c in r["coco"]], ":", label=f"{name} class-agnostic mAP@.5")
         minutes = [s * r["wall_s"] / 60 / steps[-1] for s in steps]  # the run's mean pace, compile included
         axes[2].plot(minutes, [c["mAP50"] for c in r["coco"]], "s--", label=f"{name} mAP@.5")
     axes[0].set(xlabel="step", ylabel="set loss (sum over decoder layers)", yscale="log", title="loss")
@@ -126,8 +129,8 @@ def plot_predictions(results: dict, out: str, num_images: int = 8, threshold: fl
     plt.close(fig)
 
 
-def markdown(results: dict, args) -> str:
-    config = results["detr"]["task"].config
+def markdown(results: dict, config, args) -> str:
+    """results.md from the runs' results (as saved in results.json) and the DETR run's config."""
     d = config.data.shapes
     lines = [
         "# DETR and Deformable DETR on the generated shapes (CPU)", "",
@@ -138,24 +141,27 @@ def markdown(results: dict, args) -> str:
         f"{d.min_visible} visible pixels), {d.num_train} train and {d.num_test} test images. Model: "
         f"experiments/configs/detr_shapes.py (CNN backbone {tuple(config.model.backbone_channels)}, hidden "
         f"{config.model.hidden_dim}, {config.model.num_encoder_layers} encoder and {config.model.num_decoder_layers}"
-        f" decoder layers, {config.model.num_queries} queries; Deformable DETR on 2 levels, 8x8 and 4x4, "
-        f"{config.model.num_points} points), batch {config.data.global_batch_size}, AdamW lr "
+        f" decoder layers, {config.model.num_queries} queries; DETR on the stride-8 map, Deformable DETR on 2 levels,"
+        f" strides 4 and 8, {config.model.num_points} points), batch {config.data.global_batch_size}, AdamW lr "
         f"{config.optimizer.learning_rate:g} cosine, clip {config.optimizer.grad_clip_norm:g}, DETR's loss "
         "(eos_coef 0.1, weights 1/5/2, auxiliary losses).", "",
         "COCO metrics by pycocotools over all test images (DETR's post-processing: every query is a detection).",
-        "", "| model | parameters | steps | wall (min) | median step (s) | mAP@[.5:.95] | mAP@.5 | mAP@.75 | AR@100 |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "Class-agnostic: the same with the classes ignored (COCOeval useCats=0), how well the boxes alone do.", "",
+        "| model | parameters | steps | wall (min) | median step (s) | mAP@[.5:.95] | mAP@.5 | mAP@.75 | AR@100 "
+        "| class-agnostic mAP / mAP@.5 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         final = r["coco"][-1]
         lines.append(f"| {name} | {r['parameters']:,} | {final['step']} | {r['wall_s'] / 60:.1f} | "
                      f"{r['train_step_s']:.2f} | {final['mAP']:.3f} | {final['mAP50']:.3f} | {final['mAP75']:.3f} | "
-                     f"{final['AR100']:.3f} |")
-    lines += ["", "COCO mAP@[.5:.95] / mAP@.5 of each checkpoint:", "", "| model | " + " | ".join(
-        f"step {c['step']}" for c in results["detr"]["coco"]) + " |", "|---|" + "---|" * len(results["detr"]["coco"])]
+                     f"{final['AR100']:.3f} | {final['agnostic_mAP']:.3f} / {final['agnostic_mAP50']:.3f} |")
+    lines += ["", "Each checkpoint (mAP@[.5:.95] / mAP@.5 / mAP@.75; class-agnostic mAP@.5):", ""]
     for name, r in results.items():
-        lines.append(f"| {name} (steps {', '.join(str(c['step']) for c in r['coco'])}) | "
-                     + " | ".join(f"{c['mAP']:.3f} / {c['mAP50']:.3f}" for c in r["coco"]) + " |")
-    lines += ["", "![curves](curves.png)", "", "![predictions](predictions.png)", ""]
+        lines += [f"| {name} step | " + " | ".join(str(c["step"]) for c in r["coco"]) + " |",
+                  "|---|" + "---|" * len(r["coco"]),
+                  "| COCO AP | " + " | ".join(f"{c['mAP']:.3f} / {c['mAP50']:.3f} / {c['mAP75']:.3f}"
+                                            for c in r["coco"]) + " |",
+                  "| class-agnostic AP@.5 | " + " | ".join(f"{c['agnostic_mAP50']:.3f}" for c in r["coco"]) + " |", ""]
+    lines += ["![curves](curves.png)", "", "![predictions](predictions.png)", ""]
     return "\n".join(lines)
 
 
@@ -185,7 +191,7 @@ def main(argv=None):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": saved}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(results, args))
+        f.write(markdown(saved, results["detr"]["task"].config, args))
     print(f"wrote {out}/results.md, results.json, curves.png, predictions.png")
 
 

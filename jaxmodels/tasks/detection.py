@@ -75,9 +75,10 @@ def coco_detections(scores, labels, boxes) -> list[dict]:
             for i in range(scores.shape[0]) for k in range(scores.shape[1])]
 
 
-def coco_evaluate(ground_truth: dict, detections: list[dict]) -> dict[str, float]:
+def coco_evaluate(ground_truth: dict, detections: list[dict], *, use_categories: bool = True) -> dict[str, float]:
     """pycocotools' COCOeval (iouType "bbox") of `detections` against `ground_truth`: {name: value} for COCO_STATS
     (-1 where a statistic has no ground truth, e.g. no large objects). No detections give 0 for every AP and AR.
+    `use_categories=False` ignores the classes (COCOeval's useCats = 0: class-agnostic AP, localisation alone).
     pycocotools' printing is swallowed."""
     from pycocotools.coco import COCO  # the evaluator of the COCO benchmark; imported on first use
     from pycocotools.cocoeval import COCOeval
@@ -89,6 +90,7 @@ def coco_evaluate(ground_truth: dict, detections: list[dict]) -> dict[str, float
         gt.dataset = ground_truth
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+        evaluator.params.useCats = int(use_categories)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -177,22 +179,17 @@ class Detection(Task):
                 "boxes": jax.ShapeDtypeStruct((b, m, 4), jnp.float32),
                 "labels": jax.ShapeDtypeStruct((b, m), jnp.int32), "valid": jax.ShapeDtypeStruct((b, m), jnp.bool_)}
 
-    def _batch(self, split: str, seed: int, step: int, process_index: int, process_count: int) -> dict:
-        d = self.config.data
-        raw = shapes.batch(split, seed, step, d.global_batch_size, process_index, process_count, data_dir=d.data_dir,
-                           config=self.shapes_config)
-        return to_targets(raw, self.image_size)
-
     def train_batches(self, start_step: int, process_index: int, process_count: int):
-        step = start_step
-        while True:
-            yield self._batch("train", self.config.data.seed, step, process_index, process_count)
-            step += 1
+        d = self.config.data
+        source = shapes.batches("train", d.seed, d.global_batch_size, process_index, process_count,
+                                start_step=start_step, data_dir=d.data_dir, config=self.shapes_config)
+        return (to_targets(b, self.image_size) for b in source)
 
     def eval_batches(self) -> list[dict]:
         """data.eval_batches batches of the test split, shuffled by data.eval_seed."""
         d = self.config.data
-        return [self._batch("test", d.eval_seed, i, 0, 1) for i in range(d.eval_batches)]
+        return [to_targets(shapes.batch("test", d.eval_seed, i, d.global_batch_size, data_dir=d.data_dir,
+                                        config=self.shapes_config), self.image_size) for i in range(d.eval_batches)]
 
     def predict(self, model: nnx.Module, images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, ...]:
         """DETR's detections of uint8 images (N, S, S, 3): (scores (N, Q), labels (N, Q), xyxy pixel boxes
@@ -204,14 +201,15 @@ class Detection(Task):
                  for i in range(0, len(images), batch_size)]
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
-    def coco_metrics(self, model: nnx.Module, split: str = "test") -> dict[str, float]:
-        """COCO detection metrics (COCO_STATS) of `model` over every image of `split` (module docstring)."""
+    def coco_metrics(self, model: nnx.Module, split: str = "test", *, use_categories: bool = True) -> dict[str, float]:
+        """COCO detection metrics (COCO_STATS) of `model` over every image of `split` (module docstring);
+        class-agnostic with `use_categories=False` (`coco_evaluate`)."""
         arrays = shapes.load_split(one_of("split", split, shapes.SPLITS), self.config.data.data_dir,
                                    self.shapes_config)
         scores, labels, boxes = self.predict(model, arrays["images"])
         truth = coco_ground_truth(arrays["boxes"], arrays["classes"], arrays["valid"], self.image_size,
                                   shapes.NUM_CLASSES)
-        return coco_evaluate(truth, coco_detections(scores, labels, boxes))
+        return coco_evaluate(truth, coco_detections(scores, labels, boxes), use_categories=use_categories)
 
     def baseline(self) -> dict[str, float]:
         """The mean number of objects per test image (the cardinality error of predicting none)."""

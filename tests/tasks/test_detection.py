@@ -46,6 +46,15 @@ def test_a_shifted_box_passes_the_iou_thresholds_below_its_iou():
     np.testing.assert_allclose(m["mAP50"], 1.0, rtol=1e-12)
     np.testing.assert_allclose(m["mAP75"], 2 / 3, rtol=1e-6)
     assert evaluate(np.zeros((2, 0)), np.zeros((2, 0), int), np.zeros((2, 0, 4)))["mAP"] == 0.0  # no detections
+
+
+def test_wrong_classes_score_zero_but_class_agnostic_one():
+    wrong = (LABELS + 1) % 3
+    assert evaluate([[0.9, 0.8], [0.7, 0.0]], wrong, BOXES)["mAP"] == 0.0
+    truth = coco_ground_truth(BOXES, LABELS, VALID, 32, 3)
+    agnostic = coco_evaluate(truth, coco_detections(np.asarray([[0.9, 0.8], [0.7, 0.0]]), wrong, BOXES),
+                             use_categories=False)
+    np.testing.assert_allclose(agnostic["mAP"], 1.0, rtol=1e-12)
     with pytest.raises(ValueError, match="valid"):
         coco_ground_truth(BOXES, LABELS, VALID[:, :1], 32, 3)
 
