@@ -78,22 +78,26 @@ def train_and_score(config, workdir: str) -> dict:
 
 
 def plot_curves(results: dict, out: str) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, r in results.items():
-        axes[0].plot(*r["train_loss"], lw=0.8, alpha=0.7, label=f"{name} train")
-        axes[0].plot(*r["eval_loss"], "o-", label=f"{name} eval (4 test batches)")
+    """Set loss, COCO AP against step, and mAP@.5 against the run's wall time; one colour per model. `results`: the
+    runs' results as saved in results.json."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for (name, r), colour in zip(results.items(), ("tab:blue", "tab:orange")):
+        axes[0].plot(*r["train_loss"], lw=0.6, alpha=0.5, color=colour, label=f"{name} train")
+        axes[0].plot(*r["eval_loss"], "o-", color=colour, label=f"{name} eval (4 test batches)")
         steps = [c["step"] for c in r["coco"]]
-        axes[1].plot(steps, [c["mAP"] for c in r["coco"]], "o-", label=f"{name} mAP@[.5:.95]")
-        axes[1].plot(steps, [c["mAP50"] for c in r["coco"]], "s--", label=f"{name} mAP@.5")
-        axes[1].plot(steps, [c["agnostic_mAP50"] for c in r["coco"]], ":", label=f"{name} class-agnostic mAP@.5")
+        for key, style, what in (("mAP", "o-", "mAP@[.5:.95]"), ("mAP50", "s--", "mAP@.5"),
+                                 ("agnostic_mAP50", "^:", "class-agnostic mAP@.5")):
+            axes[1].plot(steps, [c[key] for c in r["coco"]], style, color=colour, label=f"{name} {what}")
         minutes = [s * r["wall_s"] / 60 / steps[-1] for s in steps]  # the run's mean pace, compile included
-        axes[2].plot(minutes, [c["mAP50"] for c in r["coco"]], "s--", label=f"{name} mAP@.5")
+        axes[2].plot(minutes, [c["mAP50"] for c in r["coco"]], "s--", color=colour, label=f"{name} mAP@.5")
     axes[0].set(xlabel="step", ylabel="set loss (sum over decoder layers)", yscale="log", title="loss")
-    axes[1].set(xlabel="step", ylabel="COCO AP (test split)", title="COCO mAP against step")
+    axes[1].set(xlabel="step", ylabel="COCO AP (test split)", title="COCO AP against step")
     axes[2].set(xlabel="minutes (mean pace of the run)", ylabel="COCO AP (test split)", title="against wall time")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[2].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -184,10 +188,10 @@ def main(argv=None):
         final = results[variant]["coco"][-1]
         print(f"{variant}: {final['step']} steps in {results[variant]['wall_s'] / 60:.1f} min, mAP {final['mAP']:.3f}"
               f", mAP@.5 {final['mAP50']:.3f}", flush=True)
-    plot_curves(results, os.path.join(out, "curves.png"))
-    plot_predictions(results, os.path.join(out, "predictions.png"))
     saved = {name: {k: v for k, v in r.items() if k not in ("model", "task", "summary")} | {
         "eval_end": r["summary"].get("eval_end"), "sample": r["summary"].get("sample")} for name, r in results.items()}
+    plot_curves(saved, os.path.join(out, "curves.png"))
+    plot_predictions(results, os.path.join(out, "predictions.png"))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": saved}, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -41,12 +41,12 @@ def test_outputs_of_every_decoder_layer_and_the_aux_ones_are_earlier_layers(defo
     model = random_model(**SMALL, deformable=deformable, backbone=backbone, num_feature_levels=levels)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
     out = _forward(*nnx.split(model), x)
+    graphdef, state = nnx.split(model)
     assert out["logits"].shape == (2, 2, 4, 4) and out["boxes"].shape == (2, 2, 4, 4)
     assert out["logits"].dtype == out["boxes"].dtype == jnp.float32
     assert ((out["boxes"] > 0) & (out["boxes"] < 1)).all()
     assert not np.allclose(out["boxes"][0], out["boxes"][1])  # the two decoder layers predict differently
     assert not np.allclose(out["boxes"][-1, 0], out["boxes"][-1, 1])  # the images differ
-    graphdef, state = nnx.split(model)
     sizes = [m.shape[1:3] for m in jax.eval_shape(lambda s: nnx.merge(graphdef, s).feature_levels(x), state)]
     # cnn: the stride-2 and stride-4 stages, then a stride-2 convolution; patch: the stride-4 patches
     assert sizes == ([(8, 8), (4, 4), (2, 2)] if deformable else [(4, 4)])

@@ -5,13 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments.configs import detr_shapes
 from jaxmodels.ops.losses import detr_set_loss
 from jaxmodels.tasks import make_task
 from jaxmodels.tasks.detection import coco_detections, coco_evaluate, coco_ground_truth, postprocess, to_targets
-from tests.models.test_detr import random_model
 from tests.tiny import apply_overrides
 
 # Two 32x32 images: image 1 has a 10x10 box of class 0 and a 8x12 box of class 2, image 2 a 6x6 box of class 1.
@@ -86,23 +84,26 @@ def test_loss_sums_the_decoder_outputs_set_losses_and_has_finite_gradients(tmp_p
     task = make_task(small_config(str(tmp_path)))
     batch = jax.tree.map(jnp.asarray, next(task.train_batches(0, 0, 1)))
     assert batch["inputs"].shape == (4, 16, 16, 3) and batch["boxes"].shape == (4, 3, 4)
-    model = random_model(**{k: v for k, v in task.config.model.items() if k not in ("name", "dtype", "param_dtype")})
-    graphdef, state = nnx.split(model)
+    assert batch["valid"].any(1).all() and batch["labels"].dtype == jnp.int32
+    rng = np.random.default_rng(0)  # two decoder outputs of 4 queries, as a model gives them
+    logits, raw_boxes = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32), jnp.asarray(
+        rng.normal(size=(2, 4, 4, 4)), jnp.float32)
 
-    def loss(state):
-        out = nnx.merge(graphdef, state)(batch["inputs"])
+    def loss(logits, raw_boxes):
+        out = {"logits": logits, "boxes": jax.nn.sigmoid(raw_boxes)}
         total, metrics = task.set_losses(out, batch)
-        return total, (metrics, out)
+        per_layer = [detr_set_loss(out["logits"][d], out["boxes"][d], batch["labels"], batch["boxes"], batch["valid"])
+                     for d in range(2)]
+        return total, (metrics, per_layer)
 
-    (total, (metrics, out)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
-    per_layer = [jax.jit(detr_set_loss)(out["logits"][d], out["boxes"][d], batch["labels"], batch["boxes"],
-                                        batch["valid"]) for d in range(2)]
+    (total, (metrics, per_layer)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(logits, raw_boxes)
     np.testing.assert_allclose(total, per_layer[0]["loss"] + per_layer[1]["loss"], rtol=1e-5)
     for name in ("loss_ce", "loss_bbox", "loss_giou"):
         np.testing.assert_allclose(metrics[name], per_layer[1][name], rtol=1e-5)
     assert 0 <= metrics["class_error"] <= 100 and metrics["cardinality_error"] >= 0
-    leaves = jax.tree.leaves(grads)
-    assert all(np.isfinite(g).all() for g in leaves) and sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+    assert all(np.isfinite(g).all() and np.abs(g[d]).sum() > 0 for g in grads for d in range(2))  # aux layers too
+    task.config.detr.aux_loss = False
+    np.testing.assert_allclose(jax.jit(loss)(logits, raw_boxes)[0], per_layer[1]["loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides,match", [
