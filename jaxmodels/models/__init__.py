@@ -5,6 +5,7 @@ from flax import nnx
 
 from jaxmodels.models.autoencoder import KLAutoencoder
 from jaxmodels.models.cpc import CPC
+from jaxmodels.models.detr import DETR
 from jaxmodels.models.dit import DiT
 from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
 from jaxmodels.models.lm import DecoderLM
@@ -23,7 +24,7 @@ from jaxmodels.ops.precision import DTYPES
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT,
-          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "sam": SAM}
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "sam": SAM, "detr": DETR}
 
 
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

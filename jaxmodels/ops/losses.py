@@ -5,7 +5,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 from jaxmodels.ops.checks import positive_int, real_in_range
+from jaxmodels.ops.matching import detr_matching_cost, linear_sum_assignment
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -198,3 +200,70 @@ def mask_iou(masks: jax.Array, targets: jax.Array, *, num_mask_dims: int = 2) ->
     inter = jnp.sum(m & t, axes, dtype=jnp.float32)
     union = jnp.sum(m | t, axes, dtype=jnp.float32)
     return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+
+
+def detr_set_loss(pred_logits: jax.Array, pred_boxes: jax.Array, target_labels: jax.Array, target_boxes: jax.Array,
+                  target_valid: jax.Array, *, eos_coef: float = 0.1, class_weight: float = 1.0,
+                  bbox_weight: float = 5.0, giou_weight: float = 2.0,
+                  col_for_row: jax.Array | None = None) -> dict[str, jax.Array]:
+    """DETR's set prediction loss (Carion et al. 2020, §3.1, eq. 1-2; `SetCriterion` of the official code with
+    the labels and boxes losses) of one decoder output, after Hungarian matching per image.
+
+    Matching: σ̂ = argmin_σ Σ_j C[σ(j), j] over injective maps of each image's valid targets into its
+    predictions, C = `detr_matching_cost` with the same weights (`linear_sum_assignment`, SciPy on the host; no
+    gradient flows through it), unless `col_for_row` is given. Then, with B the batch and num_boxes = max(Σ valid, 1)
+    the targets of the whole batch:
+
+        loss_ce   = Σ_i w_i CE(logits_i, c_i) / Σ_i w_i  over all B·N predictions, c_i the matched target's
+                    class or "no object" (the last logit, index C) for unmatched predictions, w_i = eos_coef for
+                    no object and 1 otherwise (PyTorch's weighted mean, as DETR's `empty_weight`)
+        loss_bbox = Σ_matched ||b_i - b̂_σ(i)||_1 / num_boxes   (cxcywh)
+        loss_giou = Σ_matched (1 - GIoU(b_i, b̂_σ(i))) / num_boxes
+        loss      = class_weight·loss_ce + bbox_weight·loss_bbox + giou_weight·loss_giou
+
+    Defaults are DETR's (eos_coef 0.1; weights 1, 5, 2).
+
+    pred_logits: (B, N, C + 1) float; pred_boxes: (B, N, 4) cxcywh (DETR: sigmoid outputs in [0, 1]);
+    target_labels: (B, M) int in [0, C); target_boxes: (B, M, 4) cxcywh; target_valid: (B, M) bool (padding
+    False); col_for_row: optional (B, N) int32 matching (target index per prediction, -1 unmatched).
+    Returns {"loss", "loss_ce", "loss_bbox", "loss_giou": float32 scalars (float64 for float64 predictions),
+    "col_for_row": (B, N) int32}.
+    """
+    if pred_logits.ndim != 3 or pred_boxes.shape != pred_logits.shape[:2] + (4,) or pred_logits.shape[-1] < 2:
+        raise ValueError(f"pred_logits must be (B, N, C + 1) with C >= 1 and pred_boxes (B, N, 4), got "
+                         f"{pred_logits.shape} and {pred_boxes.shape}")
+    b, n = pred_boxes.shape[:2]
+    if (target_labels.ndim != 2 or target_labels.shape[0] != b or target_boxes.shape != target_labels.shape + (4,)
+            or target_valid.shape != target_labels.shape):
+        raise ValueError(f"target_labels (B, M), target_boxes (B, M, 4) and target_valid (B, M) must agree with "
+                         f"B = {b}, got {target_labels.shape}, {target_boxes.shape} and {target_valid.shape}")
+    if target_valid.dtype != jnp.bool_:
+        raise TypeError(f"target_valid must be bool, got {target_valid.dtype}")
+    eos_coef = real_in_range("eos_coef", eos_coef, 0)
+    class_weight, bbox_weight, giou_weight = (real_in_range(name, w, 0) for name, w in (
+        ("class_weight", class_weight), ("bbox_weight", bbox_weight), ("giou_weight", giou_weight)))
+    no_object = pred_logits.shape[-1] - 1
+    if col_for_row is None:
+        cost = detr_matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, class_weight=class_weight,
+                                  bbox_weight=bbox_weight, giou_weight=giou_weight)
+        col_for_row, _ = linear_sum_assignment(cost, col_mask=target_valid)
+    elif col_for_row.shape != (b, n):
+        raise ValueError(f"col_for_row must be (B, N) = {(b, n)}, got {col_for_row.shape}")
+    matched = col_for_row >= 0
+    index = jnp.maximum(col_for_row, 0)
+    classes = jnp.where(matched, jnp.take_along_axis(target_labels, index, axis=1), no_object)
+    weights = jnp.where(matched, 1.0, eos_coef)
+    dtype = jnp.promote_types(jnp.promote_types(pred_logits.dtype, pred_boxes.dtype), jnp.float32)
+    log_p = jax.nn.log_softmax(pred_logits.astype(dtype), axis=-1)
+    ce = -jnp.take_along_axis(log_p, classes[..., None], axis=-1)[..., 0]
+    loss_ce = jnp.sum(weights * ce) / jnp.sum(weights)
+    num_boxes = jnp.maximum(jnp.sum(target_valid), 1).astype(dtype)
+    pred = pred_boxes.astype(dtype)
+    target = jnp.take_along_axis(target_boxes.astype(dtype), index[..., None], axis=1)  # (B, N, 4)
+    l1 = jnp.sum(jnp.abs(pred - target), axis=-1)
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(pred)[..., None, :], box_cxcywh_to_xyxy(target)[..., None, :])
+    loss_bbox = jnp.sum(jnp.where(matched, l1, 0.0)) / num_boxes
+    loss_giou = jnp.sum(jnp.where(matched, 1.0 - giou[..., 0, 0], 0.0)) / num_boxes
+    loss = class_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou
+    return {"loss": loss, "loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
+            "col_for_row": col_for_row}

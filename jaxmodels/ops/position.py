@@ -506,3 +506,34 @@ def grid_fourier_features(height: int, width: int, matrix: jax.Array) -> jax.Arr
     x = (np.arange(width) + 0.5) / width
     coords = np.stack(np.meshgrid(x, y, indexing="xy"), axis=-1)  # (H, W, 2) as (x, y)
     return random_fourier_features(jnp.asarray(coords, jnp.float32), matrix)
+
+
+def sine_position_encoding_2d(height: int, width: int, dim: int, *, temperature: float = 10000.0,
+                              normalize: bool = True, scale: float = 2 * math.pi) -> jax.Array:
+    """DETR's fixed 2D sine position encoding of a feature map (Carion et al. 2020, §3.2 and appendix A.4;
+    `PositionEmbeddingSine` of the official code, for an unpadded map).
+
+    With rows y = i + 1 and columns x = j + 1 (1-based), rescaled to y / (height + 1e-6) · scale and
+    x / (width + 1e-6) · scale when `normalize` (DETR: scale 2π), each half of the features is the
+    `sinusoidal_embedding` of one coordinate with dim/2 features and base `temperature`, its sin and cos
+    interleaved (sin(p·θ_0), cos(p·θ_0), sin(p·θ_1), ...); the row's half comes first. Equal to the official
+    code's output (channels-last).
+
+    Returns (height, width, dim) float32; dim divisible by 4.
+    """
+    positive_int("height", height)
+    positive_int("width", width)
+    if not isinstance(dim, int) or dim < 4 or dim % 4:
+        raise ValueError(f"dim must be a positive multiple of 4 (sin and cos of rows and columns), got {dim}")
+    rows = jnp.arange(1, height + 1, dtype=jnp.float32)
+    cols = jnp.arange(1, width + 1, dtype=jnp.float32)
+    if normalize:
+        rows, cols = rows / (height + 1e-6) * scale, cols / (width + 1e-6) * scale
+
+    def half(p):  # (n,) -> (n, dim/2), sin and cos interleaved
+        e = sinusoidal_embedding(p, dim // 2, temperature)
+        return jnp.stack(jnp.split(e, 2, axis=-1), axis=-1).reshape(p.shape[0], dim // 2)
+
+    y, x = half(rows), half(cols)
+    return jnp.concatenate([jnp.broadcast_to(y[:, None], (height, width, dim // 2)),
+                            jnp.broadcast_to(x[None, :], (height, width, dim // 2))], axis=-1)
