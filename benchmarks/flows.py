@@ -33,7 +33,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from benchmarks.timing import median_time
+from benchmarks.timing import median_time, trainer_step_times
 from experiments.configs import flow_digits
 from jaxmodels.models.flows import CNF
 from jaxmodels.train.loop import Trainer
@@ -62,18 +62,7 @@ def bench_glow(size: str, batch: int, steps: int, warmup: int, side: int) -> dic
         t = time.perf_counter()
         memory = trainer.compile_train_step()
         compile_s = time.perf_counter() - t
-        state = trainer.init()
-        source = trainer.task.train_batches(0, 0, 1)
-        batches = [trainer.global_batch(next(source)) for _ in range(4)]
-        for i in range(warmup):
-            state, metrics = trainer.train_step(state, batches[i % 4])
-        jax.block_until_ready((state, metrics))
-        times = []
-        for i in range(steps):
-            t = time.perf_counter()
-            state, metrics = trainer.train_step(state, batches[i % 4])
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - t)
+        times, state, metrics = trainer_step_times(trainer, steps, warmup)
         parameters = sum(x.size for x in jax.tree.leaves(state["params"]))
     step = statistics.median(times)
     return {"model": f"Glow-{size}", **GLOW_SIZES[size], "image": [side, side, 3], "batch": batch,

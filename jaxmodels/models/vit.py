@@ -27,7 +27,7 @@ class ViT(Model):
     pooling: "cls" (class token) or "mean" (global average of the patch tokens, no class token).
 
     __call__(x (B, image_size, image_size, in_channels)) -> logits (B, num_classes) float32.
-    Parameters: `vit_parameter_count`.
+    Parameters: `vit_parameter_count`; FLOPs: `vit_flops_per_example`.
     """
 
     POOLINGS = ("cls", "mean")
@@ -54,6 +54,9 @@ class ViT(Model):
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.image_size, self.in_channels, self.pooling, self.dtype = image_size, in_channels, pooling, dtype
+        self.hyperparameters = tuple(dict(  # hashable: nnx keeps it in the graph definition
+            image_size=image_size, patch_size=patch_size, in_channels=in_channels, num_classes=num_classes,
+            hidden_dim=hidden_dim, depth=depth, mlp_dim=mlp_dim, pooling=pooling).items())
         num_tokens = (image_size // patch_size) ** 2 + (pooling == "cls")
         self.patch_embed = PatchEmbedding(patch_size, in_channels, hidden_dim, **kw)
         if pooling == "cls":
@@ -80,6 +83,10 @@ class ViT(Model):
         pooled = h[:, 0] if self.pooling == "cls" else jnp.mean(h.astype(jnp.float32), axis=1).astype(h.dtype)
         return self.head(pooled).astype(jnp.float32)
 
+    def train_flops_per_example(self) -> float:
+        """Model FLOPs of one training example: 3 x the forward (`vit_flops_per_example`), forward + backward."""
+        return 3 * vit_flops_per_example(**dict(self.hyperparameters))
+
 
 def vit_parameter_count(*, image_size: int, patch_size: int, in_channels: int, num_classes: int, hidden_dim: int,
                         depth: int, num_heads: int, mlp_dim: int, pooling: str = "cls") -> int:
@@ -92,3 +99,18 @@ def vit_parameter_count(*, image_size: int, patch_size: int, in_channels: int, n
     block = 4 * d + 4 * d * d + 2 * d * mlp_dim
     return (patch_size ** 2 * in_channels * d + d + (d if pooling == "cls" else 0) + tokens * d
             + depth * block + 2 * d + d * num_classes + num_classes)
+
+
+def vit_flops_per_example(*, image_size: int, patch_size: int, in_channels: int, num_classes: int, hidden_dim: int,
+                          depth: int, mlp_dim: int, pooling: str = "cls", num_heads: int | None = None) -> float:
+    """Model FLOPs of one ViT forward pass for one example, counted analytically (2 FLOPs per multiply-add; a
+    training step is 3x this). With T = N [+ 1] tokens (N = (image_size / p)² patches, + the class token) of dim d:
+    patch embedding 2·N·p²C·d; per block the projections 2·T·4d², the scores and values 2·2·T²·d (the full,
+    non-causal matrix), the MLP 2·T·2·d·mlp_dim; head 2·d·num_classes. Elementwise work is not counted. timm and the
+    ViT paper's successors report multiply-adds as "GFLOPs" (ViT-B/16 at 224: 17.6), i.e. half this count."""
+    del num_heads
+    d, patches = hidden_dim, (image_size // patch_size) ** 2
+    tokens = patches + (pooling == "cls")
+    macs = patches * patch_size ** 2 * in_channels * d
+    macs += depth * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * mlp_dim)
+    return float(2 * (macs + d * num_classes))

@@ -4,9 +4,11 @@ import ml_collections
 
 from jaxmodels.ops.checks import one_of
 from jaxmodels.tasks.base import Task
+from jaxmodels.tasks.classification import ImageClassification
 from jaxmodels.tasks.cpc import CPCTask
 from jaxmodels.tasks.detection import Detection
 from jaxmodels.tasks.diffusion import Diffusion
+from jaxmodels.tasks.embedding import EmbeddingVerification
 from jaxmodels.tasks.flows import FlowLikelihood
 from jaxmodels.tasks.lm import LanguageModeling
 from jaxmodels.tasks.segmentation import PromptableSegmentation
@@ -17,7 +19,8 @@ __all__ = ["TASKS", "Task", "make_task"]
 TASKS: dict[str, type[Task]] = {"diffusion": Diffusion, "lm": LanguageModeling, "sequence_tokens": SequenceTokens,
                                 "sequence_classification": SequenceClassification, "flow": FlowLikelihood,
                                 "cpc": CPCTask, "segmentation": PromptableSegmentation,
-                                "detection": Detection}
+                                "detection": Detection, "classification": ImageClassification,
+                                "embedding": EmbeddingVerification}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

@@ -111,6 +111,7 @@ class Task(abc.ABC):
 
     def flops_per_example(self, model: nnx.Module) -> float | None:
         """Training FLOPs (forward + backward) of one example of `model` (possibly abstract, from
-        `nnx.eval_shape`), for MFU; None: not counted. The count comes from the model itself."""
-        del model
-        return None
+        `nnx.eval_shape`), for MFU; None: not counted. The count comes from the model itself: by default its
+        `train_flops_per_example()` where it has one (DiT, ViT, Swin ...), else None."""
+        count = getattr(model, "train_flops_per_example", None)
+        return None if count is None else count()

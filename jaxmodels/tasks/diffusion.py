@@ -329,11 +329,6 @@ class Diffusion(Task):
             batch["noise"] = jax.ShapeDtypeStruct((b, *self.example_shape), jnp.float32)
         return batch
 
-    def flops_per_example(self, model: nnx.Module) -> float | None:
-        """The model's own `train_flops_per_example()` where it counts them (DiT); None otherwise."""
-        count = getattr(model, "train_flops_per_example", None)
-        return None if count is None else count()
-
     def _batch(self, seed: int, step: int, process_index: int, process_count: int, split: str,
                pairs: bool) -> dict:
         """This process's rows of the global batch of (seed, step); from the reflow pairs when `pairs`."""

@@ -2,8 +2,6 @@
 copying and induction heads, Gu & Dao 2023 §4.1) and sequence classification (sequential 8x8 digits,
 the small cousin of S4's sequential MNIST, Gu et al. 2022 §4)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +11,7 @@ from flax import nnx
 from jaxmodels.data import digits, synthetic
 from jaxmodels.ops.losses import softmax_cross_entropy
 from jaxmodels.tasks.base import Task
+from jaxmodels.tasks.classification import padded_eval_batches, weighted_classification_loss
 
 # data.name -> the data-section fields passed to its generator in jaxmodels.data.synthetic.
 TOKEN_TASK_OPTIONS = {"selective_copying": ("seq_len", "num_tokens", "vocab_size"),
@@ -37,21 +36,6 @@ def masked_token_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[s
     loss = jnp.sum(softmax_cross_entropy(logits, batch["targets"]) * mask) / count
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return loss, {"loss": loss, "accuracy": jnp.sum(correct * mask) / count}
-
-
-def weighted_classification_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted cross entropy and accuracy of a sequence classifier.
-
-    batch: {"inputs": float (B, L, F), "labels": int (B,), "weights": float (B,)}; model(inputs) -> logits
-    (B, C). loss = mean_i w_i·CE_i (nats), accuracy = mean_i w_i·[argmax = label], float32 scalars. Training
-    batches have w = 1; `SequenceClassification.eval_batches` scale w so that the mean over its batches is
-    the exact mean over the split (padding rows get w = 0).
-    """
-    logits = model(batch["inputs"])
-    w = batch["weights"].astype(jnp.float32)
-    loss = jnp.mean(softmax_cross_entropy(logits, batch["labels"]) * w)
-    correct = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
-    return loss, {"loss": loss, "accuracy": jnp.mean(correct * w)}
 
 
 class SequenceTokens(Task):
@@ -179,18 +163,12 @@ class SequenceClassification(Task):
         return ({**b, "weights": np.ones(len(b["labels"]), np.float32)} for b in source)
 
     def eval_batches(self) -> list[dict]:
-        """The whole test split (297 examples) in order, padded with weight-0 rows to whole batches; real
-        rows weigh num_batches · B / 297, so the mean of the batch metrics is the exact test mean."""
+        """The whole test split (297 examples) in order, padded with weight-0 rows to whole batches
+        (`padded_eval_batches`): the mean of the batch metrics is the exact test mean."""
         d = self.config.data
         images, labels, _ = digits.load_split("test", d.data_dir)
-        n, b = len(labels), d.global_batch_size
-        num_batches = math.ceil(n / b)
-        pad = num_batches * b - n
-        inputs = np.concatenate([digits.to_unit_range(images).reshape(n, 64, 1), np.zeros((pad, 64, 1), np.float32)])
-        labels = np.concatenate([labels.astype(np.int32), np.zeros(pad, np.int32)])
-        weights = np.concatenate([np.full(n, num_batches * b / n, np.float32), np.zeros(pad, np.float32)])
-        return [{"inputs": inputs[i:i + b], "labels": labels[i:i + b], "weights": weights[i:i + b]}
-                for i in range(0, num_batches * b, b)]
+        return padded_eval_batches(digits.to_unit_range(images).reshape(len(labels), 64, 1), labels,
+                                   d.global_batch_size)
 
     def baseline(self) -> dict[str, float]:
         """Accuracy of always guessing the test split's most frequent class."""

@@ -48,6 +48,11 @@ SMOKE = {
                    "model.patch_size": 4, "model.hidden_dim": 16, "model.depth": 1, "model.mlp_dim": 16,
                    "model.embed_dim": 16, "model.decoder_depth": 1, "model.decoder_num_heads": 2,
                    "model.decoder_mlp_dim": 16, "model.iou_head_hidden_dim": 16, "sample.num_images": 2},
+    "image_classification": {"data.name": "digits", "model.image_size": 8, "model.swin.patch_size": 1,
+                             "model.swin.window_size": 4, "model.swin.embed_dim": 8, "model.swin.depths": (2,),
+                             "model.swin.num_heads": (2,), "data.global_batch_size": 8},
+    "arcface_mnist": {"data.name": "digits", "model.channels": 4, "model.num_stages": 1, "model.feature_dim": 8,
+                      "model.embed_dim": 8, "data.global_batch_size": 8, "verification.num_pairs": 50},
 }
 
 

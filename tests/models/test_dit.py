@@ -81,13 +81,16 @@ def matmul_dtypes(model, *args) -> set:
 
 
 def matmul_flops(model, *args) -> int:
-    """2 · multiply-adds of every dot_general that model(*args) traces."""
+    """2 · multiply-adds of every dot_general and convolution that model(*args) traces."""
     total = 0
     for eqn in _equations(model, *args):
         if eqn.primitive.name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracting)
+        elif eqn.primitive.name == "conv_general_dilated":  # each output takes kernel size / out channels products
+            rhs, out_dim = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // rhs[out_dim]
     return total
 
 

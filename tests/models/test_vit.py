@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from jaxmodels.models import check_model_config, make_model
-from jaxmodels.models.vit import ViT, vit_parameter_count
+from jaxmodels.models.vit import ViT, vit_flops_per_example, vit_parameter_count
 from jaxmodels.ops.losses import softmax_cross_entropy
+from tests.models.test_dit import matmul_flops
 
 SMALL = dict(image_size=8, patch_size=4, in_channels=1, num_classes=3, hidden_dim=16, depth=1, num_heads=2,
              mlp_dim=32)
@@ -35,6 +36,17 @@ def test_shapes_parameter_count_and_zero_head():
     np.testing.assert_array_equal(logits, 0.0)  # zero-initialised head
     with pytest.raises(ValueError, match=r"x must be \(batch, 8, 8, 1\)"):
         model(jnp.ones((2, 8, 8, 3)))
+
+
+def test_flops_match_timm_and_the_traced_matmuls():
+    b16 = dict(image_size=224, patch_size=16, in_channels=3, num_classes=1000, hidden_dim=768, depth=12, num_heads=12,
+               mlp_dim=3072)
+    flops = vit_flops_per_example(**b16)
+    assert abs(flops / 2 / 17.58e9 - 1) < 0.005  # timm's ViT-B/16: 17.58 GMACs (fvcore), ours 17.56
+    for pooling in ("cls", "mean"):
+        model = nnx.eval_shape(lambda: ViT(**SMALL, pooling=pooling, rngs=nnx.Rngs(0)))
+        assert matmul_flops(model, jnp.zeros((1, 8, 8, 1))) == vit_flops_per_example(**SMALL, pooling=pooling)
+        assert model.train_flops_per_example() == 3 * vit_flops_per_example(**SMALL, pooling=pooling)
 
 
 def test_a_few_adam_steps_fit_a_tiny_batch():
