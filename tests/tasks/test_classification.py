@@ -9,7 +9,7 @@ from flax import nnx
 from experiments.configs import image_classification
 from jaxmodels.data import digits
 from jaxmodels.tasks import make_task
-from jaxmodels.tasks.classification import largest_shape_class, padded_eval_batches
+from jaxmodels.tasks.classification import largest_shape_class, padded_eval_batches, standardize_images
 from tests.tiny import apply_overrides
 
 DIGITS = {"data.name": "digits", "model.image_size": 8, "data.global_batch_size": 64, "model.vit.patch_size": 2,
@@ -86,6 +86,9 @@ def test_shapes_are_labelled_with_the_largest_visible_shape(tmp_path):
     assert batch["inputs"].shape == (4, 16, 16, 3) and task.abstract_batch()["inputs"].shape == (4, 16, 16, 3)
     images, labels = task.test_split()
     assert images.shape == (6, 16, 16, 3) and set(labels) <= {0, 1, 2}
+    np.testing.assert_allclose(images.mean(axis=(1, 2)), 0, atol=1e-5)  # standardised: no background colour
+    np.testing.assert_allclose(images.std(axis=(1, 2, 3)), 1, rtol=1e-2)
+    np.testing.assert_allclose(standardize_images(2 * images + 5), images, rtol=5e-3, atol=1e-3)  # eps aside
     rng = np.random.default_rng(0)
     masks, classes = rng.random((20, 3, 5, 5)) < 0.4, rng.integers(0, 3, (20, 3))
     valid = rng.random((20, 3)) < 0.7
