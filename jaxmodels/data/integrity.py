@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
@@ -136,6 +137,19 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, fix: str) -> Check
     """
     verify(builder, fix, [split])  # before as_data_source, which opens the shards and fails on a damaged one
     return CheckedSource(builder.as_data_source(split=split), fix)
+
+
+def image_label_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prepared embedded image set's whole split in index order, read through `CheckedSource` (a damaged file
+    names its fix): (images (M, ...) as stored, labels int64 (M,), indices int64 (M,)) from the records'
+    "image", "label" and "index" features, read-only (callers cache and share them)."""
+    source = CheckedSource(builder.as_data_source(split), embedded_fix(builder.data_path))
+    items = [source[i] for i in range(len(source))]
+    arrays = (np.stack([x["image"] for x in items]), np.array([x["label"] for x in items], np.int64),
+              np.array([x["index"] for x in items], np.int64))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
 
 
 def tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -94,14 +94,7 @@ def prepare(data_dir: str | None = None) -> MlxtendMnist:
 
 @functools.lru_cache(maxsize=4)
 def _split_arrays(split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    builder = prepare(data_dir)
-    source = integrity.CheckedSource(builder.as_data_source(split), integrity.embedded_fix(builder.data_path))
-    items = [source[i] for i in range(len(source))]
-    arrays = (np.stack([x["image"] for x in items]), np.array([x["label"] for x in items], np.int64),
-              np.array([x["index"] for x in items], np.int64))
-    for a in arrays:
-        a.flags.writeable = False
-    return arrays
+    return integrity.image_label_arrays(prepare(data_dir), split)
 
 
 def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -141,7 +141,7 @@ def shape_mask(kind: str, geometry, image_size: int) -> np.ndarray:
     return np.all([e >= 0 for e in edges], axis=0) | np.all([e <= 0 for e in edges], axis=0)
 
 
-def _draw_shape(rng: np.random.Generator, config: ShapesConfig) -> tuple[int, np.ndarray]:
+def draw_shape(rng: np.random.Generator, config: ShapesConfig) -> tuple[int, np.ndarray]:
     """(class, geometry) of one random shape whose bounding box lies inside the image."""
     size = config.image_size
     kind = int(rng.integers(NUM_CLASSES))
@@ -195,7 +195,7 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict[str, np.ndarr
     rng = np.random.default_rng((config.seed, SPLITS.index(split), index))
     background = rng.integers(0, 256, 3)
     count = int(rng.integers(config.min_shapes, config.max_shapes + 1))
-    shapes = [_draw_shape(rng, config) for _ in range(count)]
+    shapes = [draw_shape(rng, config) for _ in range(count)]
     colours = [_colour(rng, background) for _ in range(count)]
     masks = [shape_mask(CLASSES[kind], geometry, size) for kind, geometry in shapes]
     while True:  # drop shapes showing too few pixels until none is left (dropping uncovers the others)

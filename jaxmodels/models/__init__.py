@@ -6,6 +6,7 @@ from flax import nnx
 from jaxmodels.models.autoencoder import KLAutoencoder
 from jaxmodels.models.classifier import DigitClassifier
 from jaxmodels.models.cpc import CPC
+from jaxmodels.models.detr import DETR
 from jaxmodels.models.dit import DiT
 from jaxmodels.models.embedding import EmbeddingClassifier
 from jaxmodels.models.flows import CNF, NICE, Glow, RealNVP
@@ -13,6 +14,7 @@ from jaxmodels.models.lm import DecoderLM
 from jaxmodels.models.mamba import MambaLM
 from jaxmodels.models.mlp_denoiser import MLPDenoiser
 from jaxmodels.models.mmdit import MMDiT
+from jaxmodels.models.sam import SAM
 from jaxmodels.models.sequence_classifier import SequenceClassifier
 from jaxmodels.models.sequence_tagger import SequenceTagger
 from jaxmodels.models.swin import Swin
@@ -25,8 +27,8 @@ from jaxmodels.ops.precision import DTYPES
 MODELS = {"decoder_lm": DecoderLM, "mamba_lm": MambaLM, "sequence_classifier": SequenceClassifier, "unet": UNet,
           "dit": DiT, "mmdit": MMDiT, "kl_autoencoder": KLAutoencoder,
           "mlp_denoiser": MLPDenoiser, "sequence_tagger": SequenceTagger, "vit": ViT,
-          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "swin": Swin,
-          "convnet": DigitClassifier, "embedding_classifier": EmbeddingClassifier}
+          "nice": NICE, "realnvp": RealNVP, "glow": Glow, "cnf": CNF, "cpc": CPC, "sam": SAM, "detr": DETR,
+          "swin": Swin, "convnet": DigitClassifier, "embedding_classifier": EmbeddingClassifier}
 
 
 def resolved_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

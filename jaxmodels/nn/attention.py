@@ -52,6 +52,7 @@ from jaxmodels.ops.linear_attention import (
 from jaxmodels.ops.position import (
     ROPE_SCALING_METHODS,
     alibi_bias,
+    alibi_slopes,
     apply_rope,
     log_n_scale,
     rerope_attention,
@@ -81,7 +82,9 @@ class AttentionSpec:
     """What attention a layer computes; the `model.attention` section of a config.
 
     kind, position: see the module docstring (KINDS, POSITIONS).
-    implementation: softmax kernel, None (fastest for the device) or one of IMPLEMENTATIONS.
+    implementation: softmax kernel, None (fastest for the device) or one of IMPLEMENTATIONS; "pallas" (the Pallas
+      FlashAttention-2 kernels) also serves the sparse kinds (`block_sparse_attention`'s "pallas": only the
+      layout's blocks are computed) and takes ALiBi's slopes, windows and segment ids inside the kernel.
     rope_base: RoPE's base b (θ_i = b^(-2i/H)).
     rope_scaling: context extension (ROPE_SCALING_METHODS): "none", "linear" (position
       interpolation), "ntk", "dynamic_ntk", "yarn"; `rope_factor` s = target / training length.
@@ -324,10 +327,11 @@ class Attention(nnx.Module):
             if spec.position == "rerope":
                 return rerope_attention(q, k, v, window=spec.rerope_window, leaky=spec.rerope_leaky or None,
                                         base=spec.rope_base, is_causal=True, scale=scale)
-            bias = alibi_bias(self.num_heads, q.shape[1], k.shape[1]) if spec.position == "alibi" else None
+            slopes = alibi_slopes(self.num_heads) if spec.position == "alibi" else None
             window = (spec.window - 1, 0) if spec.window else None
-            return dot_product_attention(q, k, v, bias, scale=scale, is_causal=bias is None, segment_ids=segment_ids,
-                                         local_window_size=window, implementation=spec.implementation)
+            return dot_product_attention(q, k, v, scale=scale, is_causal=True, segment_ids=segment_ids,
+                                         local_window_size=window, alibi_slopes=slopes,
+                                         implementation=spec.implementation)
         if kind == "linear":
             return linear_attention(q, k, v, feature_map=spec.feature_map, causal=True, chunk_size=spec.chunk_size)
         if kind == "performer":
@@ -341,7 +345,8 @@ class Attention(nnx.Module):
         if layout is None:
             raise ValueError(f"attention kind {kind!r} needs the length ({q.shape[1]}) to be a multiple of "
                              f"attention.block_size={spec.block_size}")
-        return sparse.block_sparse_attention(q, k, v, layout, block_size=spec.block_size, mask=mask, scale=scale)
+        return sparse.block_sparse_attention(q, k, v, layout, block_size=spec.block_size, mask=mask, scale=scale,
+                                             implementation="pallas" if spec.implementation == "pallas" else None)
 
     def _attend_with_prefix(self, q, k, v, scale, prefix, cache, cache_index, segment_ids):
         """Softmax attention over the prefix's P keys then the sequence's (the cache's, when decoding): the

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
 from jaxmodels.ops.checks import one_of
-from jaxmodels.ops.spatial import depth_to_space, space_to_depth
+from jaxmodels.ops.spatial import conv_transpose, depth_to_space, space_to_depth
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -118,6 +118,36 @@ class Upsample(nnx.Module):
         y = jax.lax.conv_transpose(x.astype(self.dtype), self.conv.kernel.value.astype(self.dtype), (r, r), "SAME",
                                    dimension_numbers=_DIMENSION_NUMBERS)
         return y + self.conv.bias.value.astype(self.dtype)
+
+
+class ConvTranspose2D(nnx.Module):
+    """Transposed convolution layer (Dumoulin & Visin 2016, §4; PyTorch's `ConvTranspose2d`), the pure
+    `ops.spatial.conv_transpose` with a learned kernel and bias: x (B, H, W, in_channels) ->
+    (B, H', W', out_channels) in `dtype`, H' = (H - 1)·stride - 2·padding + kernel_size, likewise W'. With
+    kernel_size = stride (Segment Anything's mask upscaling: 2, 2) the output is exactly stride·H × stride·W and
+    every output pixel reads one input pixel.
+
+    Kernel (kh, kw, in_channels, out_channels), LeCun normal with the fan-in of one output pixel,
+    in_channels·(kernel_size / stride)² (`fan_in_init` over kh·kw·in_channels scaled by stride²); bias zeros.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if stride > kernel_size:
+            raise ValueError(f"stride ({stride}) must not exceed kernel_size ({kernel_size}): the output would "
+                             "have holes")
+        self.in_channels, self.stride, self.padding, self.dtype = in_channels, stride, padding, dtype
+        self.kernel = param(rngs, fan_in_init(fan_in_dims=3, scale=float(stride * stride)),
+                            (kernel_size, kernel_size, in_channels, out_channels), (None, None, None, "embed"),
+                            param_dtype)
+        self.bias = param(rngs, zeros_init, (out_channels,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_image(x)
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels, got shape {x.shape}")
+        y = conv_transpose(x.astype(self.dtype), self.kernel.value.astype(self.dtype), self.stride, self.padding)
+        return y.astype(self.dtype) + self.bias.value.astype(self.dtype)
 
 
 class Downsample(nnx.Module):

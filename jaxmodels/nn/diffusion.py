@@ -156,7 +156,9 @@ class MultiHeadAttention(nnx.Module):
     when `context_dim` is set. Bias-free projections; `zero_init_out` zeroes the output projection
     (ADM's zero module: the residual branch starts at 0).
 
-    x: (B, L, dim); context: (B, S, context_dim). Returns (B, L, dim) in `dtype`.
+    x: (B, L, dim); context: (B, S, context_dim); value: optional (B, S, context_dim or dim), the source of the
+    values when it is not the keys' (DETR adds positions to the queries' and keys' inputs only: q = (x + pos) W_q,
+    k = (context + pos') W_k, v = context W_v). Returns (B, L, dim) in `dtype`.
     """
 
     def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, context_dim: int | None = None,
@@ -174,14 +176,16 @@ class MultiHeadAttention(nnx.Module):
         self.w_o = param(rngs, zeros_init if zero_init_out else fan_in_init(2), (num_heads, head_dim, dim),
                          ("heads", "head_dim", "embed"), param_dtype)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, value: jax.Array | None = None) -> jax.Array:
         if (context is None) != (self.context_dim is None):
             raise ValueError(f"context must be given exactly when context_dim is set (context_dim="
                              f"{self.context_dim}, got context {None if context is None else context.shape})")
         source = x if context is None else context
+        if value is not None and value.shape != source.shape:
+            raise ValueError(f"value must have the shape of the keys' source {source.shape}, got {value.shape}")
         q = dense(x, self.w_q.value, self.dtype, "bld,dnh->blnh")
         k = dense(source, self.w_k.value, self.dtype, "bsd,dnh->bsnh")
-        v = dense(source, self.w_v.value, self.dtype, "bsd,dnh->bsnh")
+        v = dense(source if value is None else value, self.w_v.value, self.dtype, "bsd,dnh->bsnh")
         return dense(dot_product_attention(q, k, v), self.w_o.value, self.dtype, "blnh,nhd->bld")
 
 

@@ -1,10 +1,12 @@
 """Scaled dot-product attention (Vaswani et al. 2017, §3.2) with grouped-query heads and masking.
 
 One entry point, `dot_product_attention`, with the arguments and semantics of
-`jax.nn.dot_product_attention` plus `segment_ids` (packed sequences), and four interchangeable
-implementations: a plain-jnp "reference", jax.nn's "xla" and "cudnn" kernels, and "flash", the
-blockwise FlashAttention algorithm in pure JAX (also callable directly as `flash_attention`, with
-its block sizes).
+`jax.nn.dot_product_attention` plus `segment_ids` (packed sequences), ALiBi slopes and logit
+soft-capping, and five interchangeable implementations: a plain-jnp "reference", jax.nn's "xla" and
+"cudnn" kernels, "flash", the blockwise FlashAttention algorithm in pure JAX (also callable directly
+as `flash_attention`, with its block sizes), and "pallas", FlashAttention-2 as Pallas Triton kernels
+(`jaxmodels.ops.kernels.flash_attention`; callable directly as `pallas_attention`, with its blocks and
+block-sparse layouts).
 """
 
 import functools
@@ -14,16 +16,20 @@ from typing import NamedTuple
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv, positive_int
+from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv, positive_int, real_in_range
 from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.kernels import flash_attention as pallas_kernels
+from jaxmodels.ops.position import alibi_distance_bias
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "flash")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "flash", "pallas")
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                          segment_ids=None, local_window_size=None, implementation=None) -> jax.Array:
+                          segment_ids=None, local_window_size=None, alibi_slopes=None, logit_soft_cap=None,
+                          implementation=None) -> jax.Array:
     r"""Attention(Q, K, V) = softmax(Q Kᵀ · scale + bias) V  (Vaswani et al. 2017, eq. 1), per head.
 
     Shapes (letters as in `jax.nn.dot_product_attention`): B batch, T query length, S key/value
@@ -50,7 +56,13 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         ids are equal (packed sequences).
       local_window_size: int w or (left, right), non-negative: query i attends keys j with
         i - left <= j <= i + right; w means (w, w).
-      implementation: None, "reference", "xla", "cudnn" or "flash".
+      alibi_slopes: optional (N,) float, ALiBi (Press et al. 2022): head n adds -alibi_slopes[n] · |i - j| to
+        its scores (with is_causal this is the paper's -m·(i - j)); "pallas" computes it in the kernel, the
+        others add it to `bias` as a (1, N, T, S) array. Not differentiated.
+      logit_soft_cap: optional real c > 0: scores c · tanh(scale · q·k / c) before bias and ALiBi are added
+        (Gemma 2, Team et al. 2024). "reference" and "pallas" only: the others fall back to "reference" with a
+        one-time warning.
+      implementation: None, "reference", "xla", "cudnn", "flash" or "pallas".
         "reference": plain jnp, below. "xla" / "cudnn": `jax.nn.dot_product_attention` with that
         implementation (segment ids become a boolean mask; "cudnn" needs an NVIDIA GPU, fp16/bf16
         inputs, and left-only windows unless causal). "flash": `flash_attention` with its default
@@ -61,6 +73,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         with a one-time warning; its other limits (shapes, windows) are jax.nn's to report. "xla" with float16
         on the CPU (whose compiled dot_general rejects it) falls back to "reference" with a one-time warning.
         "flash" needs T >= 1 and S >= 1 ("reference" and "xla" take empty sequences).
+        "pallas": `pallas_attention` with the default blocks for the head dim (interpreted off the GPU); where
+        its kernels cannot run the case (`kernels.flash_attention.supports`: head_dim not a power of two in
+        [16, 256], float64, a traced scale, an empty sequence) it falls back to "flash" ("reference" with a soft
+        cap) with a one-time warning. None never picks "pallas" except for a soft cap on an NVIDIA GPU ("reference"
+        elsewhere), the one case no faster implementation takes.
 
     Returns:
       (B, T, N, H) in `query`'s dtype.
@@ -74,7 +91,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     `jax.default_matmul_precision` (relevant for float32 on GPU/TPU).
 
     Fully masked query rows (no key allowed by mask, causality, window and segments together):
-      "reference" and "flash" return zeros there, with zero gradient.
+      "reference", "flash" and "pallas" return zeros there, with zero gradient.
       "xla" (jax.nn; tests/ops/test_attention.py checks it) gives every key of that row the same large
         negative score, so the softmax is uniform and the row is the mean of all S values (bias ignored);
         its gradients w.r.t. query, key and bias are zero there.
@@ -90,8 +107,26 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     check_implementation(implementation, IMPLEMENTATIONS)
     query, key, value, bias, mask, segment_ids, local_window = _checked_inputs(
         query, key, value, bias, mask, segment_ids, local_window_size)
+    alibi_slopes, logit_soft_cap = _checked_score_options(alibi_slopes, logit_soft_cap, query.shape[2])
     q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
     platform = _platform()
+    pallas_reason = None
+    if implementation == "pallas" or (implementation is None and logit_soft_cap is not None and platform == "cuda"):
+        pallas_reason = pallas_kernels.supports(query, key, value, scale=scale, logit_soft_cap=logit_soft_cap)
+        if pallas_reason is None:
+            return pallas_kernels.flash_attention(
+                query, key, value, bias, mask, segment_ids, scale=scale, is_causal=is_causal,
+                local_window=local_window, alibi_slopes=alibi_slopes, logit_soft_cap=logit_soft_cap)
+        if implementation == "pallas":
+            portable = "flash" if logit_soft_cap is None and min(q_len, kv_len) >= 1 else "reference"
+            implementation = fall_back("dot_product_attention", "pallas", pallas_reason, portable)
+        else:
+            implementation = "reference"
+    if logit_soft_cap is not None and implementation != "reference":
+        if implementation is not None:
+            fall_back("dot_product_attention", implementation, "logit soft-capping", "reference")
+        implementation = "reference"
     cudnn_reason = _cudnn_unsupported(platform, query.dtype) if implementation == "cudnn" else None
     if implementation is None or cudnn_reason:
         fastest = _select_implementation(
@@ -100,7 +135,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     xla_reason = _xla_unsupported(platform, query.dtype) if implementation == "xla" else None
     if xla_reason:
         implementation = fall_back("dot_product_attention", "xla", xla_reason, "reference")
-    scale = head_dim**-0.5 if scale is None else scale
+    if alibi_slopes is not None:  # as a (1, N, T, S) bias for the implementations that take no slopes
+        alibi = alibi_distance_bias(alibi_slopes, q_len, kv_len)
+        bias = alibi if bias is None else bias + alibi
 
     if implementation == "flash":
         return _flash_attention(query, key, value, bias, mask, segment_ids, scale=scale, is_causal=is_causal,
@@ -109,7 +146,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if implementation == "reference":
         mask = _combine_masks(mask, q_pos, kv_pos, is_causal=is_causal, local_window=local_window,
                               segment_ids=segment_ids)
-        return _reference_attention(query, key, value, bias, mask, scale)
+        return _reference_attention(query, key, value, bias, mask, scale, logit_soft_cap)
     mask = _combine_masks(mask, q_pos, kv_pos, is_causal=False, local_window=None, segment_ids=segment_ids)
     if implementation == "cudnn":  # cuDNN wants the bias (mask included) full-size in T and S
         bias, mask = [None if x is None else jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len))
@@ -175,8 +212,53 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None, is_c
                             local_window=local_window, block_q=int(block_q), block_k=int(block_k))
 
 
-def _reference_attention(query, key, value, bias, mask, scale):
-    """softmax(Q Kᵀ · scale + bias) V with grouped heads, written out in jnp.
+def pallas_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, segment_ids=None,
+                     local_window_size=None, alibi_slopes=None, logit_soft_cap=None, layout=None,
+                     layout_block_size=None, config=None, interpret=None) -> jax.Array:
+    r"""softmax(Q Kᵀ · scale + bias) V by the Pallas FlashAttention-2 kernels
+    (`jaxmodels.ops.kernels.flash_attention`; Dao 2023): `dot_product_attention`'s implementation "pallas",
+    with explicit blocks and an optional block-sparse layout.
+
+    Arguments, shapes, masking semantics, dtypes and the result are those of `dot_product_attention`
+    (query (B, T, N, H); key, value (B, S, K, H); result (B, T, N, H) in `query`'s dtype; fully masked query
+    rows give zeros with zero gradient), plus:
+      layout, layout_block_size: a concrete (T/b, S/b) boolean block layout and its block b (e.g. from
+        `sparse_attention.strided_layout`): only the blocks it marks are computed, and the result is that
+        of `mask & repeat(layout, b)` (Child et al. 2019's block-sparse attention).
+      config: `kernels.flash_attention.Config`, the blocks and launch options of the forward, dQ and dK/dV
+        kernels (default: `default_config(H)`).
+      interpret: run the Pallas interpreter (default: off the GPU).
+    Differentiable in query, key, value and bias (reverse mode); not in scale or alibi_slopes.
+
+    Raises:
+      As `dot_product_attention`; ValueError/TypeError for what the kernels cannot run
+      (`kernels.flash_attention.supports`) and for a layout of the wrong shape or blocks that are not powers
+      of two >= 16.
+    """
+    query, key, value, bias, mask, segment_ids, local_window = _checked_inputs(
+        query, key, value, bias, mask, segment_ids, local_window_size)
+    alibi_slopes, logit_soft_cap = _checked_score_options(alibi_slopes, logit_soft_cap, query.shape[2])
+    scale = query.shape[3]**-0.5 if scale is None else scale
+    if layout is not None:
+        positive_int("layout_block_size", layout_block_size)
+        layout = np.asarray(layout)
+        expected = (query.shape[1] // layout_block_size, key.shape[1] // layout_block_size)
+        if layout.dtype != np.bool_ or layout.shape != expected:
+            raise ValueError(f"layout must be a boolean (T/b, S/b) = {expected} array, got {layout.dtype} of "
+                             f"shape {layout.shape}")
+    reason = pallas_kernels.supports(query, key, value, scale=scale, logit_soft_cap=logit_soft_cap, layout=layout,
+                                     layout_block_size=layout_block_size)
+    if reason:
+        raise (TypeError if reason.startswith("dtypes") else ValueError)(
+            f"pallas_attention does not cover these inputs: {reason}")
+    return pallas_kernels.flash_attention(
+        query, key, value, bias, mask, segment_ids, scale=scale, is_causal=is_causal, local_window=local_window,
+        alibi_slopes=alibi_slopes, logit_soft_cap=logit_soft_cap, layout=layout, layout_block_size=layout_block_size,
+        config=config, interpret=interpret)
+
+
+def _reference_attention(query, key, value, bias, mask, scale, logit_soft_cap=None):
+    """softmax(Q Kᵀ · scale (soft-capped) + bias) V with grouped heads, written out in jnp.
 
     query (B, T, N, H); key, value (B, S, K, H); bias, mask None or 4-D broadcastable to (B, N, T, S).
     Query heads are viewed as (K, G = N // K) so each key/value head serves its G query heads
@@ -188,6 +270,8 @@ def _reference_attention(query, key, value, bias, mask, scale):
     q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=acc_dtype)
     scores = scores * jnp.asarray(scale, acc_dtype)
+    if logit_soft_cap is not None:
+        scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
     if bias is not None:
         scores = scores + _group_heads(bias, num_kv_heads).astype(acc_dtype)
     if mask is not None:
@@ -537,6 +621,21 @@ def _checked_inputs(query, key, value, bias, mask, segment_ids, local_window_siz
         mask = as_scores_operand(mask, scores_shape, "mask")
     segment_ids = _split_segment_ids(segment_ids, batch, q_len, kv_len)
     return query, key, value, bias, mask, segment_ids, _window(local_window_size)
+
+
+def _checked_score_options(alibi_slopes, logit_soft_cap, num_heads):
+    """(alibi_slopes as a (N,) float array or None, logit_soft_cap as a float > 0 or None), checked; a traced
+    soft cap stays as it is."""
+    if alibi_slopes is not None:
+        alibi_slopes = jnp.asarray(alibi_slopes)
+        if alibi_slopes.shape != (num_heads,) or not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
+            raise ValueError(f"alibi_slopes must be a float array of shape (N,) = ({num_heads},), got "
+                             f"{alibi_slopes.dtype} of shape {alibi_slopes.shape}")
+    if isinstance(logit_soft_cap, (jax.Array, np.ndarray)) and not isinstance(logit_soft_cap, jax.core.Tracer):
+        logit_soft_cap = logit_soft_cap.item() if logit_soft_cap.ndim == 0 else logit_soft_cap
+    if logit_soft_cap is not None and not isinstance(logit_soft_cap, jax.core.Tracer):
+        logit_soft_cap = real_in_range("logit_soft_cap", logit_soft_cap, 0, include_low=False)
+    return alibi_slopes, logit_soft_cap
 
 
 def _split_segment_ids(segment_ids, batch, q_len, kv_len):

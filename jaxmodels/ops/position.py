@@ -3,7 +3,8 @@
 Rotary (RoFormer, Su et al. 2021) with the context-extension rescalings of its frequencies
 (position interpolation, NTK-aware, dynamic NTK, YaRN), axial 2D RoPE for images, ReRoPE,
 log-n attention scaling, ALiBi (Press et al. 2022), T5 relative position buckets (Raffel et al.
-2020) and sinusoidal embeddings (Vaswani et al. 2017).
+2020), sinusoidal embeddings (Vaswani et al. 2017) and random Fourier features of 2-D coordinates
+(Tancik et al. 2020; Segment Anything's point and image positions).
 
 Every RoPE variant here is a choice of inverse frequencies θ_i fed to the one rotation routine,
 `apply_rope(x, positions, inv_freq=...)`: the rotation angle of dim pair i at position m is m·θ_i,
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.checks import MASKED_SCORE, check_qkv, one_of, positive_int
+from jaxmodels.ops.checks import MASKED_SCORE, check_qkv, one_of, positive_int, real_in_range
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
@@ -329,12 +330,19 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int, *, causal: bool = True, 
     causal=False: -m_h · |i - j|, the symmetric form used for bidirectional encoders.
     Returns (1, num_heads, q_len, kv_len) float32 for `dot_product_attention(bias=...)`.
     """
-    rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]  # i - j, (T, S)
-    distance = (rel if causal else jnp.abs(rel)).astype(jnp.float32)
-    bias = -alibi_slopes(num_heads)[:, None, None] * distance
+    bias = alibi_distance_bias(alibi_slopes(num_heads), q_len, kv_len, q_offset=q_offset)
     if causal:
+        rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]  # i - j, (T, S)
         bias = jnp.where(rel >= 0, bias, MASKED_SCORE)
-    return bias[None]
+    return bias
+
+
+def alibi_distance_bias(slopes, q_len: int, kv_len: int, *, q_offset: int = 0) -> jax.Array:
+    """-m_h · |i - j| for head h's slope m_h = slopes[h], query t at position i = q_offset + t and key j:
+    ALiBi's bias (Press et al. 2022) in its symmetric form, which equals the causal form -m_h · (i - j) on
+    every pair a causal mask allows. slopes (N,) float -> (1, N, q_len, kv_len) float32."""
+    rel = (q_offset + jnp.arange(q_len))[:, None] - jnp.arange(kv_len)[None, :]
+    return (-jnp.asarray(slopes, jnp.float32)[:, None, None] * jnp.abs(rel).astype(jnp.float32))[None]
 
 
 def t5_relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32,
@@ -456,3 +464,76 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     first = jnp.ones(segment_ids.shape[:-1] + (1,), bool)
     starts = jnp.concatenate([first, segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+def fourier_feature_matrix(num_features: int, scale: float = 1.0, seed: int = 0) -> jax.Array:
+    """The random projection of `random_fourier_features`: B = scale · N(0, 1)^(2 × num_features) (Tancik et al.
+    2020, §5, "Gaussian RFF" with standard deviation `scale`; Segment Anything's PositionEmbeddingRandom buffer,
+    scale 1). Drawn on the host from `numpy.random.default_rng(seed)`, so it is a fixed function of
+    (num_features, scale, seed) and need not be stored with the parameters. Returns (2, num_features) float32."""
+    positive_int("num_features", num_features)
+    scale = real_in_range("scale", scale, 0, include_low=False)
+    matrix = scale * np.random.default_rng(seed).standard_normal((2, num_features))
+    return jnp.asarray(matrix, jnp.float32)
+
+
+def random_fourier_features(coords: jax.Array, matrix: jax.Array) -> jax.Array:
+    """Random Fourier features of 2-D positions (Tancik et al. 2020, "Fourier Features Let Networks Learn High
+    Frequency Functions in Low Dimensional Domains", eq. 5; Segment Anything, Kirillov et al. 2023, App. A,
+    `PositionEmbeddingRandom._pe_encoding`):
+
+        γ(v) = [sin(2π (2v - 1) B), cos(2π (2v - 1) B)],
+
+    the coordinates v in [0, 1]² first mapped to [-1, 1]². coords: (..., 2) float, (x, y) normalised by the image
+    width and height; matrix: (2, F), e.g. `fourier_feature_matrix`. Returns (..., 2F) float32 (sines first)."""
+    coords, matrix = jnp.asarray(coords), jnp.asarray(matrix)
+    if coords.ndim < 1 or coords.shape[-1] != 2:
+        raise ValueError(f"coords must have shape (..., 2) (x, y), got shape {coords.shape}")
+    if matrix.ndim != 2 or matrix.shape[0] != 2:
+        raise ValueError(f"matrix must have shape (2, num_features), got shape {matrix.shape}")
+    projected = 2 * math.pi * jnp.matmul(2 * coords.astype(jnp.float32) - 1, matrix.astype(jnp.float32),
+                                         precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([jnp.sin(projected), jnp.cos(projected)], axis=-1)
+
+
+def grid_fourier_features(height: int, width: int, matrix: jax.Array) -> jax.Array:
+    """`random_fourier_features` of the centres of an height × width grid of cells, x = (j + 1/2) / width,
+    y = (i + 1/2) / height for cell (i, j) (Segment Anything's `PositionEmbeddingRandom.forward`, the image
+    embedding's dense positional encoding). Returns (height, width, 2F) float32."""
+    positive_int("height", height)
+    positive_int("width", width)
+    y = (np.arange(height) + 0.5) / height
+    x = (np.arange(width) + 0.5) / width
+    coords = np.stack(np.meshgrid(x, y, indexing="xy"), axis=-1)  # (H, W, 2) as (x, y)
+    return random_fourier_features(jnp.asarray(coords, jnp.float32), matrix)
+
+
+def sine_position_encoding_2d(height: int, width: int, dim: int, *, temperature: float = 10000.0,
+                              normalize: bool = True, scale: float = 2 * math.pi) -> jax.Array:
+    """DETR's fixed 2D sine position encoding of a feature map (Carion et al. 2020, §3.2 and appendix A.4;
+    `PositionEmbeddingSine` of the official code, for an unpadded map).
+
+    With rows y = i + 1 and columns x = j + 1 (1-based), rescaled to y / (height + 1e-6) · scale and
+    x / (width + 1e-6) · scale when `normalize` (DETR: scale 2π), each half of the features is the
+    `sinusoidal_embedding` of one coordinate with dim/2 features and base `temperature`, its sin and cos
+    interleaved (sin(p·θ_0), cos(p·θ_0), sin(p·θ_1), ...); the row's half comes first. Equal to the official
+    code's output (channels-last).
+
+    Returns (height, width, dim) float32; dim divisible by 4.
+    """
+    positive_int("height", height)
+    positive_int("width", width)
+    if not isinstance(dim, int) or dim < 4 or dim % 4:
+        raise ValueError(f"dim must be a positive multiple of 4 (sin and cos of rows and columns), got {dim}")
+    rows = jnp.arange(1, height + 1, dtype=jnp.float32)
+    cols = jnp.arange(1, width + 1, dtype=jnp.float32)
+    if normalize:
+        rows, cols = rows / (height + 1e-6) * scale, cols / (width + 1e-6) * scale
+
+    def half(p):  # (n,) -> (n, dim/2), sin and cos interleaved
+        e = sinusoidal_embedding(p, dim // 2, temperature)
+        return jnp.stack(jnp.split(e, 2, axis=-1), axis=-1).reshape(p.shape[0], dim // 2)
+
+    y, x = half(rows), half(cols)
+    return jnp.concatenate([jnp.broadcast_to(y[:, None], (height, width, dim // 2)),
+                            jnp.broadcast_to(x[None, :], (height, width, dim // 2))], axis=-1)

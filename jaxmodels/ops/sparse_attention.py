@@ -13,7 +13,9 @@ building the element mask (numpy bool, True = attend; query i is the row, key j 
                 keys every query sees. Non-causal by default.
 
 `block_sparse_attention` takes a layout and an optional element mask refining it inside the blocks,
-and equals `dot_product_attention(query, key, value, mask=mask & block_mask(layout))`.
+and equals `dot_product_attention(query, key, value, mask=mask & block_mask(layout))`; its implementations
+(`IMPLEMENTATIONS`) are "gather" (key blocks gathered per query block, in jnp) and "pallas" (the Pallas
+FlashAttention-2 kernels visiting the layout's blocks from a static table, `attention.pallas_attention`).
 """
 
 import functools
@@ -22,8 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ops.attention import dot_product_attention
+from jaxmodels.ops.attention import dot_product_attention, pallas_attention
 from jaxmodels.ops.checks import as_scores_operand, check_qkv, non_negative_int, positive_int
+from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.kernels import flash_attention as pallas_kernels
+
+IMPLEMENTATIONS = ("gather", "pallas")  # of `block_sparse_attention`
 
 # ---------------------------------------------------------------- patterns as predicates of (i, j)
 
@@ -164,7 +170,8 @@ def layout_indices(layout) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- computation
 
-def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=None, scale=None) -> jax.Array:
+def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=None, scale=None,
+                           implementation=None) -> jax.Array:
     r"""softmax(Q Kᵀ · scale) V over the non-empty (query block, key block) pairs of `layout` only,
     the computation of Child et al. 2019's block-sparse kernels, in jnp.
 
@@ -187,12 +194,19 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
         layout inside its blocks (strided and fixed patterns are not block-aligned). A numpy mask is
         gathered at trace time, so no (T, S) array enters the computation.
       scale: score multiplier, default 1/sqrt(H).
+      implementation: None or "gather" (the computation above; None's choice until "pallas" is measured
+        against it on the GPU) or "pallas": `attention.pallas_attention` with this layout, whose kernels visit
+        only the layout's blocks (a static table of (query block, key block) pairs) and apply `mask` inside
+        them (the (T, S) mask is then read block by block from the device); interpreted off the GPU, and
+        "gather" with a one-time warning where the kernels cannot run the case
+        (`kernels.flash_attention.supports`).
 
     Returns:
       (B, T, N, H) in `query`'s dtype; equal to `dot_product_attention(query, key, value,
       mask=mask & repeat(layout, b))` with "reference" semantics: a query row with no allowed key
       (an empty layout row included) returns zeros.
     """
+    check_implementation(implementation, IMPLEMENTATIONS)
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     check_qkv(query, key, value)
     batch, q_len, num_heads, head_dim = query.shape
@@ -209,6 +223,12 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
             raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
         mask = as_scores_operand(mask, (batch, num_heads, q_len, kv_len), "mask")
     scale = head_dim**-0.5 if scale is None else scale
+    if implementation == "pallas":
+        reason = pallas_kernels.supports(query, key, value, scale=scale, layout=layout, layout_block_size=block_size)
+        if reason is None:
+            return pallas_attention(query, key, value, mask=None if mask is None else jnp.asarray(mask), scale=scale,
+                                    layout=layout, layout_block_size=block_size)
+        fall_back("block_sparse_attention", "pallas", reason, "gather")
 
     num_q_blocks, num_kv_blocks = layout.shape
     q_blocks = query.reshape(batch, num_q_blocks, block_size, num_heads, head_dim)

@@ -127,25 +127,28 @@ def save_params(directory, params) -> epath.Path:
     return path
 
 
-def params_item(path) -> epath.Path:
+def params_item(path, step: int | None = None) -> epath.Path:
     """The orbax item folder holding the params that `path` names: the latest checkpoint of a run's workdir
-    (PATH/checkpoints/STEP), or PATH/params written by `save_params` (`python -m jaxmodels.interop.hf import`).
-    ValueError naming `path` when it is neither."""
+    (PATH/checkpoints/STEP), or its checkpoint of `step` when given, or PATH/params written by `save_params`
+    (`python -m jaxmodels.interop.hf import`). ValueError naming `path` when it is neither, or has no checkpoint
+    of `step`."""
     path = epath.Path(path)
     if (path / "checkpoints").exists():
         manager = ocp.CheckpointManager(path / "checkpoints")
-        step = manager.latest_step()
+        steps = manager.all_steps()
         manager.close()
-        if step is not None:
-            return path / "checkpoints" / str(step) / DEFAULT_ITEM_NAME
+        if step is not None and step not in steps:
+            raise ValueError(f"{path} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        if steps:
+            return path / "checkpoints" / str(max(steps) if step is None else step) / DEFAULT_ITEM_NAME
     if (path / PARAMS_DIR).exists():
         return path / PARAMS_DIR
     raise ValueError(f"{path} holds no parameters to start from: expected a run's workdir (with checkpoints/) or "
                      f"a folder with {PARAMS_DIR}/ (python -m jaxmodels.interop.hf import writes one)")
 
 
-def restore_params(path, abstract_params, shardings=None):
-    """The params of the checkpoint `path` names (`params_item`), restored into the structure, dtypes and
+def restore_params(path, abstract_params, shardings=None, *, step: int | None = None):
+    """The params of the checkpoint `path` (and `step`) names (`params_item`), restored into the structure, dtypes and
     `shardings` (a matching pytree of shardings; None: the default device) of `abstract_params` (a pytree of
     jax.ShapeDtypeStruct, e.g. of `nnx.eval_shape`). The optimizer state and step of a workdir's checkpoint
     are not read.
@@ -153,7 +156,7 @@ def restore_params(path, abstract_params, shardings=None):
     Before reading any array, a tensor missing on either side or of another shape raises ValueError naming
     the tensor and both shapes.
     """
-    item = params_item(path)
+    item = params_item(path, step)
     saved = ocp.PyTreeCheckpointHandler().metadata(item).tree.get("params", {})
     found, wanted = _shapes(saved), _shapes(abstract_params)
     problems = [f"{name}: {found.get(name, 'absent')} in the checkpoint, {wanted.get(name, 'absent')} in the model"

@@ -51,7 +51,7 @@ def test_drawn_shapes_have_the_drawn_box_and_each_kind_occurs():
     config = shapes.make_config(**SMALL)
     rng, kinds = np.random.default_rng(1), set()
     for _ in range(30):
-        kind, g = shapes._draw_shape(rng, config)
+        kind, g = shapes.draw_shape(rng, config)
         kinds.add(kind)
         mask = shapes.shape_mask(shapes.CLASSES[kind], g, 16)
         box = shapes.boxes_of_masks(mask[None])[0]

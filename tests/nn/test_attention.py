@@ -1,6 +1,9 @@
-"""The attention layer and block refuse packed documents (segment ids) where they cannot mask them."""
+"""The attention layer and block refuse packed documents (segment ids) where they cannot mask them; masks cuDNN
+cannot take run through the Pallas kernels."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -33,3 +36,20 @@ def test_gau_block_refuses_segment_ids():
                              attention=AttentionSpec(kind="gau"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention kind 'gau'"):
         block(X, POSITIONS, segment_ids=SEGMENTS)
+
+
+@pytest.mark.parametrize("spec", [dict(kind="softmax", position="alibi", window=5), dict(kind="sparse_fixed")],
+                         ids=["alibi_window_segments", "sparse_fixed"])
+def test_pallas_kernels_serve_masks_cudnn_cannot_take(spec):
+    """ALiBi with a sliding window and packed documents, and a Sparse Transformer layout, through
+    implementation="pallas" (the Pallas flash-attention kernels, interpreted on the CPU): the default path's
+    output."""
+    x = jax.random.normal(jax.random.key(0), (1, 32, 16))
+    positions = jnp.arange(32)[None]
+    segments = jnp.asarray([[0] * 20 + [1] * 12], jnp.int32) if spec["kind"] == "softmax" else None
+    outputs = []
+    for implementation in (None, "pallas"):
+        layer = Attention(16, 2, 1, 16, spec=AttentionSpec(**spec, implementation=implementation), rngs=nnx.Rngs(0))
+        with jax.default_matmul_precision("float32"):
+            outputs.append(jax.jit(lambda x, layer=layer: layer(x, positions, segment_ids=segments)[0])(x))
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-5, rtol=2e-5)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from jaxmodels.nn.conv import Conv2D, Downsample, GroupNorm, Upsample
+from jaxmodels.nn.conv import Conv2D, ConvTranspose2D, Downsample, GroupNorm, Upsample
 
 
 def _conv_reference(x, k, b, stride, pad):
@@ -88,3 +88,22 @@ def test_unknown_methods_are_rejected():
         Upsample(2, 2, method="bilinear", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="method='max' is not valid; choose one of \\['conv'"):
         Downsample(2, 2, method="max", rngs=nnx.Rngs(0))
+
+
+def test_conv_transpose2d_with_kernel_equal_to_stride_paints_one_block_per_input_pixel():
+    """Segment Anything's upscaling (kernel 2, stride 2): out[2i + a, 2j + b] = x[i, j] @ K[a, b] + bias."""
+    conv = ConvTranspose2D(3, 4, 2, stride=2, rngs=nnx.Rngs(0))
+    conv.bias.value = jnp.arange(4, dtype=jnp.float32)
+    x = np.random.default_rng(5).normal(size=(2, 3, 5, 3))
+    k = np.asarray(conv.kernel.value, np.float64)
+    expected = np.einsum("nijc,abco->niajbo", x, k).reshape(2, 6, 10, 4) + np.arange(4)
+    with jax.default_matmul_precision("float32"):
+        y = conv(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    # LeCun normal with one output pixel's fan-in, in_channels · (kernel / stride)² = 3
+    big = ConvTranspose2D(50, 40, 2, stride=2, rngs=nnx.Rngs(1))
+    assert abs(float(jnp.std(big.kernel.value)) * np.sqrt(50) - 1) < 0.1
+    with pytest.raises(ValueError, match="stride"):
+        ConvTranspose2D(3, 4, 2, stride=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        conv(jnp.ones((1, 2, 2, 4)))

@@ -239,7 +239,7 @@ def test_select_implementation():
 
 
 def test_implementations_listed():
-    assert IMPLEMENTATIONS == ("reference", "xla", "cudnn", "flash")
+    assert IMPLEMENTATIONS == ("reference", "xla", "cudnn", "flash", "pallas")
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [
@@ -249,7 +249,7 @@ def test_implementations_listed():
     (((2, 3, 4, 8), (2, 5, 4, 16), (2, 5, 4, 16)), {}, ValueError, "same head_dim"),
     (((2, 3, 4, 8), (2, 5, 3, 8), (2, 5, 3, 8)), {}, ValueError, "got 4 query heads and 3 key/value heads"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(implementation="flashy"), ValueError,
-     r"implementation='flashy' is not valid; choose one of \[None, 'reference', 'xla', 'cudnn', 'flash'\]"),
+     r"implementation='flashy' is not valid; choose one of \[None, 'reference', 'xla', 'cudnn', 'flash', 'pallas'\]"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 1, 3, 5))), TypeError, "mask must be boolean"),
     (((2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), dict(mask=np.ones((1, 2, 3, 5), bool)), ValueError,
      r"mask must be broadcastable to \(B, N, T, S\) = \(2, 4, 3, 5\)"),

@@ -1,12 +1,16 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from jaxmodels.ops.losses import (
     arcface_logits,
     cosface_logits,
     cosine_logits,
+    detr_set_loss,
     info_nce,
     info_nce_with_negatives,
     softmax_cross_entropy,
@@ -168,3 +172,95 @@ def test_cosine_logits_normalise_both_sides():
         arcface_logits(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), margin=2.0)
     with pytest.raises(ValueError, match="labels"):
         cosface_logits(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
+
+
+def _giou_float64(a, b):
+    """GIoU of two cxcywh boxes, the slow way."""
+    a = [a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2]
+    b = [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def _detr_set_loss_float64(logits, boxes, labels, target_boxes, valid, eos_coef, weights):
+    """DETR's matching by brute force over every injective map of an image's targets into its predictions, then
+    SetCriterion's weighted CE, L1 and GIoU losses, in float64 loops."""
+    logits, boxes, target_boxes = (np.asarray(a, np.float64) for a in (logits, boxes, target_boxes))
+    batch, n, num_logits = logits.shape
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    classes, pairs = np.full((batch, n), num_logits - 1), []
+    for b in range(batch):
+        targets = list(np.flatnonzero(valid[b]))
+
+        def cost(i, t):
+            return (-weights[0] * prob[b, i, labels[b, t]] + weights[1] * np.abs(boxes[b, i] - target_boxes[b, t]).sum()
+                    - weights[2] * _giou_float64(boxes[b, i], target_boxes[b, t]))
+
+        best = min(itertools.permutations(range(n), len(targets)),
+                   key=lambda preds: sum(cost(i, t) for i, t in zip(preds, targets)))
+        for i, t in zip(best, targets):
+            classes[b, i] = labels[b, t]
+            pairs.append((b, i, t))
+    log_p = np.log(prob)
+    w = np.where(classes == num_logits - 1, eos_coef, 1.0)
+    ce = np.sum(-w * np.take_along_axis(log_p, classes[..., None], -1)[..., 0]) / w.sum()
+    num_boxes = max(int(valid.sum()), 1)
+    l1 = sum(np.abs(boxes[b, i] - target_boxes[b, t]).sum() for b, i, t in pairs) / num_boxes
+    giou = sum(1 - _giou_float64(boxes[b, i], target_boxes[b, t]) for b, i, t in pairs) / num_boxes
+    return {"loss_ce": ce, "loss_bbox": l1, "loss_giou": giou,
+            "loss": weights[0] * ce + weights[1] * l1 + weights[2] * giou}
+
+
+def _set_loss_case(seed, batch=3, n=4, m=3, num_classes=3, counts=(3, 1, 0)):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(batch, n, num_classes + 1)).astype(np.float32) * 2
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, n, 2)), rng.uniform(0.1, 0.4, (batch, n, 2))], -1)
+    target_boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, m, 2)), rng.uniform(0.1, 0.4, (batch, m, 2))], -1)
+    labels = rng.integers(0, num_classes, (batch, m))
+    valid = np.arange(m)[None, :] < np.asarray(counts)[:, None]
+    return logits, boxes.astype(np.float32), labels, target_boxes.astype(np.float32), valid
+
+
+@pytest.mark.parametrize("seed,eos_coef,weights", [(0, 0.1, (1.0, 5.0, 2.0)), (1, 0.5, (2.0, 1.0, 0.5)),
+                                                   (2, 1.0, (1.0, 5.0, 2.0))])
+def test_detr_set_loss_matches_brute_force_matching_in_float64(seed, eos_coef, weights):
+    logits, boxes, labels, target_boxes, valid = _set_loss_case(seed)
+    loss = jax.jit(lambda *a: detr_set_loss(*a, eos_coef=eos_coef, class_weight=weights[0], bbox_weight=weights[1],
+                                            giou_weight=weights[2]))(
+        jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(labels), jnp.asarray(target_boxes), jnp.asarray(valid))
+    expected = _detr_set_loss_float64(logits, boxes, labels, target_boxes, valid, eos_coef, weights)
+    for name, value in expected.items():
+        np.testing.assert_allclose(loss[name], value, rtol=2e-5, err_msg=name)
+    matched = np.asarray(loss["col_for_row"])
+    assert [(row >= 0).sum() for row in matched] == [3, 1, 0]
+
+
+def test_detr_set_loss_gradients_are_finite_and_match_finite_differences():
+    logits, boxes, labels, target_boxes, valid = _set_loss_case(3, batch=2, counts=(2, 3))
+    args = [jnp.asarray(a) for a in (logits, boxes, labels, target_boxes, valid)]
+    def loss(lg, bx):
+        out = detr_set_loss(lg, bx, *args[2:])
+        return out["loss"], out["col_for_row"]
+
+    grads, matching = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(*args[:2])
+    assert all(np.isfinite(g).all() and np.abs(g).sum() > 0 for g in grads)
+    with jax.enable_x64(True):  # the matching is piecewise constant: differentiate with it fixed
+        fixed = jax.jit(lambda lg, bx: detr_set_loss(lg, bx, args[2], args[3].astype(jnp.float64), args[4],
+                                                     col_for_row=matching)["loss"])
+        check_grads(fixed, (jnp.asarray(logits, jnp.float64), jnp.asarray(boxes, jnp.float64)), order=1,
+                    modes=("rev",), eps=1e-6)
+
+
+def test_detr_set_loss_bad_input():
+    logits, boxes, labels, target_boxes, valid = (jnp.asarray(a) for a in _set_loss_case(0))
+    with pytest.raises(ValueError, match="pred_boxes"):
+        detr_set_loss(logits, boxes[:, :2], labels, target_boxes, valid)
+    with pytest.raises(ValueError, match="target_valid"):
+        detr_set_loss(logits, boxes, labels, target_boxes, valid[:, :2])
+    with pytest.raises(TypeError, match="target_valid must be bool"):
+        detr_set_loss(logits, boxes, labels, target_boxes, valid.astype(jnp.int32))
+    with pytest.raises(ValueError, match="eos_coef"):
+        detr_set_loss(logits, boxes, labels, target_boxes, valid, eos_coef=-1.0)

@@ -24,6 +24,7 @@ from jaxmodels.ops.position import (
     rope_frequencies,
     rope_inverse_frequencies,
     segment_positions,
+    sine_position_encoding_2d,
     sinusoidal_embedding,
     t5_bias,
     t5_relative_position_bucket,
@@ -674,3 +675,28 @@ def test_segment_positions_errors():
         segment_positions(jnp.ones((2, 3), jnp.float32))
     with pytest.raises(ValueError, match="integer ids"):
         segment_positions(jnp.int32(1))
+
+
+def detr_position_embedding_sine(height, width, num_pos_feats, temperature, normalize, scale):
+    """DETR's PositionEmbeddingSine.forward (models/position_encoding.py) in float64 NumPy, unpadded, channels-last."""
+    not_mask = np.ones((1, height, width))
+    y_embed, x_embed = not_mask.cumsum(1), not_mask.cumsum(2)
+    if normalize:
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * scale
+    dim_t = temperature ** (2 * (np.arange(num_pos_feats) // 2) / num_pos_feats)
+    pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
+    pos_x = np.stack([np.sin(pos_x[..., 0::2]), np.cos(pos_x[..., 1::2])], axis=4).reshape(1, height, width, -1)
+    pos_y = np.stack([np.sin(pos_y[..., 0::2]), np.cos(pos_y[..., 1::2])], axis=4).reshape(1, height, width, -1)
+    return np.concatenate([pos_y, pos_x], axis=3)[0]
+
+
+@pytest.mark.parametrize("height,width,dim,normalize,temperature", [(3, 5, 8, True, 10000.0), (4, 4, 16, False, 20.0),
+                                                                     (1, 6, 4, True, 100.0)])
+def test_sine_position_encoding_2d_matches_detr(height, width, dim, normalize, temperature):
+    out = sine_position_encoding_2d(height, width, dim, temperature=temperature, normalize=normalize)
+    assert out.shape == (height, width, dim) and out.dtype == jnp.float32
+    expected = detr_position_embedding_sine(height, width, dim // 2, temperature, normalize, 2 * np.pi)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    with pytest.raises(ValueError, match="dim must be a positive multiple of 4"):
+        sine_position_encoding_2d(height, width, 6)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels.train.checkpoint import Checkpointer, CheckpointError
+from jaxmodels.train.checkpoint import Checkpointer, CheckpointError, restore_params
 
 
 def _state(v):
@@ -35,6 +35,18 @@ def test_keep_n_interval_and_restore(tmp_path):
     step, state = ck.restore_latest(_abstract())
     assert step == 7
     np.testing.assert_array_equal(state["params"]["blocks"][0]["w"], 7.0)
+
+
+def test_restore_params_of_a_chosen_step(tmp_path):
+    ck = Checkpointer(str(tmp_path / "checkpoints"), every=2, keep=3)
+    for s in range(1, 7):
+        ck.save(s, _state(s))
+    ck.wait()
+    abstract = _abstract()["params"]
+    for step, value in ((None, 6), (4, 4), (2, 2)):
+        np.testing.assert_array_equal(restore_params(tmp_path, abstract, step=step)["blocks"][0]["w"], value)
+    with pytest.raises(ValueError, match=r"no checkpoint of step 3; it has steps \[2, 4, 6\]"):
+        restore_params(tmp_path, abstract, step=3)
 
 
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
