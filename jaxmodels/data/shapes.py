@@ -115,6 +115,15 @@ def make_config(image_size: int = 64, min_shapes: int = 1, max_shapes: int = 4, 
     return ShapesConfig(name=name, description="generated shapes", **params)
 
 
+
+def config_from_section(section) -> ShapesConfig:
+    """`make_config(**section)` for a config's data.shapes section (a mapping; None or empty: the defaults); an
+    invalid or unknown field raises its ValueError / TypeError prefixed with "config.data.shapes: "."""
+    try:
+        return make_config(**dict(section or {}))
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"config.data.shapes: {e}") from None
+
 def _params(config: ShapesConfig) -> tuple:
     return tuple(getattr(config, p) for p in PARAMETERS)
 

@@ -112,7 +112,7 @@ class ImageClassification(Task):
     @property
     def shapes_config(self) -> shapes.ShapesConfig:
         """The generation parameters of the shapes data (`shapes.make_config(**data.shapes)`)."""
-        return shapes.make_config(**dict(self.config.data.get("shapes") or {}))
+        return shapes.config_from_section(self.config.data.get("shapes"))
 
     @property
     def example_shape(self) -> tuple[int, int, int]:

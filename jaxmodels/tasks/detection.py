@@ -119,10 +119,7 @@ class Detection(Task):
         super().__init__(config)
         d, m = config.data, config.model
         one_of("config.data.name", d.name, DATA)
-        try:
-            self.shapes_config = shapes.make_config(**dict(d.shapes))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"config.data.shapes: {e}") from None
+        self.shapes_config = shapes.config_from_section(d.shapes)
         if m.image_size != self.shapes_config.image_size:
             raise ValueError(f"config.model.image_size={m.image_size} must be config.data.shapes.image_size="
                              f"{self.shapes_config.image_size}")

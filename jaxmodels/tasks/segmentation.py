@@ -147,10 +147,7 @@ class PromptableSegmentation(Task):
         super().__init__(config)
         d, s = config.data, config.segmentation
         one_of("config.data.name", d.name, DATA)
-        try:
-            self.shapes_config = shapes.make_config(**dict(d.shapes))
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"config.data.shapes: {e}") from None
+        self.shapes_config = shapes.config_from_section(d.shapes)
         real_in_range("config.segmentation.box_fraction", s.box_fraction, 0, 1)
         real_in_range("config.segmentation.box_jitter", s.box_jitter, 0)
         real_in_range("config.segmentation.max_box_jitter", s.max_box_jitter, 0)
