@@ -19,6 +19,7 @@ randomly initialised network (`probe_accuracy`; `sample` reports both).
 """
 
 import functools
+import itertools
 import math
 
 import jax
@@ -122,10 +123,9 @@ class CPCTask(Task):
         return {"inputs": out["inputs"]}
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
-        step = start_step
-        while True:
-            yield self._batch("train", self.config.data.seed, step, process_index, process_count)
-            step += 1
+        seed = self.config.data.seed
+        return (self._batch("train", seed, step, process_index, process_count)
+                for step in itertools.count(start_step))
 
     def eval_batches(self) -> list[dict]:
         """data.eval_batches batches of the test split, shuffled by data.eval_seed."""

@@ -22,6 +22,7 @@ function of (data seed, step), so the loss is a pure function of (model, batch) 
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -354,10 +355,9 @@ class Diffusion(Task):
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
         d = self.config.data
-        step = start_step
-        while True:
-            yield self._batch(d.seed, step, process_index, process_count, "train", bool(d.get("pairs_path")))
-            step += 1
+        pairs = bool(d.get("pairs_path"))
+        return (self._batch(d.seed, step, process_index, process_count, "train", pairs)
+                for step in itertools.count(start_step))
 
     def eval_batches(self) -> list[dict]:
         """data.eval_batches fixed batches of data.eval_seed (the test split for digits; fresh samples for the

@@ -12,6 +12,8 @@ examples are scored with it (`metrics.verification_accuracy`, `metrics.roc_auc`)
 test examples for comparison. `baseline` scores raw pixels the same way.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -128,13 +130,10 @@ class EmbeddingVerification(Task):
         d = self.config.data
         digits.check_batch_arguments("image", d.global_batch_size, d.seed, start_step, process_index, process_count)
         images, labels = self.split("train", seen=True)
-        ds = digits.index_batches(len(labels), d.global_batch_size, d.seed, process_index, process_count)
-        step = start_step
-        while True:
-            rows = ds[step]
-            yield {"inputs": images[rows], "labels": labels[rows].astype(np.int32),
-                   "weights": np.ones(len(rows), np.float32)}
-            step += 1
+        index = digits.index_batches(len(labels), d.global_batch_size, d.seed, process_index, process_count)
+        return ({"inputs": images[rows], "labels": labels[rows].astype(np.int32),
+                 "weights": np.ones(len(rows), np.float32)}
+                for rows in map(index.__getitem__, itertools.count(start_step)))
 
     def eval_batches(self) -> list[dict]:
         """The seen classes' test examples (data.eval_batches > 0: the first eval_batches·B), padded

@@ -20,6 +20,7 @@ first training batch (step 0, dequantised with noise of seed data.seed), inside 
 """
 
 import functools
+import itertools
 import math
 
 import jax
@@ -160,10 +161,9 @@ class FlowLikelihood(Task):
                 "seed": jax.ShapeDtypeStruct((b,), jnp.uint32)}
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
-        step = start_step
-        while True:
-            yield self._batch(self.config.data.seed, step, process_index, process_count, "train")
-            step += 1
+        seed = self.config.data.seed
+        return (self._batch(seed, step, process_index, process_count, "train")
+                for step in itertools.count(start_step))
 
     def eval_batches(self) -> list[dict]:
         """data.eval_batches fixed batches of data.eval_seed: the test split of the images (dequantisation noise

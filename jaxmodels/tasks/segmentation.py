@@ -26,6 +26,7 @@ boxes).
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -210,10 +211,9 @@ class PromptableSegmentation(Task):
                 "multimask": jax.ShapeDtypeStruct((b,), jnp.bool_)}
 
     def train_batches(self, start_step: int, process_index: int, process_count: int):
-        step = start_step
-        while True:
-            yield self._batch("train", self.config.data.seed, step, process_index, process_count)
-            step += 1
+        seed = self.config.data.seed
+        return (self._batch("train", seed, step, process_index, process_count)
+                for step in itertools.count(start_step))
 
     def eval_batches(self) -> list[dict]:
         """data.eval_batches fixed batches of the test split (seed data.eval_seed), alternately a random point and
