@@ -19,7 +19,7 @@ Expect (shared 2-core CPU, 1500 steps of batch 64, ~4 min): eval MI bound log N 
 import ml_collections
 from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import lm_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,12 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.cpc = dict(negatives="batch_and_time")
     c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05, b1=0.9,
                        b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
-    c.train = dict(num_steps=1500, seed=0, grad_accum_steps=1, log_every=250, eval_every=500,
-                   checkpoint_every=1500, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels", init_from="")
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.update(lm_tiny.run_sections(num_steps=1500, log_every=250, eval_every=500, checkpoint_every=1500))
     c.sample = dict(probe_examples=0)
     return c

@@ -24,7 +24,7 @@ already 0.19 mAP@.5 after 400 steps where DETR has 0.06. Neither is converged; t
 import ml_collections
 from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import lm_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,12 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.detr = dict(eos_coef=0.1, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, aux_loss=True)
     c.optimizer = dict(learning_rate=5e-4, warmup_steps=200, schedule="cosine", min_lr_ratio=0.05, b1=0.9,
                        b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip_norm=0.1)
-    c.train = dict(num_steps=2400, seed=0, grad_accum_steps=1, log_every=100, eval_every=400,
-                   checkpoint_every=400, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels", init_from="")
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.update(lm_tiny.run_sections(num_steps=2400, log_every=100, eval_every=400, checkpoint_every=400))
     c.sample = dict(coco_split="test")
     return c

@@ -18,7 +18,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import lm_tiny
 from jaxmodels.train.loss_scaling import LossScaling
 
 
@@ -35,14 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
                        logit_mean=0.0, logit_std=1.0, shift=1.0, time_scale=1000.0, label_dropout=0.1)
     c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05, b1=0.9,
                        b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
-    c.train = dict(num_steps=3000, seed=0, grad_accum_steps=1, log_every=500, eval_every=1000,
-                   checkpoint_every=3000, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels",
-                   init_from="")  # a params checkpoint to start from (see lm_tiny); "": random init
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.update(lm_tiny.run_sections(num_steps=3000, log_every=500, eval_every=1000, checkpoint_every=3000))
     c.precision = dataclasses.asdict(LossScaling())  # float16 loss scaling (see lm_tiny); float32 needs none
     # Sampler: ddpm -> "ddpm" | "ddim"; edm -> "heun" | "euler"; flow -> "euler" | "heun".
     c.sample = dict(sampler="euler", num_steps=32, num_samples=2000, guidance_scale=1.0)

@@ -41,6 +41,52 @@ def moe_config(**overrides) -> dict:
     return {**fields, **overrides}
 
 
+def run_sections(*, num_steps: int, log_every: int, eval_every: int, checkpoint_every: int, **train) -> dict:
+    """The sections every experiment config shares, documented once here: `train` (the schedule given, other
+    fields at these defaults unless named in `train`), `mesh`, `sharding_rules` and `parallel`.
+    Use: `c.update(lm_tiny.run_sections(num_steps=..., log_every=..., eval_every=..., checkpoint_every=...))`."""
+    overrides = train
+    train = dict(
+        num_steps=num_steps,
+        seed=0,
+        grad_accum_steps=1,
+        log_every=log_every,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=1,
+        nan_policy="skip",      # "skip": keep the old state and go on; "halt": raise
+        max_consecutive_skips=10,  # "skip" halts after this many non-finite steps in a row
+        peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = look up the device table
+        # PRNG of parameter initialisation. "threefry2x32": the same values on every backend and mesh.
+        # "rbg": the GPU compiles the initialiser 5x faster (125M: 18 s vs 95 s on an H100,
+        # benchmarks/results/lm_step_notes.md), but its values depend on the backend.
+        prng_impl="threefry2x32",
+        # (start, count): a jax.profiler trace of the `count` steps after step `start`, in WORKDIR/profile/
+        # (process 0); (0, 0): none. E.g. --config.train.profile_steps="(10, 5)".
+        profile_steps=(0, 0),
+        # Where metrics go (jaxmodels/train/trackers.py): "jsonl" (WORKDIR/metrics.jsonl), "tensorboard"
+        # (WORKDIR/tensorboard/), "wandb" (Weights & Biases: pip install 'jaxmodels[wandb]').
+        trackers=("jsonl", "tensorboard"),
+        wandb_project="jaxmodels",
+        # A params checkpoint to start from instead of a random init: the folder `python -m jaxmodels.interop.hf
+        # import` wrote, or another run's workdir (its latest checkpoint). Step 0, fresh optimizer state; the
+        # shapes must fit config.model. Ignored when this workdir has checkpoints (resuming wins). "": random.
+        init_from="",
+    )
+    train.update(overrides)
+
+    # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over
+    # data x fsdp x expert; MoE experts are sharded over expert.
+    mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    # Logical axis name -> mesh axes (see jaxmodels/parallel/sharding.py).
+    sharding_rules = DEFAULT_RULES
+    # Data-parallel strategy: "replicated", "zero" or "fsdp" (README "Data-parallel strategies",
+    # jaxmodels/parallel/strategy.py); "fsdp" needs mesh.fsdp != 1. collectives (zero only): "ring"
+    # (ppermute rings of jaxmodels/ops/collectives.py) or "xla" (lax.psum_scatter / all_gather, NCCL on GPU).
+    parallel = dict(strategy="replicated", collectives="ring")
+    return dict(train=train, mesh=mesh, sharding_rules=sharding_rules, parallel=parallel)
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "lm"
@@ -93,43 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip_norm=1.0,
     )
 
-    c.train = dict(
-        num_steps=600,
-        seed=0,
-        grad_accum_steps=1,
-        log_every=50,
-        eval_every=200,
-        checkpoint_every=200,
-        keep_checkpoints=3,
-        nan_policy="skip",      # "skip": keep the old state and go on; "halt": raise
-        max_consecutive_skips=10,  # "skip" halts after this many non-finite steps in a row
-        peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = look up the device table
-        # PRNG of parameter initialisation. "threefry2x32": the same values on every backend and mesh.
-        # "rbg": the GPU compiles the initialiser 5x faster (125M: 18 s vs 95 s on an H100,
-        # benchmarks/results/lm_step_notes.md), but its values depend on the backend.
-        prng_impl="threefry2x32",
-        # (start, count): a jax.profiler trace of the `count` steps after step `start`, in WORKDIR/profile/
-        # (process 0); (0, 0): none. E.g. --config.train.profile_steps="(10, 5)".
-        profile_steps=(0, 0),
-        # Where metrics go (jaxmodels/train/trackers.py): "jsonl" (WORKDIR/metrics.jsonl), "tensorboard"
-        # (WORKDIR/tensorboard/), "wandb" (Weights & Biases: pip install 'jaxmodels[wandb]').
-        trackers=("jsonl", "tensorboard"),
-        wandb_project="jaxmodels",
-        # A params checkpoint to start from instead of a random init: the folder `python -m jaxmodels.interop.hf
-        # import` wrote, or another run's workdir (its latest checkpoint). Step 0, fresh optimizer state; the
-        # shapes must fit config.model. Ignored when this workdir has checkpoints (resuming wins). "": random.
-        init_from="",
-    )
-
-    # Axes data / fsdp / expert / tensor; -1 takes the remaining devices. The batch is split over
-    # data x fsdp x expert; MoE experts are sharded over expert.
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    # Logical axis name -> mesh axes (see jaxmodels/parallel/sharding.py).
-    c.sharding_rules = DEFAULT_RULES
-    # Data-parallel strategy: "replicated", "zero" or "fsdp" (README "Data-parallel strategies",
-    # jaxmodels/parallel/strategy.py); "fsdp" needs mesh.fsdp != 1. collectives (zero only): "ring"
-    # (ppermute rings of jaxmodels/ops/collectives.py) or "xla" (lax.psum_scatter / all_gather, NCCL on GPU).
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.update(run_sections(num_steps=600, log_every=50, eval_every=200, checkpoint_every=200, keep_checkpoints=3))
     # Loss scaling for float16 (model.dtype="float16"; jaxmodels/train/loss_scaling.py): loss_scale "none",
     # "static" or "dynamic" (S from init_scale, times backoff_factor on overflow, times growth_factor after
     # growth_interval finite steps). bfloat16 and float32 need none.

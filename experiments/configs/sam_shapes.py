@@ -23,7 +23,7 @@ experiments/segmentation.py trains it and writes experiments/results/segmentatio
 import ml_collections
 from ml_collections import config_dict
 
-from jaxmodels.parallel.sharding import DEFAULT_RULES
+from experiments.configs import lm_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,12 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
                           focal_weight=20.0, dice_weight=1.0, iou_weight=1.0, focal_alpha=0.25, focal_gamma=2.0)
     c.optimizer = dict(learning_rate=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.05, b1=0.9,
                        b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
-    c.train = dict(num_steps=1200, seed=0, grad_accum_steps=1, log_every=100, eval_every=400,
-                   checkpoint_every=1200, keep_checkpoints=1, nan_policy="skip", max_consecutive_skips=10,
-                   peak_flops=0.0, prng_impl="threefry2x32", profile_steps=(0, 0),
-                   trackers=("jsonl", "tensorboard"), wandb_project="jaxmodels", init_from="")
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
-    c.sharding_rules = DEFAULT_RULES
-    c.parallel = dict(strategy="replicated", collectives="ring")
+    c.update(lm_tiny.run_sections(num_steps=1200, log_every=100, eval_every=400, checkpoint_every=1200))
     c.sample = dict(num_images=100)
     return c
