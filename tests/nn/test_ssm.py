@@ -304,5 +304,5 @@ def test_mamba_block_scan_implementations_agree():
     for impl in ("chunked", "fused"):
         np.testing.assert_allclose(outputs[impl], outputs["associative"], rtol=1e-5, atol=1e-5, err_msg=impl)
     with pytest.raises(ValueError, match=r"scan_implementation='cuda' is not valid; "
-                                         r"choose one of \[None, 'associative', 'chunked', 'fused'\]"):
+                                         r"choose one of \[None, 'associative', 'chunked', 'fused', 'ssd'\]"):
         MambaBlock(8, scan_implementation="cuda", rngs=nnx.Rngs(0))
