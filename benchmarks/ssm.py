@@ -2,8 +2,8 @@
 the SSD chunked form of Mamba-2.
 
     python -m benchmarks.ssm [--lengths 2048,4096,8192,16384] [--out benchmarks/results/ssm_scan.json] [--small]
-    python -m benchmarks.ssm --implementations associative,fused,ssd_q16,ssd_q32,ssd,ssd_q128 \
-        --backward associative,fused,ssd_q32,ssd --out benchmarks/results/ssm_scan_ssd.json
+    python -m benchmarks.ssm --implementations associative,fused,ssd_q8,ssd,ssd_q32,ssd_q64 \
+        --backward associative,fused,ssd_q8,ssd --out benchmarks/results/ssm_scan_ssd.json
 
 Mamba-130m-like sizes (Gu & Dao 2023): d_inner 1536, N 16, batch 8, bf16 u/delta/z/B/C, float32 A, D,
 delta_bias, softplus on; the scan computes in float32. For each length and implementation: median time

@@ -38,7 +38,11 @@ from jaxmodels.ops.kernels import fused_scan
 
 IMPLEMENTATIONS = ("associative", "chunked", "fused", "ssd")
 CHUNK = 256  # positions per chunk of the "chunked" implementation (capped at L)
-SSD_CHUNK = 64  # positions per chunk Q of the "ssd" implementation (capped at L); not yet measured on a GPU
+# Positions per chunk Q of "ssd" (capped at L). With Δ per channel the decay matrix L is per channel, so the
+# intra-chunk work and memory grow as L·d_inner·Q against the chunk states' L·d_inner·N: Q near N. On a 2-core CPU
+# (d_inner 256, N 16, L 2048) Q = 16 ran the forward as fast as the associative scan, Q = 64 5x slower; not yet
+# measured on a GPU.
+SSD_CHUNK = 16
 
 
 def _combine(left, right):
@@ -270,8 +274,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         A = jnp.broadcast_to(A, (A.shape[0], n_state))
         return fused_scan.fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if implementation == "ssd":
-        chunk_size = min(SSD_CHUNK, length) if positive_int("chunk_size", chunk_size, allow_none=True) is None \
-            else chunk_size
+        positive_int("chunk_size", chunk_size, allow_none=True)
+        chunk_size = min(SSD_CHUNK, length) if chunk_size is None else chunk_size
         return _ssd_scan(*prepared, D, z, u.dtype, return_last_state, chunk_size)
     if implementation == "chunked" and chunk_size is None:
         chunk_size = min(CHUNK, length)

@@ -317,7 +317,7 @@ def test_ssd_matches_reference_and_associative(name):
 
 
 def test_ssd_default_chunk_dtypes_and_jit():
-    args, _ = _case("groups2", seed=32, scalar_a=True, length=70)  # default Q = 64: one full, one partial chunk
+    args, _ = _case("groups2", seed=32, scalar_a=True, length=70)  # default Q = 16: four full chunks, one partial
     y_ref = _np_selective_scan(**args)[0]
     ssd = jax.jit(lambda a: selective_scan(**a, implementation="ssd"))
     np.testing.assert_allclose(ssd(args), y_ref, rtol=1e-5, atol=1e-5)
