@@ -23,7 +23,8 @@ class MambaLM(Model):
     Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> output head (`w_out`, or with
     `tie_embeddings` the embedding table transposed, as the reference `MambaLMHeadModel` does by default).
     `scalar_A`: every block's A is one scalar per channel (Mamba-2's restriction, `MambaBlock`), which the "ssd"
-    scan implementation needs. `norm_eps`: the RMSNorms' epsilon (the reference and Hugging Face's `layer_norm_epsilon` use 1e-5).
+    scan implementation needs. `norm_eps`: the RMSNorms' epsilon (the reference and Hugging Face's
+    `layer_norm_epsilon` use 1e-5).
     d_inner = expand · embed_dim; dt_rank "auto" = ceil(embed_dim / 16). The "cache" of a layer is
     its recurrent state ({"conv", "ssm"}, O(1) in the sequence length), so positions, cache_index and
     max_length are accepted for interface compatibility and not needed.

@@ -27,7 +27,6 @@ that shape). `segsum` is that algorithm's stable segment sum.
 
 import math
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
