@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
         dt_rank="auto",
         chunk_size=ml_collections.config_dict.placeholder(int),   # None: no chunking
         scan_implementation=ml_collections.config_dict.placeholder(str),  # None: fused on GPU, else associative
+        scalar_A=False,         # True: A one scalar per channel (Mamba-2), which scan_implementation "ssd" needs
         norm_eps=1e-6,          # the RMSNorms' epsilon (Hugging Face's Mamba checkpoints: 1e-5)
         tie_embeddings=False,   # True: the output head is the embedding table transposed, as in the reference
         dtype="float32",

@@ -22,7 +22,9 @@ class MambaLM(Model):
 
     Embedding -> num_layers blocks x + Mamba(RMSNorm(x)) -> RMSNorm -> output head (`w_out`, or with
     `tie_embeddings` the embedding table transposed, as the reference `MambaLMHeadModel` does by default).
-    `norm_eps`: the RMSNorms' epsilon (the reference and Hugging Face's `layer_norm_epsilon` use 1e-5).
+    `scalar_A`: every block's A is one scalar per channel (Mamba-2's restriction, `MambaBlock`), which the "ssd"
+    scan implementation needs. `norm_eps`: the RMSNorms' epsilon (the reference and Hugging Face's
+    `layer_norm_epsilon` use 1e-5).
     d_inner = expand · embed_dim; dt_rank "auto" = ceil(embed_dim / 16). The "cache" of a layer is
     its recurrent state ({"conv", "ssm"}, O(1) in the sequence length), so positions, cache_index and
     max_length are accepted for interface compatibility and not needed.
@@ -30,7 +32,8 @@ class MambaLM(Model):
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | str = "auto", chunk_size: int | None = None,
-                 scan_implementation: str | None = None, norm_eps: float = 1e-6, tie_embeddings: bool = False,
+                 scan_implementation: str | None = None, scalar_A: bool = False, norm_eps: float = 1e-6,
+                 tie_embeddings: bool = False,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype, self.norm_eps, self.tie_embeddings = dtype, norm_eps, tie_embeddings
@@ -39,7 +42,8 @@ class MambaLM(Model):
         self.embed = Embed(vocab_size, embed_dim, **kw)
         self.blocks = nnx.List([
             ResidualBlock(MambaBlock(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
-                                     chunk_size=chunk_size, scan_implementation=scan_implementation, **kw),
+                                     chunk_size=chunk_size, scan_implementation=scan_implementation,
+                                     scalar_A=scalar_A, **kw),
                           embed_dim, norm_kind="rms", norm_eps=norm_eps, **kw)
             for _ in range(num_layers)])
         self.final_norm = RMSNorm(embed_dim, eps=norm_eps, **kw)
@@ -48,9 +52,13 @@ class MambaLM(Model):
 
     @classmethod
     def check_config(cls, config) -> None:
-        """config.model: the scan implementation, positive sizes, norm_eps > 0 and a bool tie_embeddings."""
+        """config.model: the scan implementation, positive sizes, a bool scalar_A, norm_eps > 0 and a bool
+        tie_embeddings."""
         check_fields(config, "config.model", {"scan_implementation": (None, *SCAN_IMPLEMENTATIONS)},
                      ("num_layers", "embed_dim", "d_state", "d_conv", "expand"))
+        scalar_a = config.get("scalar_A", False)
+        if not isinstance(scalar_a, bool):
+            raise TypeError(f"config.model.scalar_A must be a bool, got {scalar_a!r}")
         check_norm_and_head(config)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: list[dict] | None = None,

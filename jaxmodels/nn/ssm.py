@@ -48,6 +48,13 @@ def _uniform(low, high):
     return init
 
 
+def _log_of_uniform(low, high):
+    """Initialiser log(U[low, high]) (Mamba-2's A_log)."""
+    def init(key, shape, dtype):
+        return jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)
+    return init
+
+
 def _log_step_init(dt_min, dt_max):
     """log Δ ~ U[log dt_min, log dt_max] (the step initialisation of S4 and S4D, Gu et al. 2022)."""
     if not 0 < dt_min <= dt_max:
@@ -317,9 +324,13 @@ class MambaBlock(nnx.Module):
       out = y W_out
 
     W_dt ~ U(±dt_scale/sqrt(dt_rank)); dt is floored at dt_init_floor before the inverse softplus.
+    `scalar_A`: A_log of shape (d_inner, 1), one decay rate per channel shared by its N state entries, as
+    Mamba-2 restricts A to a scalar (Dao & Gu 2024, "Transformers are SSMs", §7), initialised A = U[1, 16]
+    (Mamba-2's A_init_range); this is the A the "ssd" scan implementation needs.
     The parallel scan is `selective_scan(..., implementation=scan_implementation)` (None: the fused Pallas
-    kernel on GPU, the associative scan elsewhere; `chunk_size` set: the scan in chunks of that many positions,
-    whatever scan_implementation says).
+    kernel on GPU, the associative scan elsewhere; "ssd" with `scalar_A` only, else it falls back to the
+    associative scan with a warning; `chunk_size` set: the scan in chunks of that many positions, whatever
+    scan_implementation says).
     `__call__(x)` is the parallel scan; `__call__(x, state)` continues from a recurrent state
     (prompt prefill, exact for any state) and returns (y, new_state); `step(state, x_t)` decodes one
     token with `selective_scan_step`. State: {"conv": (batch, d_conv-1, d_inner) last conv inputs in
@@ -329,7 +340,7 @@ class MambaBlock(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, chunk_size: int | None = None,
-                 scan_implementation: str | None = None,
+                 scan_implementation: str | None = None, scalar_A: bool = False,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.scan_implementation = check_implementation(scan_implementation, scan.IMPLEMENTATIONS,
                                                         "scan_implementation")
@@ -355,8 +366,13 @@ class MambaBlock(nnx.Module):
             return _inverse_softplus(jnp.maximum(jnp.exp(log_dt), dt_init_floor)).astype(dtype)
 
         self.dt_bias = param(rngs, dt_bias_init, (di,), ("mlp",), param_dtype)
-        self.A_log = param(rngs, _constant(np.log(np.arange(1, N + 1, dtype=np.float64))), (di, N), ("mlp", None),
-                           param_dtype)
+        if not isinstance(scalar_A, bool):
+            raise TypeError(f"scalar_A must be a bool, got {scalar_A!r}")
+        if scalar_A:  # Mamba-2: one A per channel, U[1, 16]
+            a_log_init, a_shape = _log_of_uniform(1.0, 16.0), (di, 1)
+        else:  # S4D-real: A_n = n + 1 for every channel
+            a_log_init, a_shape = _constant(np.log(np.arange(1, N + 1, dtype=np.float64))), (di, N)
+        self.A_log = param(rngs, a_log_init, a_shape, ("mlp", None), param_dtype)
         self.D = param(rngs, _constant(1.0), (di,), ("mlp",), param_dtype)
         self.out_proj = param(rngs, fan_in_init(), (di, d_model), ("mlp", "embed"), param_dtype)
 
@@ -366,7 +382,8 @@ class MambaBlock(nnx.Module):
                 "ssm": selective_scan_init_state(batch, self.d_inner, self.d_state)}
 
     def _ssm_inputs(self, x):
-        """x (..., d_inner) after conv + silu -> (Δ_raw (..., d_inner) before bias, B, C (..., N)), A (d_inner, N)."""
+        """x (..., d_inner) after conv + silu -> (Δ_raw (..., d_inner) before bias, B, C (..., N)), A (d_inner, N)
+        or, with scalar_A, (d_inner, 1)."""
         R, N = self.dt_rank, self.d_state
         x_dbl = dense(x, self.x_proj.value, self.dtype)
         dt, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
@@ -394,6 +411,7 @@ class MambaBlock(nnx.Module):
         y, h_last = selective_scan(xc, dt, A, B, C, D, delta_bias=dt_bias, delta_softplus=True,
                                    return_last_state=True, chunk_size=self.chunk_size)
         delta = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias)
+        A = jnp.broadcast_to(A, (self.d_inner, self.d_state))
         decay = jnp.exp(jnp.cumsum(delta[..., None] * A, axis=1))                 # (b, L, di, N)
         h0 = state["ssm"].astype(jnp.float32)
         y = y.astype(jnp.float32) + jnp.einsum("bldn,bdn,bln->bld", decay, h0, C.astype(jnp.float32))

@@ -3,6 +3,7 @@ SequenceClassifier (shapes, every mixer trains)."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -95,6 +96,19 @@ def test_lm_adam_steps_reduce_loss_and_bad_inputs():
         _shape(model, lambda m, t: m(t, cache=m.init_cache(1, 4) * 2), jnp.zeros((1, 1), jnp.int32))
     with pytest.raises(ValueError, match="tokens must be"):
         _shape(model, lambda m, t: m(t), jnp.zeros((1, 3, 2), jnp.int32))
+
+
+def test_scalar_a_reaches_every_block_and_runs_the_ssd_scan():
+    model = _model(scalar_A=True, scan_implementation="ssd")
+    assert [b.mixer.A_log.value.shape for b in model.blocks] == [(32, 1)] * 2
+    tokens = jax.random.randint(jax.random.key(7), (2, 9), 0, 32)
+    logits = _apply(model, lambda m, t: m(t), tokens)
+    for block in model.blocks:
+        block.mixer.scan_implementation = "associative"
+    np.testing.assert_allclose(logits, _apply(model, lambda m, t: m(t), tokens), rtol=1e-5, atol=1e-5)
+    section = ml_collections.ConfigDict(dict(SMALL, name="mamba_lm", scan_implementation="ssd", scalar_A="yes"))
+    with pytest.raises(TypeError, match="config.model.scalar_A must be a bool, got 'yes'"):
+        MambaLM.check_config(section)
 
 
 # ----------------------------------------------------------------------------- SequenceClassifier

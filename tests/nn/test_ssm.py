@@ -304,5 +304,29 @@ def test_mamba_block_scan_implementations_agree():
     for impl in ("chunked", "fused"):
         np.testing.assert_allclose(outputs[impl], outputs["associative"], rtol=1e-5, atol=1e-5, err_msg=impl)
     with pytest.raises(ValueError, match=r"scan_implementation='cuda' is not valid; "
-                                         r"choose one of \[None, 'associative', 'chunked', 'fused'\]"):
+                                         r"choose one of \[None, 'associative', 'chunked', 'fused', 'ssd'\]"):
         MambaBlock(8, scan_implementation="cuda", rngs=nnx.Rngs(0))
+
+
+def test_mamba_block_scalar_a_with_the_ssd_scan():
+    """scalar_A: A_log (d_inner, 1) from log U[1, 16]; the "ssd" scan equals the associative one, the recurrent
+    form and a prefill from a state."""
+    d, N, L = 8, 4, 10
+    block = _make(lambda: MambaBlock(d, d_state=N, d_conv=3, scalar_A=True, scan_implementation="ssd",
+                                     rngs=nnx.Rngs(14)))
+    A = np.exp(np.asarray(block.A_log.value))
+    assert A.shape == (16, 1) and np.all((A >= 1) & (A <= 16)) and np.unique(A).size == 16
+    full = _make(lambda: MambaBlock(d, d_state=N, d_conv=3, rngs=nnx.Rngs(14)))
+    assert _n_params(full) - _n_params(block) == 16 * (N - 1)
+    x = _x(15, (2, L, d))
+    y = _call(block, x)
+    block.scan_implementation = "associative"
+    np.testing.assert_allclose(y, _call(block, x), rtol=1e-5, atol=1e-6)
+    y_steps, state = _run_steps(block, x)
+    np.testing.assert_allclose(y_steps, y, rtol=1e-4, atol=1e-5)
+    _, mid = _run_steps(block, x[:, :4])
+    y_rest, end = _call(block, x[:, 4:], mid)
+    np.testing.assert_allclose(y_rest, y[:, 4:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(end["ssm"], state["ssm"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="scalar_A must be a bool, got 1"):
+        MambaBlock(d, scalar_A=1, rngs=nnx.Rngs(0))

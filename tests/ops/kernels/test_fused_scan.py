@@ -82,9 +82,10 @@ def test_unsupported_inputs_are_named():
 
 
 def test_selective_scan_implementations_agree():
-    assert IMPLEMENTATIONS == ("associative", "chunked", "fused") and CHUNK == 256
+    assert IMPLEMENTATIONS == ("associative", "chunked", "fused", "ssd") and CHUNK == 256
     args, _ = _args("D_z", seed=27)
-    y = {name: selective_scan(**args, implementation=name) for name in IMPLEMENTATIONS}
+    # "ssd" needs A of shape (d_inner, 1): tested in tests/ops/test_scan.py
+    y = {name: selective_scan(**args, implementation=name) for name in IMPLEMENTATIONS if name != "ssd"}
     for name in ("chunked", "fused"):
         np.testing.assert_allclose(y[name], y["associative"], rtol=1e-5, atol=1e-5, err_msg=name)
     # None picks the fused kernel on a GPU and the associative scan elsewhere, bit for bit; the default
