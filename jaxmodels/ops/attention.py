@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from jaxmodels.ops.checks import MASKED_SCORE, as_scores_operand, check_qkv, positive_int, real_in_range
-from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.dispatch import backend_platform, check_implementation, fall_back
 from jaxmodels.ops.kernels import flash_attention as pallas_kernels
 from jaxmodels.ops.position import alibi_distance_bias
 
@@ -67,17 +67,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         implementation (segment ids become a boolean mask; "cudnn" needs an NVIDIA GPU, fp16/bf16
         inputs, and left-only windows unless causal). "flash": `flash_attention` with its default
         blocks (FLASH_BLOCK_Q x FLASH_BLOCK_K): blockwise, memory O((T + S)·H) per (batch, head)
-        instead of O(T·S), numerics as "reference". None: "cudnn" where cuDNN takes the inputs, else "flash"
-        for long sequences (T·S >= 2048²), else "xla" (see `_select_implementation`), "reference" for float16
-        on the CPU. "cudnn" off an NVIDIA GPU or with inputs that are not fp16/bf16 falls back to None's choice
-        with a one-time warning; its other limits (shapes, windows) are jax.nn's to report. "xla" with float16
-        on the CPU (whose compiled dot_general rejects it) falls back to "reference" with a one-time warning.
+        instead of O(T·S), numerics as "reference". None: `select_implementation`, measured: on an NVIDIA GPU
+        "pallas" where the kernels run the case and it has a soft cap, or cuDNN would take it only through a
+        dense bias (segment ids, ALiBi, a bias or mask broadcast in T or S), or it is long (T·S >= 2048²) and
+        cuDNN cannot take it; "cudnn" where cuDNN takes the inputs; else "flash" for long sequences, else "xla",
+        "reference" for a soft cap off the GPU and for float16 on the CPU. "cudnn" off an NVIDIA GPU or with
+        inputs that are not fp16/bf16 falls back to None's choice with a one-time warning; its other limits
+        (shapes, windows) are jax.nn's to report. "xla" with float16 on the CPU (whose compiled dot_general
+        rejects it) falls back to "reference" with a one-time warning.
         "flash" needs T >= 1 and S >= 1 ("reference" and "xla" take empty sequences).
         "pallas": `pallas_attention` with the default blocks for the head dim (interpreted off the GPU); where
         its kernels cannot run the case (`kernels.flash_attention.supports`: head_dim not a power of two in
         [16, 256], float64, a traced scale, an empty sequence) it falls back to "flash" ("reference" with a soft
-        cap) with a one-time warning. None never picks "pallas" except for a soft cap on an NVIDIA GPU ("reference"
-        elsewhere), the one case no faster implementation takes.
+        cap) with a one-time warning.
 
     Returns:
       (B, T, N, H) in `query`'s dtype.
@@ -110,28 +112,25 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     alibi_slopes, logit_soft_cap = _checked_score_options(alibi_slopes, logit_soft_cap, query.shape[2])
     q_len, head_dim, kv_len = query.shape[1], query.shape[3], key.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
-    platform = _platform()
-    pallas_reason = None
-    if implementation == "pallas" or (implementation is None and logit_soft_cap is not None and platform == "cuda"):
-        pallas_reason = pallas_kernels.supports(query, key, value, scale=scale, logit_soft_cap=logit_soft_cap)
+    platform = backend_platform()
+    pallas_reason = pallas_kernels.supports(query, key, value, scale=scale, logit_soft_cap=logit_soft_cap)
+    if logit_soft_cap is not None and implementation in ("xla", "cudnn", "flash"):
+        implementation = fall_back("dot_product_attention", implementation, "logit soft-capping", "reference")
+    cudnn_reason = _cudnn_unsupported(platform, query.dtype) if implementation == "cudnn" else None
+    if implementation is None or cudnn_reason:
+        fastest = select_implementation(
+            platform, query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window,
+            bias_shape=None if bias is None else bias.shape, mask_shape=None if mask is None else mask.shape,
+            segment_ids=segment_ids is not None, alibi=alibi_slopes is not None,
+            soft_cap=logit_soft_cap is not None, pallas_runs=pallas_reason is None)
+        implementation = fall_back("dot_product_attention", "cudnn", cudnn_reason, fastest) if cudnn_reason else fastest
+    if implementation == "pallas":
         if pallas_reason is None:
             return pallas_kernels.flash_attention(
                 query, key, value, bias, mask, segment_ids, scale=scale, is_causal=is_causal,
                 local_window=local_window, alibi_slopes=alibi_slopes, logit_soft_cap=logit_soft_cap)
-        if implementation == "pallas":
-            portable = "flash" if logit_soft_cap is None and min(q_len, kv_len) >= 1 else "reference"
-            implementation = fall_back("dot_product_attention", "pallas", pallas_reason, portable)
-        else:
-            implementation = "reference"
-    if logit_soft_cap is not None and implementation != "reference":
-        if implementation is not None:
-            fall_back("dot_product_attention", implementation, "logit soft-capping", "reference")
-        implementation = "reference"
-    cudnn_reason = _cudnn_unsupported(platform, query.dtype) if implementation == "cudnn" else None
-    if implementation is None or cudnn_reason:
-        fastest = _select_implementation(
-            platform, query.dtype, head_dim, q_len, kv_len, is_causal=is_causal, local_window=local_window)
-        implementation = fall_back("dot_product_attention", "cudnn", cudnn_reason, fastest) if cudnn_reason else fastest
+        portable = "flash" if logit_soft_cap is None and min(q_len, kv_len) >= 1 else "reference"
+        implementation = fall_back("dot_product_attention", "pallas", pallas_reason, portable)
     xla_reason = _xla_unsupported(platform, query.dtype) if implementation == "xla" else None
     if xla_reason:
         implementation = fall_back("dot_product_attention", "xla", xla_reason, "reference")
@@ -544,35 +543,75 @@ def _block_range(block, size, length, other_size, num_other, lo, hi):
 
 # The automatic choice takes "flash" over "xla" from this many scores T·S per (batch, head) on: a
 # 2048 x 2048 float32 score matrix (16 MiB per batch-head, and as much again for its softmax kept
-# for the backward pass), which "flash" never materialises.
+# for the backward pass), which "flash" never materialises. On an NVIDIA GPU "pallas" takes these cases.
 _FLASH_MIN_SCORES = 2048 * 2048
 
 
-def _select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_len: int, *,
-                           is_causal: bool, local_window: tuple[int, int] | None) -> str:
-    """"cudnn" where jax.nn's cuDNN flash attention accepts these inputs, else "flash" when
-    q_len · kv_len >= _FLASH_MIN_SCORES, else "xla" ("reference" where "xla" cannot run, `_xla_unsupported`).
+def select_implementation(platform: str, dtype, head_dim: int, q_len: int, kv_len: int, *, is_causal: bool,
+                          local_window: tuple[int, int] | None, bias_shape: tuple | None = None,
+                          mask_shape: tuple | None = None, segment_ids: bool = False, alibi: bool = False,
+                          soft_cap: bool = False, pallas_runs: bool) -> str:
+    r"""`dot_product_attention`'s implementation=None: the fastest implementation measured for the case.
 
-    platform: "cuda", "rocm", "cpu", "tpu" (see `_platform`). The cuDNN conditions, those of jax's
-    `jax._src.cudnn.fused_attention_stablehlo` (`check_layout`, `check_is_flash_attention`) and
+    platform: "cuda", "rocm", "cpu", "tpu" (`dispatch.backend_platform`); dtype, head_dim H, q_len T, kv_len S:
+    the inputs'; is_causal, local_window (None or (left, right)): as normalised by `dot_product_attention`;
+    bias_shape, mask_shape: None or the 4-D (b, n, t, s) shape of the bias / boolean mask operand; segment_ids,
+    alibi, soft_cap: whether those are given; pallas_runs: the Pallas kernels take the case
+    (`kernels.flash_attention.supports` is None).
+
+    cuDNN takes the inputs where jax.nn's cuDNN flash attention accepts them; its conditions,
+    those of jax's `jax._src.cudnn.fused_attention_stablehlo` (`check_layout`, `check_is_flash_attention`) and
     `jax.nn.dot_product_attention`, taken at their strictest across the jax versions in use:
       - an NVIDIA GPU and fp16 or bf16 inputs (`_cudnn_unsupported`);
-      - head_dim a multiple of 8 and <= 128 (some GPUs allow 256; not assumed here);
-      - even T and S: with a bias or mask the backward pass needs them, and some cuDNN versions reject
-        odd lengths even without; we cannot know at trace time whether a gradient follows, so we ask
-        for it always;
+      - H a multiple of 8 and <= 128 (Hopper allows 256; not assumed here);
+      - even T and S: with a bias or mask the backward pass needs them, and some cuDNN versions reject odd
+        lengths even without; we cannot know at trace time whether a gradient follows, so we ask for it always;
       - a local window with a right side only together with is_causal (which discards it).
+    cuDNN masks natively only causality and a left window; everything else reaches it as one dense
+    (b, n, T, S) bias: a mask, segment ids (jax.nn has none), ALiBi (`alibi_distance_bias`), and a bias or mask
+    broadcast in T or S (cuDNN's `check_layout` wants them full-size, so `dot_product_attention` broadcasts them).
+
+    The rule, first match wins ("long": T·S >= 2048², `_FLASH_MIN_SCORES`; "pallas" on cuda only where
+    pallas_runs, else the "elsewhere" column):
+
+      case                                               cuda     elsewhere   evidence
+      soft cap                                           pallas   reference   [a]
+      cuDNN takes the inputs, with segment ids, ALiBi,   pallas   --          [b]
+        or a bias or mask broadcast in T or S
+      cuDNN takes the inputs                             cudnn    --          [c]
+      long                                               pallas   flash       [d]
+      otherwise                                          xla      xla         [e]
+
+    Evidence: one H200, bf16, forward + backward, benchmarks/results/flash_attention_h200.json ("summary"; from
+    `python -m benchmarks.flash_attention`):
+      [a] the only kernels with a soft cap; "reference" on cuda where they cannot run the case.
+      [b] cuDNN given a dense (1, 1, T, S) bias, all T·S pairs, took 62 ms at B=2, T=16k, N=16, H=128 (rows
+          "cudnn_dense_mask"): per score pair 1.4x the kernels' dense causal time at that size (22 ms for half
+          the pairs), and 10.1-11.5x the kernels on block-sparse layouts of 8-12% density (segment ids skip
+          blocks as a layout does). ALiBi, segment ids and broadcast operands cost the kernels no (T, S) read.
+      [c] the kernels / cuDNN: dense causal 0.80-0.85x at H=64, 0.66-0.71x at H=128; causal window of 4k
+          at T=32k 0.72x.
+      [d] the kernels / pure-JAX "flash": dense causal 4.5-7.4x; causal window of 4k at T=32k 8.7x.
+      [e] short sequences: the kernels are not measured against "xla".
+    "xla" becomes "reference" where XLA cannot run it (`_xla_unsupported`: float16 on the CPU). ROCm never takes
+    "pallas" (the kernels are not measured there). `sparse_attention.select_block_sparse_implementation` is the
+    same rule for block-sparse layouts (the kernels 5.0-7.4x `block_sparse_attention`'s "gather").
     """
-    supported = (
+    cuda_pallas = platform == "cuda" and pallas_runs
+    if soft_cap:
+        return "pallas" if cuda_pallas else "reference"
+    cudnn_ok = (
         _cudnn_unsupported(platform, dtype) is None
         and head_dim % 8 == 0 and head_dim <= 128
         and q_len % 2 == 0 and kv_len % 2 == 0
         and (local_window is None or is_causal or local_window[1] == 0)
     )
-    if supported:
-        return "cudnn"
-    if q_len * kv_len >= _FLASH_MIN_SCORES:
-        return "flash"
+    long = q_len * kv_len >= _FLASH_MIN_SCORES
+    if cudnn_ok:
+        broadcast = any(shape is not None and tuple(shape[2:]) != (q_len, kv_len) for shape in (bias_shape, mask_shape))
+        return "pallas" if cuda_pallas and (segment_ids or alibi or broadcast) else "cudnn"
+    if long:
+        return "pallas" if cuda_pallas else "flash"
     return "reference" if _xla_unsupported(platform, dtype) else "xla"
 
 
@@ -591,15 +630,6 @@ def _cudnn_unsupported(platform: str, dtype) -> str | None:
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         return f"cuDNN attention takes float16 or bfloat16 inputs, got {jnp.dtype(dtype)}"
     return None
-
-
-def _platform() -> str:
-    """The default backend's platform, with "gpu" told apart into "cuda" / "rocm" (as jax's own
-    cuDNN check does, from the backend's platform_version)."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return backend
-    return "cuda" if "cuda" in jax.extend.backend.get_backend().platform_version.lower() else "rocm"
 
 
 def _checked_inputs(query, key, value, bias, mask, segment_ids, local_window_size):

@@ -11,6 +11,9 @@ import functools
 import warnings
 from collections.abc import Collection
 
+import jax
+import jax.extend
+
 from jaxmodels.ops.checks import one_of
 
 
@@ -18,6 +21,15 @@ def check_implementation(value, valid: Collection[str], name: str = "implementat
     """Return `value` if it is None or in `valid` (a module's IMPLEMENTATIONS), else the ValueError of
     `checks.one_of`."""
     return one_of(name, value, (None, *valid))
+
+
+def backend_platform() -> str:
+    """The default backend's platform for choosing kernels: "cpu", "tpu", or "gpu" told apart into "cuda" /
+    "rocm" (as jax's own cuDNN check does, from the backend's platform_version)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "cuda" if "cuda" in jax.extend.backend.get_backend().platform_version.lower() else "rocm"
 
 
 def fall_back(family: str, requested: str, reason: str, instead: str) -> str:

@@ -344,10 +344,15 @@ permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 def _grouped_matmul_reference(x_sorted, w, group_sizes):
     """Per-group masked einsum: row m uses w[g(m)], g(m) the group whose range holds m; rows past
-    sum(group_sizes) are zero. O(M E d f): a test oracle, not for speed."""
+    sum(group_sizes) are zero. O(M E d f): a test oracle, not for speed. Products accumulate in float32
+    (float64 for float64 inputs), forward and backward, and the result is rounded to x_sorted's dtype once, so
+    that the oracle is not the less accurate side of a bf16 comparison (summed in bf16, its weight gradient was
+    4 bf16 ulps from float64 where the kernels were within 1)."""
+    acc_dtype = jnp.promote_types(x_sorted.dtype, jnp.float32)
     group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x_sorted.shape[0]), side="right")
-    mask = jax.nn.one_hot(group, w.shape[0], dtype=x_sorted.dtype)  # (M, E); all zero past the last group
-    return jnp.einsum("me,md,edf->mf", mask, x_sorted, w)
+    mask = jax.nn.one_hot(group, w.shape[0], dtype=acc_dtype)  # (M, E); all zero past the last group
+    every_group = jnp.einsum("md,edf->emf", x_sorted, w, preferred_element_type=acc_dtype)  # each row times each w[e]
+    return jnp.einsum("me,emf->mf", mask, every_group).astype(x_sorted.dtype)
 
 
 def _checked_group_sizes(group_sizes, num_rows):

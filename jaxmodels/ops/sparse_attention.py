@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxmodels.ops.attention import dot_product_attention, pallas_attention
 from jaxmodels.ops.checks import as_scores_operand, check_qkv, non_negative_int, positive_int
-from jaxmodels.ops.dispatch import check_implementation, fall_back
+from jaxmodels.ops.dispatch import backend_platform, check_implementation, fall_back
 from jaxmodels.ops.kernels import flash_attention as pallas_kernels
 
 IMPLEMENTATIONS = ("gather", "pallas")  # of `block_sparse_attention`
@@ -194,12 +194,12 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
         layout inside its blocks (strided and fixed patterns are not block-aligned). A numpy mask is
         gathered at trace time, so no (T, S) array enters the computation.
       scale: score multiplier, default 1/sqrt(H).
-      implementation: None or "gather" (the computation above; None's choice until "pallas" is measured
-        against it on the GPU) or "pallas": `attention.pallas_attention` with this layout, whose kernels visit
-        only the layout's blocks (a static table of (query block, key block) pairs) and apply `mask` inside
-        them (the (T, S) mask is then read block by block from the device); interpreted off the GPU, and
-        "gather" with a one-time warning where the kernels cannot run the case
-        (`kernels.flash_attention.supports`).
+      implementation: None, "gather" (the computation above) or "pallas": `attention.pallas_attention` with
+        this layout, whose kernels visit only the layout's blocks (a static table of (query block, key block)
+        pairs) and apply `mask` inside them (the (T, S) mask is then read block by block from the device);
+        interpreted off the GPU, and "gather" with a one-time warning where the kernels cannot run the case
+        (`kernels.flash_attention.supports`). None: `select_block_sparse_implementation` ("pallas" on an NVIDIA
+        GPU where the kernels run the case, else "gather").
 
     Returns:
       (B, T, N, H) in `query`'s dtype; equal to `dot_product_attention(query, key, value,
@@ -223,8 +223,10 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
             raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
         mask = as_scores_operand(mask, (batch, num_heads, q_len, kv_len), "mask")
     scale = head_dim**-0.5 if scale is None else scale
+    reason = pallas_kernels.supports(query, key, value, scale=scale, layout=layout, layout_block_size=block_size)
+    if implementation is None:
+        implementation = select_block_sparse_implementation(backend_platform(), pallas_runs=reason is None)
     if implementation == "pallas":
-        reason = pallas_kernels.supports(query, key, value, scale=scale, layout=layout, layout_block_size=block_size)
         if reason is None:
             return pallas_attention(query, key, value, mask=None if mask is None else jnp.asarray(mask), scale=scale,
                                     layout=layout, layout_block_size=block_size)
@@ -248,6 +250,16 @@ def block_sparse_attention(query, key, value, layout, *, block_size: int, mask=N
         rows.append(group)
     out = jnp.concatenate(outs, axis=1)[:, np.argsort(np.concatenate(rows))]
     return out.reshape(query.shape)
+
+
+def select_block_sparse_implementation(platform: str, *, pallas_runs: bool) -> str:
+    """`block_sparse_attention`'s implementation=None: "pallas" on an NVIDIA GPU (platform "cuda", see
+    `dispatch.backend_platform`) where the kernels run the case (pallas_runs: `kernels.flash_attention.supports` is
+    None), else "gather". Measured (one H200, bf16, forward + backward, T=16k, H=128, layouts at block 128;
+    benchmarks/results/flash_attention_h200.json, "summary" rows of section "sparse"): the kernels 5.0-7.4x
+    "gather" on the strided, fixed and local + global layouts. The case table: `attention.select_implementation`.
+    """
+    return "pallas" if platform == "cuda" and pallas_runs else "gather"
 
 
 def _row_groups(counts) -> list[np.ndarray]:

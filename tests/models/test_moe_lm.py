@@ -151,6 +151,7 @@ def test_flop_count_uses_active_parameters():
     assert more_experts - flops == 6 * 2 * d * (64 - 8)  # only the router grows with E
 
 
+@pytest.mark.devices(8)
 def test_expert_sharded_loss_equals_single_device():
     # 8 fake CPU devices, mesh data=2 x expert=4: experts split over `expert`, the batch over data x expert;
     # XLA partitions the layer (GSPMD), the capacity stays the global one, so the loss is the same.

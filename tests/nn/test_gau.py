@@ -75,6 +75,7 @@ def test_parameter_count_and_defaults(position, chunk_size):
     assert nnx.eval_shape(lambda: GAU(d, causal=False, rngs=nnx.Rngs(0))).w_z.value.shape == (d, 128)  # s = 128
 
 
+@pytest.mark.devices(8)
 def test_logical_axes_shard_like_the_library():
     model = nnx.eval_shape(lambda: GAU(16, 32, 8, causal=True, chunk_size=4, rngs=nnx.Rngs(0)))
     specs = param_specs(model, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), DEFAULT_RULES)

@@ -94,6 +94,7 @@ def test_shapes_bfloat16_compute_and_parameter_count(kw):
     assert MoEFeedForward(d, f, E, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).w_up.value.dtype == jnp.bfloat16
 
 
+@pytest.mark.devices(8)
 def test_logical_axes_shard_experts_over_the_expert_axis():
     model = nnx.eval_shape(lambda: MoEFeedForward(16, 32, 8, routing="noisy_top_k", num_shared=1, rngs=nnx.Rngs(0)))
     rules = tuple(DEFAULT_RULES) + (("expert", "expert"),)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from jaxmodels.ops import dispatch
-from jaxmodels.ops.attention import IMPLEMENTATIONS, _select_implementation, dot_product_attention
+from jaxmodels.ops import attention, dispatch
+from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention, select_implementation
 
 
 def _np_attention(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, segment_ids=None,
@@ -218,8 +218,10 @@ def test_kv_cache_mask_hides_unwritten_slots_exactly(implementation):
     np.testing.assert_allclose(out, _np_attention(q, k, v, mask=mask)[0], atol=1e-5)
 
 
-def test_select_implementation():
-    select = functools.partial(_select_implementation, q_len=64, kv_len=64, is_causal=False, local_window=None)
+def test_select_implementation_where_cudnn_takes_the_inputs():
+    """Without the Pallas kernels (pallas_runs=False) the choice is cuDNN's conditions alone."""
+    select = functools.partial(select_implementation, q_len=64, kv_len=64, is_causal=False, local_window=None,
+                               pallas_runs=False)
     assert select("cuda", jnp.bfloat16, 128) == "cudnn"
     assert select("cuda", jnp.float16, 64) == "cudnn"
     assert select("cuda", np.dtype("float16"), 8) == "cudnn"
@@ -236,6 +238,87 @@ def test_select_implementation():
     assert select("cuda", jnp.bfloat16, 64, local_window=(4, 0)) == "cudnn"
     assert select("cuda", jnp.bfloat16, 64, local_window=(4, 2), is_causal=True) == "cudnn"
     assert select("cuda", jnp.bfloat16, 64, local_window=(4, 2)) == "xla"
+
+
+LONG, SHORT = 2048, 64  # T·S = 2048² is where "flash" / "pallas" take over from "xla"
+
+
+# (case, select_implementation's arguments, choice on cuda, choice on cpu / tpu / rocm): the table of
+# `select_implementation`'s docstring, from benchmarks/results/flash_attention_h200.json.
+SELECTION_TABLE = [
+    ("dense causal 16k H128", dict(q_len=16384, kv_len=16384, head_dim=128), "cudnn", "flash"),
+    ("dense causal 4k H64", dict(q_len=4096, kv_len=4096, head_dim=64), "cudnn", "flash"),
+    ("short dense", dict(), "cudnn", "xla"),
+    ("left window 4k at 32k", dict(q_len=32768, kv_len=32768, local_window=(4095, 0)), "cudnn", "flash"),
+    ("full-size bias", dict(bias_shape=(1, 4, SHORT, SHORT)), "cudnn", "xla"),
+    ("full-size mask", dict(mask_shape=(2, 1, SHORT, SHORT)), "cudnn", "xla"),
+    ("one query, full-size mask", dict(q_len=1, mask_shape=(2, 1, 1, SHORT)), "xla", "xla"),
+    ("segment ids", dict(segment_ids=True), "pallas", "xla"),
+    ("segment ids with a window, long", dict(q_len=LONG, kv_len=LONG, segment_ids=True, local_window=(255, 0)),
+     "pallas", "flash"),
+    ("ALiBi", dict(alibi=True), "pallas", "xla"),
+    ("ALiBi with a window, long", dict(q_len=LONG, kv_len=LONG, alibi=True, local_window=(255, 0)), "pallas", "flash"),
+    ("key-padding mask (B, 1, 1, S)", dict(mask_shape=(2, 1, 1, SHORT)), "pallas", "xla"),
+    ("bias broadcast in S", dict(bias_shape=(1, 4, SHORT, 1)), "pallas", "xla"),
+    ("soft cap", dict(soft_cap=True), "pallas", "reference"),
+    ("soft cap, kernels cannot run it", dict(soft_cap=True, pallas_runs=False), "reference", "reference"),
+    ("float32, long", dict(dtype=jnp.float32, q_len=LONG, kv_len=LONG), "pallas", "flash"),
+    ("float32, short", dict(dtype=jnp.float32), "xla", "xla"),
+    ("float32 ALiBi, short", dict(dtype=jnp.float32, alibi=True), "xla", "xla"),
+    ("head_dim 256, long", dict(head_dim=256, q_len=LONG, kv_len=LONG), "pallas", "flash"),
+    ("odd length, long", dict(q_len=LONG - 1, kv_len=2 * LONG), "pallas", "flash"),
+    ("right window without causality, long", dict(q_len=LONG, kv_len=LONG, local_window=(4, 2), is_causal=False),
+     "pallas", "flash"),
+    ("long, kernels cannot run it", dict(dtype=jnp.float32, q_len=LONG, kv_len=LONG, pallas_runs=False),
+     "flash", "flash"),
+    ("ALiBi, kernels cannot run it", dict(alibi=True, pallas_runs=False), "cudnn", "xla"),
+    ("segment ids, kernels cannot run it", dict(segment_ids=True, pallas_runs=False), "cudnn", "xla"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, on_cuda, elsewhere", SELECTION_TABLE, ids=[c[0] for c in SELECTION_TABLE])
+def test_select_implementation_table(case, kwargs, on_cuda, elsewhere):
+    """None's choice per case: "pallas" on an NVIDIA GPU exactly where the H200 measurements put it ahead (a soft
+    cap; segment ids, ALiBi or broadcast operands that cuDNN would take as a dense bias; long sequences cuDNN
+    cannot take), cuDNN where it takes the case, and on other platforms the choice that was there before."""
+    args = dict(dtype=jnp.bfloat16, head_dim=64, q_len=SHORT, kv_len=SHORT, is_causal=True, local_window=None,
+                pallas_runs=True) | kwargs
+    assert select_implementation("cuda", **args) == on_cuda
+    for platform in ("cpu", "tpu", "rocm"):
+        assert select_implementation(platform, **args) == elsewhere, platform
+
+
+def _pallas_spy(monkeypatch, module, name):
+    """Replace module.name by a function that records its call and returns zeros like the query."""
+    calls = []
+
+    def spy(query, *args, **kwargs):
+        calls.append(kwargs)
+        return jnp.zeros_like(query)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_none_reaches_the_pallas_kernels_on_cuda_only(monkeypatch):
+    """dot_product_attention(implementation=None) passes its case to `select_implementation` and runs its choice:
+    the Pallas kernels for ALiBi, segment ids and a long float32 sequence on "cuda", never on the CPU."""
+    calls = _pallas_spy(monkeypatch, attention.pallas_kernels, "flash_attention")
+    q = jnp.ones((1, 16, 2, 16), jnp.bfloat16)
+    long_q = jax.ShapeDtypeStruct((1, LONG, 1, 16), jnp.float32)
+    cases = [lambda: dot_product_attention(q, q, q, is_causal=True, alibi_slopes=np.array([0.5, 0.25], np.float32)),
+             lambda: dot_product_attention(q, q, q, segment_ids=jnp.zeros((1, 16), jnp.int32)),
+             lambda: jax.eval_shape(lambda x: dot_product_attention(x, x, x, is_causal=True), long_q)]
+    monkeypatch.setattr(attention, "backend_platform", lambda: "cpu")  # so also on a GPU run
+    for case in cases:
+        case()
+    assert calls == []  # the CPU: "xla" and "flash" as before
+    monkeypatch.setattr(attention, "backend_platform", lambda: "cuda")
+    for case in cases:
+        case()
+    assert len(calls) == 3
+    assert calls[0]["alibi_slopes"] is not None and calls[0]["is_causal"]
+    assert calls[2]["is_causal"]
 
 
 def test_implementations_listed():
@@ -323,4 +406,5 @@ def test_float16_under_jit_on_cpu(implementation):
     assert out.dtype == jnp.float16
     expected, _ = _np_attention(q, k, v, **kw)
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1e-2)
-    assert _select_implementation("cpu", jnp.float16, 64, 64, 64, is_causal=True, local_window=None) == "reference"
+    assert select_implementation("cpu", jnp.float16, 64, 64, 64, is_causal=True, local_window=None,
+                                 pallas_runs=True) == "reference"

@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmodels.ops import collectives as C
 
+pytestmark = pytest.mark.devices(8)  # meshes of up to 8 devices
+
 
 def _mesh(shape, names):
     return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))

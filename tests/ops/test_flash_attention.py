@@ -13,7 +13,7 @@ from jax.extend import core as jax_core
 from jax.test_util import check_grads
 
 from jaxmodels.ops import attention
-from jaxmodels.ops.attention import IMPLEMENTATIONS, _select_implementation, dot_product_attention, flash_attention
+from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention, flash_attention, select_implementation
 from tests.ops.test_attention import _inputs, _np_attention
 
 # (B, T, S, N, K, H) and options, as test_attention.CASES, plus (block_q, block_k) (default (8, 16)):
@@ -261,7 +261,7 @@ def test_automatic_choice_is_flash_for_long_sequences_on_cpu():
 
 
 def test_select_implementation_flash():
-    select = functools.partial(_select_implementation, is_causal=False, local_window=None)
+    select = functools.partial(select_implementation, is_causal=False, local_window=None, pallas_runs=False)
     long = 2048
     for platform in ("cpu", "tpu", "rocm"):
         assert select(platform, jnp.float32, 64, long, long) == "flash"

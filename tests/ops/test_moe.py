@@ -331,6 +331,7 @@ def test_moe_flops_per_token():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("E,C", [(8, 2), (16, 12)])
 def test_expert_parallel_equals_single_device(E, C):
     n, T_local, k, d, f = 8, 6, 2, 4, 5

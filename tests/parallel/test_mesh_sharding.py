@@ -27,6 +27,7 @@ def test_mesh_shape_errors(sizes, match):
         mesh_shape(sizes, 8)
 
 
+@pytest.mark.devices(8)
 def test_logical_to_spec_divisibility_and_reuse():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert logical_to_spec(("embed", "mlp"), (64, 128), mesh, DEFAULT_RULES) == P("fsdp", "tensor")
@@ -39,6 +40,7 @@ def test_logical_to_spec_divisibility_and_reuse():
     assert batch_spec(DEFAULT_RULES, 2) == P(("data", "fsdp", "expert"), None)
 
 
+@pytest.mark.devices(8)
 def test_param_specs_follow_logical_axes():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     model = nnx.eval_shape(lambda: DecoderLM(vocab_size=64, num_layers=1, embed_dim=32, num_heads=4, num_kv_heads=2,

@@ -46,6 +46,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve_bit_exactly(tmp_path):
     assert resumed == full  # bit-exact on CPU
 
 
+@pytest.mark.devices(8)
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
     losses, memory = {}, {}
     for name, devices, mesh, strategy in [("one", jax.devices()[:1], dict(data=-1, fsdp=1, tensor=1), "replicated"),

@@ -71,6 +71,7 @@ def test_a_step_trains_only_the_adapters_and_leaves_the_base_bit_identical(base,
     assert memory["frozen_gib"] > 10 * memory["params_gib"]
 
 
+@pytest.mark.devices(2)
 def test_zero_over_two_devices_gives_the_replicated_steps_adapters(base, tmp_path):
     path, _ = base
     _, _, replicated = _one_step(_config(path), tmp_path / "one", jax.devices()[:1])

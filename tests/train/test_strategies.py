@@ -34,6 +34,7 @@ def _train(name: str):
     return metrics, memory
 
 
+@pytest.mark.devices(8)
 def test_strategies_match_single_device_training_and_shard_the_optimizer_state():
     # One test, not one per strategy: each Trainer costs ~7 s of CPU compilation, and pytest-xdist
     # would build the single-device reference once per worker.
@@ -79,6 +80,7 @@ def test_degenerate_sizes_are_accepted():
     validate_config(tiny_config(parallel__strategy="zero"), num_devices=1)
 
 
+@pytest.mark.devices(8)
 def test_resuming_with_another_strategy_names_the_change(tmp_path):
     from jaxmodels.train.checkpoint import CheckpointError
     from jaxmodels.train.loop import train_and_evaluate

@@ -65,6 +65,7 @@ def _batches(k):
     return [jax.random.normal(jax.random.key(i), (32, 8)) for i in range(k)]
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("collectives,accum", [("ring", 1), ("xla", 2)])
 def test_zero_step_equals_the_plain_step(collectives, accum):
     step, state = _reference()
@@ -88,6 +89,7 @@ def test_zero_step_equals_the_plain_step(collectives, accum):
     np.testing.assert_allclose(mu["w"], ref_mu, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.devices(8)
 def test_zero_step_keeps_the_state_when_the_loss_is_not_finite():
     zstep, zstate, batch_sharding = _zero_setup("ring", 1)
     zstate, _ = zstep(zstate, jax.device_put(_batches(1)[0], batch_sharding))
@@ -100,6 +102,7 @@ def test_zero_step_keeps_the_state_when_the_loss_is_not_finite():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.devices(8)
 def test_zero_state_checkpoints_round_trip_onto_the_same_shards(tmp_path):
     zstep, zstate, batch_sharding = _zero_setup("ring", 1)
     zstate, _ = zstep(zstate, jax.device_put(_batches(1)[0], batch_sharding))
