@@ -12,6 +12,7 @@ works like a local one. Only process 0 makes trackers.
 import json
 import math
 import os
+import sys
 
 from etils import epath
 
@@ -62,8 +63,7 @@ class TensorBoardTracker(Tracker):
     """Event files in WORKDIR/tensorboard/; a resumed run purges the events after its start step."""
 
     def __init__(self, workdir: epath.Path, start_step: int):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = summary_writer_class()
         if not is_local(workdir):
             register_tensorboard_scheme(scheme(workdir))
         self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=start_step + 1)
@@ -75,6 +75,22 @@ class TensorBoardTracker(Tracker):
 
     def close(self):
         self._tb.close()
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX's writer module imports torch
+    whenever it is installed, only to accept torch tensors (we pass floats), which added 3-10 s to the start of
+    every run. Unless torch is already loaded, "torch" maps to None in sys.modules for the import (an
+    ImportError to tensorboardX) and is removed again after it."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def import_wandb():

@@ -2,6 +2,7 @@
 module in every environment; the real one offline where it is installed)."""
 
 import json
+import subprocess
 import sys
 import types
 
@@ -79,3 +80,13 @@ def test_jsonl_rows_keep_their_format(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 2]  # eval 0, train 1 and 2, eval 2
     assert set(rows[0]) == {"step", "eval/loss", "eval/bits_per_byte", "eval/perplexity", "eval/num_tokens",
                             "eval/num_bytes", "eval/unigram_entropy_bits_per_byte"}
+
+
+def test_the_tensorboard_tracker_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch when it is installed: seconds at the start of every run, for nothing.
+    code = ("import sys\nfrom etils import epath\nfrom jaxmodels.train.trackers import TensorBoardTracker\n"
+            f"t = TensorBoardTracker(epath.Path({str(tmp_path)!r}), 0)\nt.write(1, {{'loss': 2.0}})\nt.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nimport torch\nprint(torch.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "torch", r.stderr[-2000:]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
