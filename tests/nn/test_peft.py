@@ -25,6 +25,7 @@ from jaxmodels.nn.peft import (
     peft_spec_from_config,
     split_params,
 )
+from tests.jaxprs import equations
 
 SIZES = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
 
@@ -288,18 +289,9 @@ def test_lora_dropout_draws_per_key_and_per_example_and_keeps_the_update_in_expe
     np.testing.assert_allclose(dropped[~zero], np.broadcast_to(x[0] / (1 - p), dropped.shape)[~zero], rtol=1e-6)
 
 
-def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
     """The output shapes of every dot_general in `jaxpr` and the jaxprs nested in it (jit, remat, scan ...)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    shapes += _dot_output_shapes(sub)
-    return shapes
+    return [tuple(eqn.outvars[0].aval.shape) for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"]
 
 
 def test_the_unfolded_gradient_forms_no_weight_gradient_of_the_frozen_kernels():
@@ -312,7 +304,7 @@ def test_the_unfolded_gradient_forms_no_weight_gradient_of_the_frozen_kernels():
 
     def dots(reparametrize):
         grad = jax.grad(lambda l: _lm_loss(graphdef, reparametrize(l), TOKENS))
-        return {tuple(sorted(s)) for s in _dot_output_shapes(jax.make_jaxpr(grad)(lora).jaxpr)}
+        return {tuple(sorted(s)) for s in dot_output_shapes(jax.make_jaxpr(grad)(lora).jaxpr)}
 
     unfolded = dots(lambda l: lora_unfold(params, l, 2.0, lora_projections(model, targets)))
     folded = dots(lambda l: lora_apply(params, l, 2.0))
