@@ -8,16 +8,20 @@ Cases (each in its own process, so that each peak memory is its own and JAX and 
   lora        LoRA r=16, alpha=32 on W_q and W_v (jaxmodels/nn/peft.py): AdamW state for the factors only;
   lora_all    LoRA r=16 on every attention and MLP projection;
   lora_bf16   `lora` with the frozen base stored in bfloat16 (peft.base_dtype, QLoRA-style);
+  lora_folded, lora_all_folded   `lora`, `lora_all` with the update folded into the kernels in the step
+              (peft.unfolded=False), the form before the unfolded one: what unfolding saves;
   hf_full, hf_lora   the same model as a transformers LlamaForCausalLM (bf16 autocast, float32 weights, sdpa
               attention, gradient checkpointing where we rematerialise), full AdamW or Hugging Face peft's LoRA
               with the same rank, alpha and targets; run when torch, transformers and peft import.
 The JAX cases build the Trainer of experiments/configs/lm_tiny_lora.py with the size's shape (benchmarks/lm_step.py's
 SIZES; bf16 compute, float32 params), start from a random base checkpoint written once (train.init_from), and time
 `--steps` synchronised steps after warm-up (median). Memory: the device's peak bytes in use (GPU) and XLA's
-analysis of the compiled step (arguments and temporaries); torch's max_memory_allocated. Our LoRA folds the update
-into the kernels inside the step (W + s·A·B, then the usual matmuls), so its step computes the kernels' gradients
-as full training does and then contracts them to A and B: it saves the optimizer state and the update, not the
-backward FLOPs; Hugging Face's LoRA runs the factors beside the frozen Linear and skips the weight gradients.
+analysis of the compiled step (arguments and temporaries); torch's max_memory_allocated. Our LoRA computes the
+update unfolded inside the projections (x W + s (x A) B, `nn.peft.LoraKernel`), as Hugging Face's LoRA runs the
+factors beside the frozen Linear: neither forms the frozen kernels' weight gradients. The *_folded cases fold it
+into the kernels (W + s A B, then the usual matmuls), so their step computes the kernels' gradients as full
+training does and then contracts them to A and B: they save the optimizer state and the update, not the backward
+FLOPs.
 """
 
 import argparse
@@ -39,7 +43,7 @@ from jaxmodels.models import make_model
 from jaxmodels.train.checkpoint import save_params
 from jaxmodels.train.loop import Trainer
 
-SMALL = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=128, batch=4,
+SMALL = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=128, batch=8,
              remat="none")
 LORA = dict(rank=16, alpha=32.0)
 CASES = {
@@ -47,6 +51,8 @@ CASES = {
     "lora": dict(method="lora", targets="attn/w_(q|v)", **LORA),
     "lora_all": dict(method="lora", targets="attn/w_|mlp/w_", **LORA),
     "lora_bf16": dict(method="lora", targets="attn/w_(q|v)", base_dtype="bfloat16", **LORA),
+    "lora_folded": dict(method="lora", targets="attn/w_(q|v)", unfolded=False, **LORA),
+    "lora_all_folded": dict(method="lora", targets="attn/w_|mlp/w_", unfolded=False, **LORA),
     "hf_full": None,
     "hf_lora": ["q_proj", "v_proj"],
 }

@@ -10,7 +10,9 @@ checkpoint) or the folder `python -m jaxmodels.interop.hf import` wrote. Two com
         --config.train.init_from=/tmp/lm_tiny
 
 Other methods with the same config: --config.peft.method=prefix | prompt | adapter (or none: full fine-tuning),
-their sizes in the `peft` section (jaxmodels/nn/peft.py, `PeftSpec`). Only the adapters get optimizer state and go
+their sizes in the `peft` section (jaxmodels/nn/peft.py, `PeftSpec`). LoRA trains unfolded (x W + s (dropout(x) A) B
+inside the projections: no weight gradient of the frozen kernels); --config.peft.dropout=0.05 adds LoRA dropout,
+--config.peft.unfolded=False folds the update into the kernels instead. Only the adapters get optimizer state and go
 into the checkpoints; a resumed run reads the base from init_from again. A LoRA run exports as a Hugging Face peft
 adapter: python -m jaxmodels.interop.hf export --workdir /tmp/lm_tiny_lora --out /tmp/lora_hf [--merge].
 

@@ -335,7 +335,7 @@ def save_hf_lora(model: DecoderLM, lora: dict, spec: PeftSpec, directory) -> pat
     """Write the LoRA factors `lora` (`nn.peft.lora_init`'s tree: A (in, r), B (r, out) per adapted kernel) of a
     DecoderLM that `save_hf` exports as a Llama/Mistral, with rank and alpha of `spec`, as a Hugging Face peft
     adapter folder: adapter_model.safetensors (base_model.model.<module>.lora_A.weight (r, in) = Aᵀ and
-    .lora_B.weight (out, r) = Bᵀ, in the factors' dtype) and adapter_config.json (LORA, r, lora_alpha,
+    .lora_B.weight (out, r) = Bᵀ, in the factors' dtype) and adapter_config.json (LORA, r, lora_alpha, lora_dropout,
     target_modules: `lora_target_modules`). `peft.PeftModel.from_pretrained(the save_hf model, directory)` then
     computes W + (lora_alpha / r) B A, which is our W + (alpha / r) A B transposed. `model` gives only the names
     and sizes: it may be abstract (`nnx.eval_shape`). Returns the folder. Raises as `hf_config` for a model Hugging
@@ -349,9 +349,10 @@ def save_hf_lora(model: DecoderLM, lora: dict, spec: PeftSpec, directory) -> pat
         tensors[f"base_model.model.{module}.lora_B.weight"] = factors["lora_b"].T
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
-                  target_modules=target_modules, bias="none", fan_in_fan_out=False, use_rslora=False,
-                  init_lora_weights=True, inference_mode=True, modules_to_save=None, base_model_name_or_path=None)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha,
+                  lora_dropout=spec.dropout, target_modules=target_modules, bias="none", fan_in_fan_out=False,
+                  use_rslora=False, init_lora_weights=True, inference_mode=True, modules_to_save=None,
+                  base_model_name_or_path=None)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     write_safetensors(tensors, directory, ADAPTER_WEIGHTS)
     return directory

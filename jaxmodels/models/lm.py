@@ -48,6 +48,7 @@ class DecoderLM(Model):
     """
 
     peft_methods = HOOK_METHODS
+    LORA_PROJECTIONS = ("w_out",)  # used only through `dense` (`nn.peft.lora_projections`); embed/embedding is not
 
     def __init__(self, *, vocab_size: int, num_layers: int, embed_dim: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,

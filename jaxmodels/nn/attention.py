@@ -235,6 +235,8 @@ class Attention(nnx.Module):
     redraw by building the layer with another seed).
     """
 
+    LORA_PROJECTIONS = ("w_q", "w_k", "w_v", "w_o")  # kernels used only through `dense` (`nn.peft.lora_projections`)
+
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  spec: AttentionSpec = AttentionSpec(), kind: str | None = None, feature_seed: int = 0,
                  out_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):

@@ -42,6 +42,8 @@ class GAU(nnx.Module):
     attention statistics.
     """
 
+    LORA_PROJECTIONS = ("w_u", "w_v", "w_z", "w_o")  # kernels used only through `dense` (`nn.peft.lora_projections`)
+
     def __init__(self, embed_dim: int, expansion_dim: int | None = None, shared_dim: int = 128, *,
                  scores: str = "relu2", causal: bool, chunk_size: int | None = None, position: str | None = "rope",
                  max_relative_distance: int = 128, rope_base: float = 10000.0, out_scale: float = 1.0,

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.nn.param import fan_in_init, ones_init, param, zeros_init
+from jaxmodels.nn.peft import LoraKernel
 from jaxmodels.ops.checks import one_of
 
 
@@ -46,13 +47,16 @@ def make_norm(kind: str, dim: int, **kwargs) -> nnx.Module:
     return NORMS[one_of("norm", kind, sorted(NORMS))](dim, **kwargs)
 
 
-def dense(x: jax.Array, kernel: jax.Array, dtype, spec: str = "...i,ij->...j") -> jax.Array:
-    """einsum(spec, x, kernel) with both operands cast to `dtype`; result in `dtype`.
+def dense(x: jax.Array, kernel: jax.Array | LoraKernel, dtype, spec: str = "...i,ij->...j") -> jax.Array:
+    """einsum(spec, x, kernel) with both operands cast to `dtype`; result in `dtype`. A `LoraKernel` (LoRA
+    unfolded, `nn.peft`) adds its low-rank update: einsum(spec, x, W) + scale (dropout(x) A) B.
 
     Accelerators accumulate bf16 products in float32 anyway. Asking for a float32 result
     (preferred_element_type) would also make the backward pass multiply a float32 cotangent,
     i.e. run the gradient matmuls in float32/TF32 (README, "Benchmarks", measures what that costs).
     """
+    if isinstance(kernel, LoraKernel):
+        return jnp.einsum(spec, x.astype(dtype), kernel.w.astype(dtype)) + kernel.update(x, dtype, spec)
     return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
 
 
@@ -65,6 +69,7 @@ class MLP(nnx.Module):
     """
 
     KINDS = ("swiglu", "gelu")
+    LORA_PROJECTIONS = ("w_up", "w_gate", "w_down")  # kernels used only through `dense` (`nn.peft.lora_projections`)
 
     def __init__(self, embed_dim: int, mlp_dim: int, *, kind: str = "swiglu", out_scale: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):

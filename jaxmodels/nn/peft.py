@@ -3,8 +3,14 @@
 Methods (`PeftSpec.method`, the `peft` section of a config):
   lora     LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a kernel W of a chosen
            projection becomes W + (alpha / r) A B with A (in, r), B (r, out), B = 0 at init, so that training
-           starts from the pre-trained function. A reparametrisation of the parameter tree (`lora_apply`): any
-           model works unchanged, and `lora_apply` / `lora_unmerge` fold the update into W and take it out again.
+           starts from the pre-trained function. Two forms of one update:
+           unfolded (training): y = x W + (alpha / r) (dropout(x) A) B inside the projection (`LoraKernel`, which
+             `nn.layers.dense` computes), as Hugging Face peft does: the frozen W gets no weight gradient (only dx
+             flows through it) and dropout (peft's lora_dropout, on the input of A) acts per example. A layer
+             lists the kernels it uses only through `dense` in LORA_PROJECTIONS (`lora_projections`);
+           folded (`lora_apply`): W + (alpha / r) A B written into the parameter tree, which any model takes
+             unchanged: merged inference and export, `lora_unmerge` takes it out again, and the training form of
+             the kernels a model uses otherwise (an embedding table), where dropout is not offered.
   prefix   prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"):
            learned keys and values prepended to every layer's attention (`Prefix`), produced during training by
            a reparametrisation MLP from a small table (the paper's §4.3, which stabilises training) and
@@ -16,8 +22,8 @@ Methods (`PeftSpec.method`, the `peft` section of a config):
            zero-initialised so that the model starts equal to the pre-trained one.
   none     no PEFT: every parameter is trained (full fine-tuning when the run starts from a checkpoint).
 prefix, prompt and adapter add modules to the model (HOOK_METHODS; a model lists those it has in
-`Model.peft_methods`); lora adds none. LoRA dropout (on the input of A) is not offered: the update is folded into
-the kernel before the forward, where there is no per-example input to drop.
+`Model.peft_methods`); lora adds none (the factors live beside the parameter tree and enter the model through its
+kernels' values).
 
 Parameter trees here are pure dicts (`nnx.state(model, nnx.Param).to_pure_dict()`); a parameter's path is its keys
 joined by "/" ("blocks/0/attn/w_q").
@@ -47,7 +53,11 @@ class PeftSpec:
 
     lora: `targets`, a regular expression searched (re.search) in the path of every parameter of two or more
       dims ("attn/w_(q|v)": the query and value projections of every block); `rank` r; `alpha` (the update is
-      scaled by alpha / r, so that changing r needs no new learning rate).
+      scaled by alpha / r, so that changing r needs no new learning rate); `dropout` p in [0, 1), dropout on the
+      input of A in training (Hu et al.'s code and Hugging Face peft's lora_dropout; inverted: kept entries are
+      scaled by 1 / (1 - p)), which needs the unfolded form; `unfolded`: train with the update computed inside
+      the projections (`LoraKernel`) where the model's layers allow it (True), or folded into every kernel
+      (False: the kernels' full weight gradients are computed, kept to compare the two forms).
     prefix: `prefix_length` key/value positions per layer; `prefix_hidden`, the width of the reparametrisation
       MLP (0: the prefixes are parameters themselves, the materialised form).
     prompt: `prompt_length` soft-prompt embeddings.
@@ -61,6 +71,8 @@ class PeftSpec:
     targets: str = "attn/w_(q|v)"
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0
+    unfolded: bool = True
     prefix_length: int = 16
     prefix_hidden: int = 64
     prompt_length: int = 16
@@ -75,6 +87,12 @@ class PeftSpec:
         for name in ("prefix_length", "prefix_hidden", "prompt_length"):
             non_negative_int(f"peft.{name}", getattr(self, name))
         real_in_range("peft.alpha", self.alpha, 0, include_low=False)
+        real_in_range("peft.dropout", self.dropout, 0, 1, include_high=False)
+        if not isinstance(self.unfolded, bool):
+            raise TypeError(f"peft.unfolded must be a bool, got {self.unfolded!r}")
+        if self.dropout and not self.unfolded:
+            raise ValueError(f"peft.dropout={self.dropout} needs peft.unfolded=True: a kernel with the update folded "
+                             "in has no per-example input to drop")
         if not isinstance(self.targets, str):
             raise TypeError(f"peft.targets must be a regular expression (a str), got {self.targets!r}")
         try:
@@ -198,16 +216,107 @@ def lora_apply(params: Mapping, lora: Mapping, scale: float, sign: float = 1.0) 
     sign=1 merges the update into the kernels, sign=-1 (`lora_unmerge`) takes it out again."""
     def walk(p, l):
         if _is_lora(l):
-            delta = jnp.matmul(l["lora_a"].astype(jnp.float32), l["lora_b"].astype(jnp.float32))
-            return (p.astype(jnp.float32) + (sign * scale) * delta.reshape(p.shape)).astype(p.dtype)
+            return _fold(p, l, sign * scale)
         return {k: walk(v, l[k]) if k in l else v for k, v in p.items()}
 
     return walk(params, lora)
 
 
+def _fold(w: jax.Array, factors: Mapping, scale: float) -> jax.Array:
+    """W + scale (A @ B) reshaped to W's shape, computed in float32, in W's dtype."""
+    delta = jnp.matmul(factors["lora_a"].astype(jnp.float32), factors["lora_b"].astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+
+
 def lora_unmerge(merged: Mapping, lora: Mapping, scale: float) -> dict:
     """The inverse of `lora_apply` (up to rounding): W = W' - scale * (A @ B) at each adapted kernel."""
     return lora_apply(merged, lora, scale, sign=-1.0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraKernel:
+    """A kernel W adapted by LoRA and left unfolded, standing where the model reads W (`lora_unfold`):
+    `nn.layers.dense(x, kernel, dtype, spec)` computes x W + `update(x, dtype, spec)` = x W + scale (dropout(x) A) B
+    (Hu et al. 2021, eq. 3, with the dropout of their code and of Hugging Face peft) instead of x (W + scale A B).
+    The frozen W then only carries dx in the backward pass; A and B get their gradients from the (.., r)
+    activations, and no (in, out) weight gradient is formed.
+
+    w: the kernel (in..., out...), its first `fan_in` dims the inputs (`LoraTarget.fan_in`); lora_a (in, r),
+    lora_b (r, out) (`lora_init`'s factors); scale: alpha / r; dropout: the rate p in [0, 1) on the input of A,
+    drawn from `key` (None when p = 0) per element of x, kept entries scaled by 1 / (1 - p) (inverted dropout, so
+    the update's expectation is the undropped one).
+    """
+
+    w: jax.Array
+    lora_a: jax.Array
+    lora_b: jax.Array
+    key: jax.Array | None
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    fan_in: int = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def update(self, x: jax.Array, dtype, spec: str) -> jax.Array:
+        """scale (dropout(x) A) B laid out as einsum(spec, x, W): x (..., in...) -> (..., out...) in `dtype`, the
+        factors cast to it. `spec` ("bld,dnh->blnh") must contract x over all of W's input dims and keep its output
+        dims (a projection); ValueError otherwise."""
+        inputs, out = spec.replace(" ", "").split("->")
+        x_sub, w_sub = inputs.split(",")
+        w_in, w_out = w_sub[:self.fan_in], w_sub[self.fan_in:]
+        if len(w_sub) != self.w.ndim or not set(w_in) <= set(x_sub) - set(out) or not set(w_out) <= set(out):
+            raise ValueError(f"LoRA's unfolded update needs a projection of x over the kernel's {self.fan_in} input "
+                             f"dims (of shape {self.w.shape}); einsum spec {spec!r} is not one")
+        r = next(c for c in "rRzZyY" if c not in spec)
+        h_sub = "".join(c for c in x_sub if c not in w_in) + r
+        a = self.lora_a.reshape(*self.w.shape[:self.fan_in], -1).astype(dtype)
+        b = self.lora_b.reshape(-1, *self.w.shape[self.fan_in:]).astype(dtype)
+        if self.dropout:
+            keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0)
+        h = jnp.einsum(f"{x_sub},{w_in}{r}->{h_sub}", x.astype(dtype), a) * jnp.asarray(self.scale, dtype)
+        return jnp.einsum(f"{h_sub},{r}{w_out}->{out}", h, b)
+
+
+def lora_projections(model: nnx.Module, targets: list[LoraTarget]) -> list[LoraTarget]:
+    """The `targets` that `model` (possibly abstract) uses only as projections through `nn.layers.dense`, which
+    LoRA can therefore compute unfolded (`LoraKernel`): those whose attribute name is in the LORA_PROJECTIONS of
+    the module that holds them (Attention's w_q, w_k, w_v, w_o; MLP's; GAU's; the LM's w_out). The others (an
+    embedding table, gains) train folded (`lora_apply`)."""
+    owners = {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+    return [t for t in targets if t.path[-1] in getattr(type(owners.get(tuple(t.path[:-1]))), "LORA_PROJECTIONS", ())]
+
+
+def lora_unfold(params: Mapping, lora: Mapping, scale: float, unfolded: list[LoraTarget], *, dropout: float = 0.0,
+                key: jax.Array | None = None) -> dict:
+    """params for a training forward with the adapters `lora` (`lora_init`'s tree): a `LoraKernel` at each kernel
+    of `unfolded` (`lora_projections`), the i-th with dropout rate `dropout` drawn from fold_in(key, i); W + scale
+    A B folded (as `lora_apply`) at the other kernels `lora` adapts. Dropout needs a key and every adapted kernel
+    unfolded: ValueError naming peft.dropout otherwise."""
+    index = {t.path: i for i, t in enumerate(unfolded)}
+    if dropout and key is None:
+        raise ValueError(f"peft.dropout={dropout} needs a key")
+
+    def walk(p, l, path):
+        if not _is_lora(l):
+            return {k: walk(v, l[k], (*path, k)) if k in l else v for k, v in p.items()}
+        if path not in index:
+            if dropout:
+                raise ValueError(f"peft.dropout={dropout} needs LoRA unfolded, but {path_name(path)} is folded (not "
+                                 "one of the projections its layer lists in LORA_PROJECTIONS); set peft.dropout=0")
+            return _fold(p, l, scale)
+        i = index[path]
+        return LoraKernel(p, l["lora_a"], l["lora_b"], jax.random.fold_in(key, i) if dropout else None, scale,
+                          unfolded[i].fan_in, dropout)
+
+    return walk(params, lora, ())
 
 
 # ------------------------------------------------------------------------------------- parameter trees

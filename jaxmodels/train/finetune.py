@@ -3,11 +3,14 @@
 A fine-tune run's train state is {"step", "params", "opt_state", "frozen"}: "params" holds only what is trained
 (the LoRA factors, or the parameters of the modules a hook method adds) and so does the optimizer state; "frozen"
 holds the pre-trained parameters, read from config.train.init_from (optionally stored in peft.base_dtype), which
-the train step passes through unchanged (`make_train_step(..., reparametrize=FineTune.combine)`) and the
+the train step passes through unchanged (`make_train_step(..., reparametrize=FineTune.reparametrize)`) and the
 checkpoints leave out: a resumed run reads them from init_from again. The model a step differentiates is
-`combine(params, frozen)`, so every task and strategy works as for full training.
+`reparametrize(params, frozen, draw)`, so every task and strategy works as for full training: for LoRA, the kernels
+the model's layers use as projections are unfolded there (`nn.peft.LoraKernel`: no weight gradient of the frozen
+kernels, and peft.dropout), the others folded. Evaluation and export take `combine`, the update folded (merged).
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,7 +24,9 @@ from jaxmodels.nn.peft import (
     PeftSpec,
     lora_apply,
     lora_init,
+    lora_projections,
     lora_targets,
+    lora_unfold,
     merge_params,
     peft_spec_from_config,
     split_params,
@@ -40,7 +45,9 @@ class FineTune:
     build_model: (rngs, peft=None) -> the model, with the modules of `peft`'s method if it adds some
       (`Task.build_model`). rngs: () -> the nnx.Rngs of parameter initialisation (the adapters are drawn from it).
     graphdef: the model with the method's modules. abstract_trainable, abstract_frozen: ShapeDtypeStruct trees.
-    Raises ValueError (naming config.peft.X) for LoRA targets that match nothing or do not fit (`lora_targets`).
+    unfolded: the LoRA targets trained unfolded (`lora_projections`; none when peft.unfolded is False).
+    Raises ValueError (naming config.peft.X) for LoRA targets that match nothing or do not fit (`lora_targets`),
+    and for peft.dropout > 0 with a target the model cannot unfold.
     """
 
     def __init__(self, build_model: Callable[..., nnx.Module], spec: PeftSpec, rngs: Callable[[], nnx.Rngs]):
@@ -51,6 +58,12 @@ class FineTune:
         self.abstract_model = abstract_model
         self.base_params = nnx.state(self.abstract_base, nnx.Param).to_pure_dict()
         self.targets = lora_targets(self.abstract_base, spec) if spec.method == "lora" else []
+        self.unfolded = lora_projections(self.abstract_base, self.targets) if spec.unfolded else []
+        folded = [t.name for t in self.targets if t not in self.unfolded]
+        if spec.dropout and folded:
+            raise ValueError(f"peft.dropout={spec.dropout} needs every LoRA target unfolded, but "
+                             f"{type(self.abstract_base).__name__} uses {', '.join(folded)} otherwise than as a "
+                             "projection (LORA_PROJECTIONS of its layers); set peft.dropout=0 or narrow peft.targets")
         base_dtype = DTYPES[spec.base_dtype] if spec.base_dtype else None
         self.abstract_frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype or a.dtype),
                                             self.base_params)
@@ -68,10 +81,28 @@ class FineTune:
         """The model's parameters (a pure dict for `graphdef`) from the trained ones and the frozen ones, the
         latter cast back to the model's dtypes: W + (alpha / r) A B at LoRA's targets, or the union of both
         trees."""
-        frozen = jax.tree.map(lambda f, a: f.astype(a.dtype), frozen, self.base_params)
+        frozen = self._in_model_dtypes(frozen)
         if self.spec.method == "lora":
             return lora_apply(frozen, trainable, self.spec.scale)
         return merge_params(frozen, trainable)
+
+    def reparametrize(self, trainable: dict, frozen: dict, draw: jax.Array) -> dict:
+        """The model's parameters for a train step (`make_train_step`'s `reparametrize`): `combine`'s, except that
+        the LoRA targets in `unfolded` are `LoraKernel`s (`lora_unfold`) whose dropout (peft.dropout) is drawn from
+        the run's seed folded with `draw`, the step's int32 (step, micro-batch, data shard)."""
+        if self.spec.method != "lora" or not self.unfolded:
+            return self.combine(trainable, frozen)
+        key = None
+        if self.spec.dropout:
+            rngs = self.rngs()
+            rngs.params()  # the draw `init` took the factors from
+            key = functools.reduce(jax.random.fold_in, draw, rngs.dropout())
+        return lora_unfold(self._in_model_dtypes(frozen), trainable, self.spec.scale, self.unfolded,
+                           dropout=self.spec.dropout, key=key)
+
+    def _in_model_dtypes(self, frozen: dict) -> dict:
+        """The frozen parameters (stored in peft.base_dtype) cast back to the model's dtypes."""
+        return jax.tree.map(lambda f, a: f.astype(a.dtype), frozen, self.base_params)
 
     def specs(self, mesh: Mesh, rules: Rules) -> tuple[dict, dict, dict]:
         """PartitionSpecs of (trained, frozen, model) parameters: by the model's logical axes; LoRA's factors,

@@ -154,7 +154,7 @@ class Trainer:
         self.init = jax.jit(init, out_shardings={k: v for k, v in self.state_shardings.items() if k != FROZEN})
         step = make_train_step(self.graphdef, self.task.loss, optimizer, self.schedule, accum, strategy=self.strategy,
                                state_specs=specs, batch_spec=batch_spec, loss_scaling=self.loss_scaling,
-                               reparametrize=self.fine_tune.combine if self.fine_tune else None)
+                               reparametrize=self.fine_tune.reparametrize if self.fine_tune else None)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, self.task.loss),

@@ -29,23 +29,24 @@ def _model(graphdef: nnx.GraphDef, params) -> nnx.Module:
     return nnx.merge(graphdef, nnx.State(params))
 
 
-def _model_of(graphdef: nnx.GraphDef, reparametrize: Callable | None, frozen) -> Callable[[Any], nnx.Module]:
-    """params -> the model: `graphdef` merged with the params, or with reparametrize(params, frozen) (fine-tuning:
-    the trained params are adapters, `frozen` the pre-trained ones; `jaxmodels.train.finetune`)."""
+def _model_of(graphdef: nnx.GraphDef, reparametrize: Callable | None, frozen) -> Callable[..., nnx.Module]:
+    """(params, draw) -> the model: `graphdef` merged with the params, or with reparametrize(params, frozen, draw)
+    (fine-tuning: the trained params are adapters, `frozen` the pre-trained ones, `draw` the int32 (step,
+    micro-batch, data shard) that its randomness, e.g. LoRA's dropout, is drawn from; `jaxmodels.train.finetune`)."""
     if reparametrize is None:
-        return lambda params: _model(graphdef, params)
-    return lambda params: _model(graphdef, reparametrize(params, frozen))
+        return lambda params, draw: _model(graphdef, params)
+    return lambda params, draw: _model(graphdef, reparametrize(params, frozen, draw))
 
 
-def _loss_and_grad(model_of: Callable[[Any], nnx.Module], loss_fn: LossFn, grad_accum_steps: int):
-    """f(params, batch, loss_scale) -> ((loss, metrics), grads) of the model `model_of(params)` for batch (b, ...),
-    averaged over grad_accum_steps micro-batches of b / grad_accum_steps rows (the same update as one batch of b
-    rows). The gradients are those of the loss times the scale of `loss_scale` (an `ops.precision` state), divided
-    by it; the loss is the task's."""
+def _loss_and_grad(model_of: Callable[..., nnx.Module], loss_fn: LossFn, grad_accum_steps: int):
+    """f(params, batch, loss_scale, draw) -> ((loss, metrics), grads) of the model `model_of(params, draw)` for
+    batch (b, ...), averaged over grad_accum_steps micro-batches of b / grad_accum_steps rows (the same update as
+    one batch of b rows; micro-batch m sees draw with draw[1] = m). The gradients are those of the loss times the
+    scale of `loss_scale` (an `ops.precision` state), divided by it; the loss is the task's."""
 
-    def loss_and_grad(params, batch, loss_scale):
+    def loss_and_grad(params, batch, loss_scale, draw):
         def scaled(p):
-            loss, metrics = loss_fn(model_of(p), batch)
+            loss, metrics = loss_fn(model_of(p, draw), batch)
             return precision.scale_loss(loss, loss_scale), (loss, metrics)
 
         (_, aux), grads = jax.value_and_grad(scaled, has_aux=True)(params)
@@ -54,17 +55,18 @@ def _loss_and_grad(model_of: Callable[[Any], nnx.Module], loss_fn: LossFn, grad_
     if grad_accum_steps == 1:
         return loss_and_grad
 
-    def accumulated(params, batch, loss_scale):
+    def accumulated(params, batch, loss_scale, draw):
         # Micro-batch m takes rows m, m + A, m + 2A, ...: each device's shard splits evenly.
         micro = jax.tree.map(
             lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def body(acc, mb):
-            return jax.tree.map(jnp.add, acc, loss_and_grad(params, mb, loss_scale)), None
+        def body(acc, mb_and_index):
+            mb, m = mb_and_index
+            return jax.tree.map(jnp.add, acc, loss_and_grad(params, mb, loss_scale, draw.at[1].set(m))), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, first, loss_scale))
-        total, _ = jax.lax.scan(body, zeros, micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, first, loss_scale, draw))
+        total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum_steps, dtype=jnp.int32)))
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
     return accumulated
@@ -100,8 +102,11 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
     new_state["loss_scale"], and metrics["loss_scale"] the S of this step.
 
     Fine-tuning (`reparametrize`, e.g. `jaxmodels.train.finetune.FineTune.combine`): the state also holds
-    "frozen", the pre-trained parameters, and the model is reparametrize(state["params"], state["frozen"]); only
-    state["params"] (the adapters) is differentiated and updated, "frozen" comes back as it went in.
+    "frozen", the pre-trained parameters, and the model is reparametrize(state["params"], state["frozen"], draw);
+    only state["params"] (the adapters) is differentiated and updated, "frozen" comes back as it went in. draw is
+    an int32 (3,): (step, micro-batch, data shard (the device's index along `strategy.update_axis`, 0 where XLA
+    partitions the step)), distinct for every micro-batch and shard of the run, for the randomness of the
+    reparametrisation (LoRA's dropout).
     """
     strategy = strategy or Strategy(mesh=None)
 
@@ -110,7 +115,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.Gr
         loss_scale = state["loss_scale"] if loss_scaling.enabled else precision.NoOpLossScale()
         loss_and_grad = _loss_and_grad(_model_of(graphdef, reparametrize, state.get("frozen")), loss_fn,
                                        grad_accum_steps)
-        (loss, metrics), grads = loss_and_grad(params, batch, loss_scale)
+        shard = jax.lax.axis_index(strategy.update_axis) if strategy.update_axis else 0
+        draw = jnp.stack([state["step"], jnp.int32(0), jnp.asarray(shard, jnp.int32)]).astype(jnp.int32)
+        (loss, metrics), grads = loss_and_grad(params, batch, loss_scale, draw)
         loss, metrics = strategy.mean_over_shards((loss, metrics))
         grads, param_shard = strategy.shard_update(grads, params)
         grad_norm = global_norm(grads, strategy.update_axis)

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jax_core
 from jax.test_util import check_grads
 
 from jaxmodels.ops import attention
 from jaxmodels.ops.attention import IMPLEMENTATIONS, dot_product_attention, flash_attention, select_implementation
+from tests.jaxprs import equations
 from tests.ops.test_attention import _inputs, _np_attention
 
 # (B, T, S, N, K, H) and options, as test_attention.CASES, plus (block_q, block_k) (default (8, 16)):
@@ -214,13 +214,7 @@ def test_block_skipping_changes_nothing(monkeypatch, is_causal, window):
 
 def _array_sizes(jaxpr):
     """Sizes of all arrays a jaxpr computes, inside loops, conds and custom-VJP calls too."""
-    for eqn in jaxpr.eqns:
-        yield from (math.prod(var.aval.shape) for var in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
-                if isinstance(sub, jax_core.Jaxpr):
-                    yield from _array_sizes(sub)
+    return (math.prod(var.aval.shape) for eqn in equations(jaxpr) for var in eqn.outvars)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(is_causal=True),

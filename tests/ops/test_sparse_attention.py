@@ -18,6 +18,7 @@ from jaxmodels.ops.sparse_attention import (
     strided_layout,
     strided_mask,
 )
+from tests.jaxprs import equations
 
 # ---------------------------------------------------------------- masks from the papers' set definitions
 
@@ -187,13 +188,7 @@ def test_bfloat16():
 
 def _intermediate_shapes(jaxpr):
     """Shapes of every value computed in a jaxpr, sub-jaxprs (pjit, custom_jvp, scan ...) included."""
-    for eqn in jaxpr.eqns:
-        yield from (var.aval.shape for var in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _intermediate_shapes(sub)
+    return (var.aval.shape for eqn in equations(jaxpr) for var in eqn.outvars)
 
 
 def test_skipped_blocks_are_not_computed():

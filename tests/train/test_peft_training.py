@@ -18,6 +18,7 @@ from jaxmodels.models import make_model
 from jaxmodels.train.checkpoint import CheckpointError, save_params
 from jaxmodels.train.config import ConfigError, validate_config
 from jaxmodels.train.loop import Trainer, init_rngs, train_and_evaluate
+from tests.nn.test_peft import dot_output_shapes
 from tests.tiny import TINY_OVERRIDES, apply_overrides, tiny_config
 
 
@@ -128,3 +129,38 @@ def test_bad_fine_tune_configs_are_named(base, tmp_path):
     with pytest.raises(ConfigError, match=r"config.train.init_from=.*do not fit the model .*blocks/0/mlp/w_down: "
                                           r"\(64, 32\) in the checkpoint, \(48, 32\) in the model"):
         Trainer(_config(path, model__mlp_dim=48), str(tmp_path), devices=jax.devices()[:1]).restore_or_init()
+    with pytest.raises(ConfigError, match=r"config.peft.dropout=0.1 needs every LoRA target unfolded, but DecoderLM "
+                                          r"uses embed/embedding otherwise than as a projection"):
+        Trainer(_config(path, peft__targets="attn/w_q|embed", peft__dropout=0.1), str(tmp_path),
+                devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match=r"config.peft.dropout must be a real number in \[0, 1\), got 1.0"):
+        validate_config(_config(path, peft__dropout=1.0), num_devices=1)
+
+
+def _kernel_shaped_dots(trainer) -> set[tuple[int, ...]]:
+    """The adapted kernels' shapes (dims sorted) that some dot_general of the compiled train step's jaxpr outputs."""
+    kernels = {tuple(sorted(t.shape)) for t in trainer.fine_tune.targets}
+    jaxpr = jax.make_jaxpr(trainer.train_step)(trainer.abstract_state, trainer.abstract_batch).jaxpr
+    return kernels & {tuple(sorted(s)) for s in dot_output_shapes(jaxpr)}
+
+
+def test_the_unfolded_step_forms_no_kernel_gradient_equals_the_folded_one_and_its_dropout_draws(base, tmp_path):
+    """The train step of lm_tiny_lora: unfolded (the default), no dot_general gives a frozen kernel's shape, as
+    folded (peft.unfolded=False) the weight gradients do; both give the same adapters after a step (B moves: with
+    B = 0, A's first gradient is 0); with peft.dropout B's step differs, and is the same again for the same seed."""
+    path, _ = base
+    devices = jax.devices()[:1]
+    steps = {}
+    for name, overrides in [("unfolded", {}), ("folded", dict(peft__unfolded=False)),
+                            ("dropout", dict(peft__dropout=0.5))]:
+        trainer = Trainer(_config(path, **overrides), str(tmp_path / name), devices=devices)
+        if name != "dropout":
+            assert bool(_kernel_shaped_dots(trainer)) == (name == "folded")
+        _, state = trainer.restore_or_init()
+        batch = trainer.global_batch(next(trainer.task.train_batches(0, 0, 1)))
+        steps[name] = _np(trainer.train_step(state, batch)[0]["params"])
+    leaves = {k: jax.tree.leaves(v) for k, v in steps.items()}
+    for unfolded, folded in zip(leaves["unfolded"], leaves["folded"]):
+        np.testing.assert_allclose(unfolded, folded, rtol=1e-5, atol=1e-6)
+    moved = [not np.allclose(u, d, atol=1e-6) for u, d in zip(leaves["unfolded"], leaves["dropout"])]
+    assert any(moved)
