@@ -11,10 +11,11 @@ tokens) and as DETR on the stride-4 map ("detr_8x8": the backbone without its la
 number of steps (chosen so that each run takes about 10 minutes of a shared 2-core CPU: a deformable step costs
 about 3 DETR steps there, the backward pass of the bilinear gathers), checkpointing --evals times.
 --variants picks the runs; --merge keeps the other runs of an existing results.json in --out (and the hand-written
-"## Reading" section of its results.md), so a run can be added without re-running the others. Then scores every checkpoint by COCO mAP@[.5:.95], mAP@.5 and mAP@.75 over the whole test split
+"## Reading" section of its results.md), so a run can be added without re-running the others. Then scores every
+checkpoint by COCO mAP@[.5:.95], mAP@.5 and mAP@.75 over the whole test split
 (`Detection.coco_metrics`), and draws test images with their objects and the final models' detections.
 Writes results.json, results.md, curves.png (train and eval set loss, mAP and mAP@.5 against step) and
-predictions.png. --small: a tiny model and data set for a few steps (a smoke test), written to a temporary folder
+predictions.png (with --merge, predictions_<variants>.png of the runs trained now). --small: a tiny model and data set for a few steps (a smoke test), written to a temporary folder
 unless --out is given.
 """
 
