@@ -15,8 +15,8 @@ about 3 DETR steps there, the backward pass of the bilinear gathers), checkpoint
 checkpoint by COCO mAP@[.5:.95], mAP@.5 and mAP@.75 over the whole test split
 (`Detection.coco_metrics`), and draws test images with their objects and the final models' detections.
 Writes results.json, results.md, curves.png (train and eval set loss, mAP and mAP@.5 against step) and
-predictions.png (with --merge, predictions_<variants>.png of the runs trained now). --small: a tiny model and data set for a few steps (a smoke test), written to a temporary folder
-unless --out is given.
+predictions.png (with --merge, predictions_<variants>.png of the runs trained now). --small: a tiny model and
+data set for a few steps (a smoke test), written to a temporary folder unless --out is given.
 """
 
 import argparse
