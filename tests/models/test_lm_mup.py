@@ -18,12 +18,12 @@ from jaxmodels.models.lm import DecoderLM
 from jaxmodels.nn.peft import PeftSpec
 from jaxmodels.train.optimizer import make_optimizer
 
-KW = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+KW = dict(vocab_size=64, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
 # Sums over the parameters (of squares, of absolute values), over the logits of TOKENS (the same two) and the loss
 # after 3 steps of lm_tiny's AdamW, of DecoderLM(**KW, tie_embeddings=tie, rngs=nnx.Rngs(0)) as the code drew and
 # computed them before muP existed (commit 5b43278, CPU float32): (untied, tied).
-BEFORE_MUP = ((2692.804796512329, 4229.612280379634, 2044.6006052479916, 1626.4405271029682, 4.586585998535156),
-              (2629.784138864118, 3933.240617132279, 93877.78902390023, 10244.033640929963, 26.487380981445312))
+BEFORE_MUP = ((2437.3247727941343, 3168.44461825646, 2040.0824117034313, 1621.4329200070351, 4.60163688659668),
+              (2375.8244730232377, 2877.145142759447, 94164.31955112753, 10302.532454430126, 27.32024383544922))
 # Coordinate check: |ratio - 1| bounds of the change of the logits between the widest and the narrowest model.
 CONSTANT_RATIO = (0.5, 1.5)  # muP: measured 0.60-0.71 over seeds (a 1/sqrt(width) remainder at these widths)
 GROWING_RATIO = 1.6          # standard: measured 1.8-2.7 (theory for Adam: linear in width, 4 here)
@@ -49,12 +49,14 @@ def _trained(model, optimizer_config, tokens, steps=3):
         logits = nnx.merge(graphdef, p)(tokens[:, :-1])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
 
+    def step(_, carry):
+        params, state = carry
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
     @jax.jit
     def train(params):
-        state = tx.init(params)
-        for _ in range(steps):
-            updates, state = tx.update(jax.grad(loss)(params), state, params)
-            params = optax.apply_updates(params, updates)
+        params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
         return params, loss(params)
 
     params, final = train(params.to_pure_dict())
@@ -80,9 +82,9 @@ def test_standard_parametrization_is_the_model_before_mup(tie):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_mup_at_the_base_width_is_standard_but_for_the_attention_divisor(tie):
-    """width_mult = 1: the same parameters (init statistics included), multipliers all 1, and the same forward and
-    training as standard parametrisation with logits q·k / head_dim, where TP-V differs from the standard
-    q·k / sqrt(head_dim) at every width."""
+    """width_mult = 1: the same parameters (init statistics included), learning-rate multipliers all 1 (AdamW with
+    multipliers of 1 is AdamW: tests/train/test_lr_multipliers.py), and the forward of standard parametrisation
+    with logits q·k / head_dim, where TP-V differs from the standard q·k / sqrt(head_dim) at every width."""
     tokens = _tokens()
     mup = DecoderLM(**KW, tie_embeddings=tie, parametrization="mup", mup_base_width=KW["embed_dim"], rngs=nnx.Rngs(0))
     standard = DecoderLM(**KW, tie_embeddings=tie, rngs=nnx.Rngs(0))
@@ -91,13 +93,8 @@ def test_mup_at_the_base_width_is_standard_but_for_the_attention_divisor(tie):
     params = nnx.state(mup, nnx.Param).to_pure_dict()
     jax.tree.map(np.testing.assert_array_equal, params, nnx.state(standard, nnx.Param).to_pure_dict())
     assert set(jax.tree.leaves(mup.lr_multipliers())) == {1.0}
+    np.testing.assert_array_equal(mup(tokens), standard_head_dim(tokens))
     assert not np.allclose(mup(tokens), standard(tokens), atol=1e-3)  # 1/d vs 1/sqrt(d)
-    config = _constant_adamw(weight_decay=0.1, grad_clip_norm=1.0)
-    before, after, loss = _trained(mup, config, tokens)
-    before_ref, after_ref, loss_ref = _trained(standard_head_dim, config, tokens)
-    np.testing.assert_array_equal(before, before_ref)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after, after_ref)
-    assert loss == pytest.approx(loss_ref, rel=1e-6)
 
 
 def _assert_variance(x, variance, tolerance_se=4.0):
@@ -124,7 +121,7 @@ def test_multipliers_init_and_readout_follow_the_table():
         role = ("hidden" if name.startswith("['blocks']") and params[name].ndim >= 2
                 else "output" if name == "['w_out']" else "input")
         assert m == expected[role], name
-    assert sum(m == 0.25 for m in flat.values()) == 2 * 7  # q, k, v, o, gate, up, down in 2 blocks
+    assert sum(m == 0.25 for m in flat.values()) == 7 * KW["num_layers"]  # q, k, v, o, gate, up, down per block
     for name in ("['position_table']", "['embed']['embedding']", "['final_norm']['scale']"):
         assert flat[name] == 1.0
     assert any("q_norm" in name or "k_norm" in name for name in flat)
