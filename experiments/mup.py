@@ -47,6 +47,8 @@ PARAMETRIZATIONS = ("standard", "mup")
 def model_fields(width: int) -> dict:
     """The `model` overrides of lm_tiny's shape at `width` (a multiple of 4): 4 heads (2 for keys and values) of
     width / 4, MLP 3 width."""
+    if width % 4:
+        raise ValueError(f"width must be a multiple of 4 (4 heads of width / 4), got {width}")
     return {"model.embed_dim": width, "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": width // 4,
             "model.mlp_dim": 3 * width}
 
