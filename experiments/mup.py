@@ -21,6 +21,7 @@ Writes OUT/results.json, OUT/results.md, OUT/coord_check.png and OUT/lr_transfer
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -75,6 +76,10 @@ def activation_scales(model, tokens) -> dict[str, jax.Array]:
     return out
 
 
+def _scales_of_params(graphdef, tokens, params):
+    return activation_scales(nnx.merge(graphdef, params), tokens)
+
+
 def coordinate_check(parametrization: str, widths, *, base_width: int, steps: int, learning_rate: float,
                      num_layers: int) -> dict[int, dict[str, list[float]]]:
     """For each width: {layer: [mean |coordinate| at steps 0..steps]} (`activation_scales` on the first eval batch)
@@ -89,7 +94,7 @@ def coordinate_check(parametrization: str, widths, *, base_width: int, steps: in
         optimizer = make_optimizer(c.optimizer, steps, lr_multipliers=model.lr_multipliers())
         step = jax.jit(make_train_step(graphdef, task.loss, optimizer, learning_rate_schedule(c.optimizer, steps)))
         tokens = jnp.asarray(task.eval_batches()[0]["tokens"][:, :-1])
-        scales = jax.jit(lambda p: activation_scales(nnx.merge(graphdef, p), tokens))
+        scales = jax.jit(functools.partial(_scales_of_params, graphdef, tokens))
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
         batches, rows = task.train_batches(0, 0, 1), [scales(params)]
         for _ in range(steps):

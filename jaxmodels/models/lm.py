@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
-from jaxmodels.nn.attention import GAU_KINDS, LOGIT_SCALED_KINDS, AttentionSpec, Cache, prefix_error, segments_error, spec_from_config
+from jaxmodels.nn.attention import (
+    GAU_KINDS,
+    LOGIT_SCALED_KINDS,
+    AttentionSpec,
+    Cache,
+    prefix_error,
+    segments_error,
+    spec_from_config,
+)
 from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec, Prefix, peft_spec_from_config

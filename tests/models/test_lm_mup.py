@@ -17,6 +17,7 @@ from jaxmodels.models import check_model_config
 from jaxmodels.models.lm import DecoderLM
 from jaxmodels.nn.peft import PeftSpec
 from jaxmodels.train.optimizer import make_optimizer
+from tests.tiny import apply_overrides
 
 KW = dict(vocab_size=64, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
 # Sums over the parameters (of squares, of absolute values), over the logits of TOKENS (the same two) and the loss
@@ -174,14 +175,7 @@ def test_coordinate_check_logit_change_is_width_independent_under_mup_only():
 
 def _section(**fields):
     """lm_tiny's model section with dotted overrides ("attention.kind": "linear")."""
-    section = lm_tiny.get_config().model
-    for path, value in fields.items():
-        *parents, leaf = path.split(".")
-        node = section
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return section
+    return apply_overrides(lm_tiny.get_config().model, fields)
 
 
 @pytest.mark.parametrize("fields, match", [
