@@ -18,6 +18,10 @@ Part 2, learning-rate transfer (TP-V Fig. 1): final eval loss after --steps step
 (--lrs) for each width, standard vs muP: muP's best learning rate should stay where the base width has it, while
 standard parametrisation's moves (usually down) as the model widens.
 Writes OUT/results.json, OUT/results.md, OUT/coord_check.png and OUT/lr_transfer.png.
+Measured (experiments/results/mup/, defaults): coordinate check, block 2 at step 5 grows 2.5 -> 43 from width 32 to
+256 in standard parametrisation and stays 2.2-2.5 under muP; best learning rate for widths 64/128/256: standard
+1e-2/3e-3/3e-3, muP 1e-2/1e-2/3e-2 (at 256 within 0.012 nats of 1e-2). 23 min wall (581 s of CPU time) on the 2-core
+CPU development machine shared with other jobs (load ~12).
 """
 
 import argparse
@@ -28,6 +32,7 @@ import os
 import time
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import jax
@@ -142,6 +147,7 @@ def plot_coordinate_check(coord: dict, path: str, learning_rate: float) -> None:
             ax.set(xscale="log", yscale="log", xlabel="width (embed_dim)", ylabel="mean |coordinate|",
                    title=f"{parametrization}: {layer}")
             ax.set_xticks(widths, [str(w) for w in widths])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     fig.suptitle(f"Coordinate check: activation size vs width at AdamW steps t (lr {learning_rate:g}); flat = "
