@@ -98,7 +98,7 @@ def train(c, *, stats: bool = False) -> dict:
     model = task.build_model(init_rngs(c))
     graphdef, params = nnx.graphdef(model), nnx.state(model, nnx.Param).to_pure_dict()
     steps = c.train.num_steps
-    optimizer = make_optimizer(c.optimizer, steps)
+    optimizer = make_optimizer(c.optimizer, steps, lr_multipliers=model.lr_multipliers())  # muP's, or None
     step = jax.jit(make_train_step(graphdef, task.loss, optimizer, learning_rate_schedule(c.optimizer, steps)),
                    donate_argnums=0)
     out = {"depth": depth_statistics(model, jnp.asarray(task.eval_batches()[0]["tokens"][:, :-1]))} if stats else {}

@@ -107,6 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
         attention=attention_config(),
         moe=moe_config(),       # mixture-of-experts MLPs; num_experts=0 (default) is the dense model
         remat="none",
+        # "mup": maximal update parametrisation (Tensor Programs V) relative to a base model of embed_dim
+        # mup_base_width, whose learning rate then transfers to wider models (DecoderLM; experiments/mup.py).
+        parametrization="standard",
+        mup_base_width=0,       # muP's base embed_dim (ignored by "standard")
         dtype="float32",        # compute dtype ("bfloat16" on accelerators)
         param_dtype="float32",
     )

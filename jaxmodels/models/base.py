@@ -16,6 +16,7 @@ class Model(nnx.Module):
     `jaxmodels.train.config`.
     `peft_methods`: the PEFT methods that add modules to the model (`nn.peft.HOOK_METHODS`), which it takes as
     its `peft` argument; `check_peft` says whether a config's PEFT fits the model.
+    `lr_multipliers()`: per-parameter learning-rate multipliers for the optimizer, None by default.
     """
 
     peft_methods: tuple[str, ...] = ()
@@ -25,6 +26,13 @@ class Model(nnx.Module):
         """Raise ValueError for an invalid field of this model's config section. Default: nothing to check
         beyond the constructor's own arguments."""
         del config
+
+    def lr_multipliers(self):
+        """None (every parameter learns at the optimizer's rate), or a pytree of the model's parameters' structure
+        (`nnx.state(model, nnx.Param).to_pure_dict()`) with one real > 0 per leaf that multiplies that
+        parameter's step (`jaxmodels.train.optimizer.make_optimizer`), e.g. muP's per-layer Adam learning rates.
+        Reads only shapes and settings, so it works on an abstract model (`nnx.eval_shape`)."""
+        return None
 
     @classmethod
     def check_peft(cls, config: ml_collections.ConfigDict, spec: PeftSpec) -> None:

@@ -1,6 +1,7 @@
 """Decoder-only Transformer language model (GPT-style, with RoPE, RMSNorm, SwiGLU, GQA; optionally
 mixture-of-experts MLPs in every k-th block)."""
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,12 +11,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.models.base import Model, check_fields
-from jaxmodels.nn.attention import GAU_KINDS, AttentionSpec, Cache, prefix_error, segments_error, spec_from_config
+from jaxmodels.nn.attention import (
+    GAU_KINDS,
+    LOGIT_SCALED_KINDS,
+    AttentionSpec,
+    Cache,
+    prefix_error,
+    segments_error,
+    spec_from_config,
+)
 from jaxmodels.nn.layers import MLP, NORMS, Embed, dense, make_norm
 from jaxmodels.nn.param import fan_in_init, param
 from jaxmodels.nn.peft import HOOK_METHODS, PeftSpec, Prefix, peft_spec_from_config
 from jaxmodels.nn.transformer import MoESpec, TransformerBlock, moe_spec_from_config
-from jaxmodels.ops.checks import non_negative_int, positive_int, real_in_range, values_in_range
+from jaxmodels.ops.checks import non_negative_int, one_of, positive_int, real_in_range, values_in_range
+from jaxmodels.ops.init import mup_scale
 from jaxmodels.ops.moe import moe_flops_per_token
 from jaxmodels.ops.position import segment_positions, sinusoidal_embedding
 
@@ -24,6 +34,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 class DecoderLM(Model):
@@ -45,6 +56,12 @@ class DecoderLM(Model):
     values every layer's attention sees first; "prompt" `prompt` (prompt_length, embed_dim) embeddings prepended
     to the tokens' (the logits are the tokens' only; positions count the prompt; no packed documents); "adapter"
     Houlsby adapters in every block (`TransformerBlock`). Without, the model is unchanged.
+    `parametrization` "mup" (with `mup_base_width`, the embed_dim of the base model whose hyperparameters were tuned):
+    maximal update parametrisation (`mup_layer`, `lr_multipliers`; Yang et al. 2021, Tensor Programs V, Table 3 for
+    Adam, the readout as Table 8) at width_mult = embed_dim / mup_base_width: attention logits q·k / head_dim, the
+    logits times 1 / width_mult with `w_out` of variance 1 / mup_base_width, hidden matrices' Adam learning rates
+    / width_mult. Widen the model by scaling embed_dim, num_heads * head_dim and mlp_dim together. "standard"
+    (default) ignores mup_base_width.
     """
 
     peft_methods = HOOK_METHODS
@@ -54,11 +71,16 @@ class DecoderLM(Model):
                  head_dim: int, mlp_dim: int, mlp_kind: str = "swiglu", norm_kind: str = "rms", norm_eps: float = 1e-6,
                  tie_embeddings: bool = False, attention: AttentionSpec | Mapping | None = None,
                  moe: MoESpec | Mapping | None = None, remat: str = "none", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, peft: PeftSpec | Mapping | None = None, rngs: nnx.Rngs):
+                 param_dtype: Any = jnp.float32, peft: PeftSpec | Mapping | None = None,
+                 parametrization: str = "standard", mup_base_width: int = 0, rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {remat!r}; valid: {sorted(REMAT_POLICIES)}")
         if not isinstance(attention, AttentionSpec):
             attention = spec_from_config(attention)
+        self.parametrization, self.width_mult = parametrization, mup_width_mult(parametrization, embed_dim,
+                                                                               mup_base_width)
+        if parametrization == "mup":
+            attention = mup_attention(attention)
         if not isinstance(moe, MoESpec):
             moe = moe_spec_from_config(moe)
         if not isinstance(peft, PeftSpec):
@@ -80,7 +102,9 @@ class DecoderLM(Model):
             self.position_table = param(rngs, jax.nn.initializers.normal(0.02), (attention.max_positions, embed_dim),
                                         (None, "embed"), param_dtype)
         if not tie_embeddings:
-            self.w_out = param(rngs, fan_in_init(), (embed_dim, vocab_size), ("embed", "vocab"), param_dtype)
+            readout = self._readout_scale().init_variance  # 1 in standard parametrisation
+            self.w_out = param(rngs, fan_in_init(scale=readout), (embed_dim, vocab_size), ("embed", "vocab"),
+                               param_dtype)
         self.num_prompt = peft.prompt_length if peft.method == "prompt" else 0
         if peft.method == "prefix":
             self.prefix = Prefix(num_layers=num_layers, length=peft.prefix_length, num_kv_heads=num_kv_heads,
@@ -121,12 +145,17 @@ class DecoderLM(Model):
         if attention.position in ("rope", "rerope") and config.head_dim % 2:
             raise ValueError(f"config.model.head_dim={config.head_dim} must be even: "
                              f"config.model.attention.position={attention.position!r} rotates pairs of dims")
+        check_parametrization(config, attention, moe)
 
     @classmethod
     def check_peft(cls, config, spec: PeftSpec) -> None:
         """`Model.check_peft`, and prefix tuning needs softmax attention in every layer, without ALiBi or ReRoPE
         (`nn.attention.prefix_error`)."""
         super().check_peft(config, spec)
+        if spec.method != "none" and config.get("parametrization", "standard") == "mup":
+            raise ValueError(f"config.peft.method={spec.method!r} does not fit config.model.parametrization='mup': "
+                             "muP's learning rates of adapter parameters are not defined here; fine-tune in "
+                             "standard parametrisation or set config.peft.method='none'")
         attention = spec_from_config(config.attention)
         error = spec.method == "prefix" and prefix_error(attention.kind, attention.position)
         if error:
@@ -226,7 +255,25 @@ class DecoderLM(Model):
         return self.position_table.value[positions].astype(self.dtype)
 
     def _logits(self, x):
-        return output_logits(self, self.final_norm(x))
+        logits = output_logits(self, self.final_norm(x))
+        multiplier = self._readout_scale().multiplier
+        return logits if multiplier == 1.0 else logits * multiplier  # muP's 1 / width_mult (Table 8)
+
+    def _readout_scale(self):
+        """muP's scale of the readout (`ops.init.mup_scale`, Table 8's output multiplier); (1, 1, 1) when standard."""
+        return mup_scale("output", self.width_mult, output_multiplier=True)
+
+    def lr_multipliers(self) -> dict | None:
+        """None in standard parametrisation; with muP, the pure dict of the parameters (`nnx.state(self,
+        nnx.Param).to_pure_dict()`) holding each one's Adam learning-rate multiplier
+        `mup_scale(mup_layer(path, ndim), width_mult, output_multiplier=True).adam_learning_rate`: 1 / width_mult
+        for the blocks' matrices, 1 for everything else (TP-V Tables 3 and 8)."""
+        if self.parametrization == "standard":
+            return None
+        params = nnx.state(self, nnx.Param).to_pure_dict()
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: mup_scale(mup_layer(path, len(p.shape)), self.width_mult,
+                                      output_multiplier=True).adam_learning_rate, params)
 
     @property
     def has_cache(self) -> bool:
@@ -253,6 +300,58 @@ class DecoderLM(Model):
             x, layer_cache, _ = block(x, positions, layer_cache, 0)
             filled.append(layer_cache)
         return filled
+
+
+def mup_width_mult(parametrization: str, embed_dim: int, mup_base_width: int) -> float:
+    """muP's width_mult = embed_dim / mup_base_width (1.0 in standard parametrisation, where mup_base_width is
+    ignored); ValueError naming the argument for an unknown parametrization or, with "mup", a mup_base_width that
+    is not a positive int."""
+    one_of("parametrization", parametrization, PARAMETRIZATIONS)
+    if parametrization == "standard":
+        return 1.0
+    return embed_dim / positive_int("mup_base_width", mup_base_width)
+
+
+def mup_attention(attention: AttentionSpec) -> AttentionSpec:
+    """`attention` with muP's logits q·k / head_dim (Tensor Programs V: q and k become correlated during training,
+    so q·k grows like head_dim by the law of large numbers, not like sqrt(head_dim)) in place of the default
+    q·k / sqrt(head_dim); ValueError when attention.logit_divisor is "none" (T5's scheme) or the kind's scores
+    take no divisor (not in LOGIT_SCALED_KINDS)."""
+    if attention.kind not in LOGIT_SCALED_KINDS:
+        raise ValueError(f"parametrization='mup' divides attention logits by head_dim, which needs attention.kind in "
+                         f"{list(LOGIT_SCALED_KINDS)}, got {attention.kind!r}")
+    if attention.logit_divisor == "none":
+        raise ValueError("parametrization='mup' divides attention logits by head_dim, but attention.logit_divisor="
+                         "'none' asks for none; leave logit_divisor at 'sqrt_head_dim' (muP replaces it) or "
+                         "'head_dim'")
+    return dataclasses.replace(attention, logit_divisor="head_dim")
+
+
+def mup_layer(path, ndim: int) -> str:
+    """The muP role (`ops.init.MUP_LAYERS`) of the DecoderLM parameter at `path` (a key path into its pure dict of
+    params) with `ndim` dims: "hidden" for a matrix inside the blocks (attention and MLP kernels: fan-in and fan-out
+    both grow with width), "output" for the readout `w_out`, "input" for the rest (token embedding, learned
+    positions, norm gains: one width dim)."""
+    top = getattr(path[0], "key", None)
+    if top == "blocks" and ndim >= 2:
+        return "hidden"
+    return "output" if top == "w_out" else "input"
+
+
+def check_parametrization(config, attention: AttentionSpec, moe: MoESpec) -> None:
+    """config.model.parametrization (PARAMETRIZATIONS, default "standard") and, with "mup", mup_base_width (a
+    positive int), an attention whose logits muP can divide by head_dim (`mup_attention`) and no MoE (a router is a
+    readout inside the blocks, which `mup_layer` does not tell apart); ValueError naming the field otherwise."""
+    parametrization = config.get("parametrization", "standard")
+    try:
+        mup_width_mult(parametrization, config.embed_dim, config.get("mup_base_width", 0))
+        if parametrization == "mup":
+            mup_attention(attention)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"config.model.{e}") from None
+    if parametrization == "mup" and moe.num_experts:
+        raise ValueError(f"config.model.parametrization='mup' does not support mixture-of-experts blocks "
+                         f"(config.model.moe.num_experts={moe.num_experts}): set moe.num_experts=0")
 
 
 def check_norm_and_head(config) -> None:

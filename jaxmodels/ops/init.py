@@ -152,23 +152,38 @@ def t5_query(head_dim: int, distribution: str = "normal", *, in_axis: Axes = -2,
 
 class MuPScale(NamedTuple):
     """Per-layer multipliers of maximal update parametrisation relative to a base model of width_mult = 1:
-    `init_variance` multiplies the LeCun variance 1 / fan_in, `adam_learning_rate` the base learning rate."""
+    `init_variance` multiplies the LeCun variance 1 / fan_in, `adam_learning_rate` the base learning rate, and
+    `multiplier` the layer's output in the forward pass (1: none)."""
     init_variance: float
     adam_learning_rate: float
+    multiplier: float = 1.0
 
 
-def mup_scale(layer: str, width_mult: float) -> MuPScale:
+def mup_scale(layer: str, width_mult: float, *, output_multiplier: bool = False) -> MuPScale:
     """muP multipliers for a layer of a model `width_mult` = width / base_width times wider than the tuned base
     (Yang & Hu 2021, Tensor Programs IV; Yang et al. 2021, Tensor Programs V, Table 3 with Adam).
 
-    "input" (embeddings, biases): init 1, learning rate 1; "hidden": init 1 (LeCun already scales with 1/fan_in),
-    learning rate 1 / width_mult; "output" (the readout): init 1 / width_mult (variance 1/fan_in^2 up to the
-    base's constant), learning rate 1 / width_mult. muP also divides attention logits by head_dim instead of
-    sqrt(head_dim), which is the attention op's `scale` argument, not an initialiser. E.g. the readout:
-    `lecun(scale=mup_scale("output", m).init_variance)`.
+    "input" (embeddings, biases, norm gains: vector-like): init 1, learning rate 1; "hidden" (matrices whose fan-in
+    and fan-out both grow with width): init 1 (LeCun already scales with 1/fan_in), learning rate 1 / width_mult;
+    "output" (the readout, fan-out finite): init 1 / width_mult (variance 1/fan_in^2 up to the base's constant),
+    learning rate 1 / width_mult.
+
+    With `output_multiplier`, the readout is written as TP-V's equivalent formulation with an output multiplier
+    (Table 8; the `mup` package's `MuReadout`): init width_mult (variance 1 / base_fan_in, constant in width),
+    multiplier 1 / width_mult on its output, learning rate 1. For Adam, whose update size does not depend on the
+    gradient's scale, both give the readout W' = W / width_mult of variance 1 / (width_mult fan_in) and update
+    size lr / width_mult; the multiplier form also fits a readout tied to the input embedding, whose init and
+    learning rate must then be the input's. The other layers are the same in both.
+
+    muP also divides attention logits by head_dim instead of sqrt(head_dim), which is the attention op's `scale`
+    argument, not an initialiser. E.g. the readout: `lecun(scale=mup_scale("output", m).init_variance)`.
     """
     one_of("layer", layer, MUP_LAYERS)
     width_mult = real_in_range("width_mult", width_mult, 0.0, include_low=False)
     if layer == "input":
         return MuPScale(1.0, 1.0)
-    return MuPScale(1.0 / width_mult if layer == "output" else 1.0, 1.0 / width_mult)
+    if layer == "hidden":
+        return MuPScale(1.0, 1.0 / width_mult)
+    if output_multiplier:
+        return MuPScale(width_mult, 1.0, 1.0 / width_mult)
+    return MuPScale(1.0 / width_mult, 1.0 / width_mult)

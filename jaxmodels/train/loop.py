@@ -130,8 +130,10 @@ class Trainer:
             self.graphdef, abstract_params, init_params = (self.fine_tune.graphdef, self.fine_tune.abstract_trainable,
                                                            self.fine_tune.init)
             param_specs, frozen_specs, model_specs = self.fine_tune.specs(self.mesh, rules)
+        # The model's per-parameter learning-rate multipliers (muP); a fine-tune trains adapters, which have none.
+        lr_multipliers = None if self.fine_tune else abstract_model.lr_multipliers()
         optimizer = make_optimizer(config.optimizer, num_steps, decay=decay_mask(abstract_params),
-                                   axis_name=self.strategy.update_axis)
+                                   lr_multipliers=lr_multipliers, axis_name=self.strategy.update_axis)
 
         def init():
             params = init_params()

@@ -1,4 +1,5 @@
-"""Optimizer from config: AdamW with linear warmup then cosine/linear/constant decay, clipping."""
+"""Optimizer from config: AdamW with linear warmup then cosine/linear/constant decay, clipping, and per-parameter
+learning-rate multipliers (muP, `scale_by_multipliers`)."""
 
 import jax
 import jax.numpy as jnp
@@ -71,16 +72,46 @@ def clip_by_global_norm(max_norm: float, axis_name: str | None = None) -> optax.
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, *, decay=decay_mask,
+def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
+    """Multiply each leaf of the updates by its multiplier: `multipliers` is a pytree of the parameters' structure
+    (a dict of floats for a pure-dict parameter tree) with a real number > 0 per leaf, e.g. a model's
+    `lr_multipliers()` (muP's per-layer Adam learning rates, Yang et al. 2021, Tensor Programs V, Table 3).
+    Stateless; ValueError naming `multipliers` for a value <= 0 or not finite, or (at trace time) for a tree that
+    does not match the updates'."""
+    for path, m in jax.tree_util.tree_leaves_with_path(multipliers):
+        real_in_range(f"multipliers{jax.tree_util.keystr(path)}", m, 0, include_low=False)
+    structure = jax.tree.structure(multipliers)
+
+    def update(updates, state, params=None):
+        del params
+        if jax.tree.structure(updates) != structure:
+            raise ValueError(f"multipliers must have the structure of the updates {jax.tree.structure(updates)}, "
+                             f"got {structure}")
+        return jax.tree.map(lambda m, u: u * jnp.asarray(m, u.dtype), multipliers, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int, *, decay=decay_mask, lr_multipliers=None,
                    axis_name: str | None = None) -> optax.GradientTransformation:
     """AdamW (Loshchilov & Hutter 2019) after global-norm clipping (config.grad_clip_norm, 0 = off).
 
     decay: which parameters get weight decay, as optax's `mask` (a function of the params, or a tree
     of bools; ZeRO passes `decay_mask` of the unsharded params because its shards are all 1-D).
+    lr_multipliers: None (every parameter at the schedule's learning rate) or a pytree of the parameters'
+      structure with one real > 0 per leaf (the model's `lr_multipliers()`, e.g. muP): each parameter's Adam step
+      is multiplied by its multiplier (`scale_by_multipliers`); the decoupled weight decay, lr * weight_decay * p,
+      is not, as in the `mup` package's MuAdamW, which keeps lr * weight_decay per step.
     axis_name: the mesh axis the updates are sharded over (ZeRO), so that clipping sees the full norm.
     """
     schedule = learning_rate_schedule(config, num_steps)
     parts = [clip_by_global_norm(config.grad_clip_norm, axis_name)] if config.grad_clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay))
+    if lr_multipliers is None:
+        parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                 weight_decay=config.weight_decay, mask=decay))
+    else:  # optax.adamw's chain with the multipliers between Adam's step and the weight decay
+        parts += [optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+                  scale_by_multipliers(lr_multipliers),
+                  optax.add_decayed_weights(config.weight_decay, decay),
+                  optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)

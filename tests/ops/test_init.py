@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -171,10 +172,41 @@ def test_residual_scale_is_gpt2s():
 
 
 def test_mup_scale():
-    assert init.mup_scale("input", 4.0) == (1.0, 1.0)
-    assert init.mup_scale("hidden", 4.0) == (1.0, 0.25)
-    assert init.mup_scale("output", 4.0) == (0.25, 0.25)
-    assert init.mup_scale("output", 1.0) == (1.0, 1.0)  # the base model is standard parametrisation
+    # (init_variance, adam_learning_rate, multiplier): Table 3
+    assert init.mup_scale("input", 4.0) == (1.0, 1.0, 1.0)
+    assert init.mup_scale("hidden", 4.0) == (1.0, 0.25, 1.0)
+    assert init.mup_scale("output", 4.0) == (0.25, 0.25, 1.0)
+    assert init.mup_scale("output", 1.0) == (1.0, 1.0, 1.0)  # the base model is standard parametrisation
+    # TP-V's Table 8 readout: constant init variance (the base's), a 1/width_mult output multiplier, learning rate 1
+    assert init.mup_scale("output", 4.0, output_multiplier=True) == (4.0, 1.0, 0.25)
+    assert init.mup_scale("output", 1.0, output_multiplier=True) == (1.0, 1.0, 1.0)
+    assert init.mup_scale("input", 4.0, output_multiplier=True) == (1.0, 1.0, 1.0)
+    assert init.mup_scale("hidden", 4.0, output_multiplier=True) == (1.0, 0.25, 1.0)
+
+
+def test_mup_readout_formulations_agree_for_adam():
+    """Table 3's readout (variance 1/(m fan_in), Adam lr / m) and Table 8's (variance m / fan_in, multiplier 1/m,
+    lr 1) give the same effective weight W' = multiplier * W at init, of variance 1 / (m fan_in), and the same W'
+    after Adam steps on a least-squares readout (Adam's update does not depend on the gradient's scale)."""
+    m, lr, shape = 4.0, 1e-2, (64, 8)
+    kx, ky, kw = jax.random.split(jax.random.key(3), 3)
+    x, y = jax.random.normal(kx, (32, shape[0])), jax.random.normal(ky, (32, shape[1]))
+    effective = []
+    for output_multiplier in (False, True):
+        s = init.mup_scale("output", m, output_multiplier=output_multiplier)
+        w = init.lecun("normal", scale=s.init_variance)(kw, shape)
+        loss = lambda w: jnp.mean((x @ (s.multiplier * w) - y) ** 2)
+        tx = optax.adam(lr * s.adam_learning_rate, eps=1e-12)
+        state = tx.init(w)
+        effective.append([s.multiplier * w])
+        for _ in range(3):
+            updates, state = tx.update(jax.grad(loss)(w), state)
+            w = optax.apply_updates(w, updates)
+            effective[-1].append(s.multiplier * w)
+    _assert_moments(effective[0][0], 1 / (m * shape[0]))
+    for a, b in zip(*effective):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(effective[0][-1] - effective[0][0]))) > 0.5 * lr / m  # the steps moved W'
 
 
 @pytest.mark.parametrize("make, error, match", [
