@@ -244,7 +244,8 @@ def hf_config(model: nnx.Module) -> dict:
     max_position_embeddings is attention.train_length (DEFAULT_MAX_POSITIONS when unset; only dynamic scaling
     uses it). No special tokens (bos/eos/pad None): generation stops only at max_new_tokens.
     Raises ValueError listing every field Hugging Face's Llama/Mistral cannot express (another attention kind,
-    positions, RoPE scaling, qk_norm, log_n, a logit divisor other than sqrt(head_dim), MoE, a GELU MLP, LayerNorm),
+    positions, RoPE scaling, qk_norm, log_n, a logit divisor other than sqrt(head_dim), MoE, a GELU MLP, LayerNorm,
+    muP's logit multiplier),
     TypeError for another model class.
     """
     if not isinstance(model, DecoderLM | MambaLM):
@@ -263,7 +264,7 @@ def hf_config(model: nnx.Module) -> dict:
               "attention.kind": (spec.kind, "softmax"), "attention.position": (spec.position, "rope"),
               "attention.qk_norm": (spec.qk_norm, False), "attention.log_n": (spec.log_n, False),
               "attention.logit_divisor": (spec.logit_divisor, "sqrt_head_dim"),
-              "moe.num_experts": (model.moe.num_experts, 0)}
+              "moe.num_experts": (model.moe.num_experts, 0), "parametrization": (model.parametrization, "standard")}
     problems = [f"model.{name}={value!r} (Hugging Face needs {need!r})"
                 for name, (value, need) in fields.items() if value != need]
     if spec.rope_scaling not in rope_types:

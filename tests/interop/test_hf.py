@@ -187,6 +187,10 @@ def test_exporting_what_transformers_cannot_express_lists_every_offending_field(
                                                    nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"model.attention.position='sinusoidal' \(Hugging Face needs 'rope'\)"):
         hf_config(sinusoidal)
+    mup = nnx.eval_shape(lambda: make_model(_section("decoder_lm", parametrization="mup", mup_base_width=16),
+                                            nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"model.parametrization='mup' \(Hugging Face needs 'standard'\)"):
+        hf_config(mup)
     with pytest.raises(TypeError, match="save_hf exports a DecoderLM or a MambaLM, got Embed"):
         hf_config(nnx.eval_shape(lambda: nnx.Embed(4, 4, rngs=nnx.Rngs(0))))
     assert not any(tmp_path.iterdir())  # nothing written
