@@ -263,8 +263,12 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
     real_in_range("rho", rho, 0, include_low=False)
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"edm_sigmas needs 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    # The same sum divided by sigma_max^(1/rho), which overflows a float for small rho (16^256 = 2^1024); the
+    # ratio's power lies in [0, 1]. The last sigma is set exactly (its power may underflow).
     frac = np.arange(n, dtype=np.float64) / max(n - 1, 1)
-    sig = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sig = sigma_max * (1 - frac * (1 - (sigma_min / sigma_max) ** (1 / rho))) ** rho
+    if n > 1:
+        sig[-1] = sigma_min
     return jnp.asarray(np.append(sig, 0.0), jnp.float32)
 
 

@@ -180,6 +180,13 @@ def test_edm_sigmas_formula():
     np.testing.assert_allclose(df.edm_sigmas(1), [80.0, 0.0])
 
 
+@pytest.mark.parametrize("rho", [1 / 256, 1e-3])
+def test_edm_sigmas_small_rho_stays_finite(rho):
+    # sigma_max^(1/rho) overflows a float here (16^256 = 2^1024); the schedule does not.
+    s = np.asarray(df.edm_sigmas(4, 1.0, 16.0, rho), np.float64)
+    assert np.isfinite(s).all() and s[0] == 16.0 and s[-2] == 1.0 and s[-1] == 0 and np.all(np.diff(s) < 0)
+
+
 def test_shift_and_logit_normal():
     t = np.random.default_rng(1).uniform(0, 1, 100)
     for s in (1.0, 0.5, 3.0):
