@@ -13,6 +13,7 @@ from flax import nnx
 from jaxmodels.models.lm import DecoderLM, generate
 from jaxmodels.nn.attention import CACHED_KINDS, KINDS, AttentionSpec
 from jaxmodels.ops.position import apply_rope
+from tests.compiled import forward
 
 SMALL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
 # Small enough for sequences of 16-32: chunks and blocks of 8.
@@ -53,12 +54,12 @@ def test_cached_decoding_equals_full_forward(attention):
     """Prefill 11 tokens, then feed 13 one at a time: every position's logits == the full forward's."""
     model = _model(**attention)
     tokens = _tokens(2, 24)
-    full = model(tokens)
+    full = forward(model, tokens)
     cache = model.init_cache(2, 24)
-    logits, cache = model(tokens[:, :11], cache=cache, cache_index=jnp.int32(0))
+    logits, cache = forward(model, tokens[:, :11], cache=cache, cache_index=jnp.int32(0))
     steps = [logits]
     for t in range(11, 24):
-        logits, cache = model(tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
+        logits, cache = forward(model, tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4)
 

@@ -9,15 +9,10 @@ from jaxmodels.models import check_model_config
 from jaxmodels.models.lm import DecoderLM, generate, sample_logits, train_flops_per_token
 from jaxmodels.models.mamba import MambaLM
 from jaxmodels.nn.layers import RMSNorm
+from tests.compiled import forward
 
 SMALL = dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48)
 MAMBA = dict(vocab_size=64, num_layers=2, embed_dim=16, d_state=4, d_conv=3, expand=2)
-
-
-@nnx.jit(static_argnames="return_aux")
-def _forward(model, tokens, cache=None, cache_index=None, *, return_aux=False, segment_ids=None):
-    """model(tokens, ...) compiled whole: one XLA compilation per shape instead of one per operation."""
-    return model(tokens, cache=cache, cache_index=cache_index, return_aux=return_aux, segment_ids=segment_ids)
 
 
 def _model(**kw):
@@ -76,11 +71,11 @@ def test_generate_with_kv_cache_equals_without(temperature, top_k):
 def test_cached_forward_equals_full_forward_logits():
     model = _model()
     tokens = jax.random.randint(jax.random.key(5), (2, 10), 0, 64)
-    full = _forward(model, tokens)
-    logits, cache = _forward(model, tokens[:, :6], cache=model.init_cache(2, 10), cache_index=jnp.int32(0))
+    full = forward(model, tokens)
+    logits, cache = forward(model, tokens[:, :6], cache=model.init_cache(2, 10), cache_index=jnp.int32(0))
     np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
     for t in range(6, 10):
-        step_logits, cache = _forward(model, tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
+        step_logits, cache = forward(model, tokens[:, t:t + 1], cache=cache, cache_index=jnp.int32(t))
         np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
 
 
@@ -145,21 +140,21 @@ def test_packed_documents_get_the_logits_they_get_alone(kw):
     model = _model(**kw)
     tokens, segment_ids = _packed()
     with jax.default_matmul_precision("float32"):
-        packed = _forward(model, tokens, segment_ids=segment_ids)
+        packed = forward(model, tokens, segment_ids=segment_ids)
         start = 0
         for length in DOCUMENTS:
-            alone = _forward(model, tokens[:, start:start + length])  # positions 0 .. length - 1
+            alone = forward(model, tokens[:, start:start + length])  # positions 0 .. length - 1
             np.testing.assert_allclose(packed[:, start:start + length], alone, atol=1e-5, rtol=1e-5)
             start += length
         # Without segment ids the later documents see the earlier ones: the mask is what makes them equal.
-        assert not np.allclose(_forward(model, tokens)[:, DOCUMENTS[0]:sum(DOCUMENTS)],
+        assert not np.allclose(forward(model, tokens)[:, DOCUMENTS[0]:sum(DOCUMENTS)],
                                packed[:, DOCUMENTS[0]:sum(DOCUMENTS)], atol=1e-3)
 
 
 def test_segment_ids_with_the_aux_and_remat_paths():
     tokens, segment_ids = _packed()
-    plain = _forward(_model(), tokens, segment_ids=segment_ids)
-    logits, aux = _forward(_model(remat="full"), tokens, segment_ids=segment_ids, return_aux=True)
+    plain = forward(_model(), tokens, segment_ids=segment_ids)
+    logits, aux = forward(_model(remat="full"), tokens, segment_ids=segment_ids, return_aux=True)
     np.testing.assert_allclose(logits, plain, atol=1e-6)
     assert aux == {}
 

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxmodels.models.lm import generate
 from jaxmodels.models.mamba import MambaLM, train_flops_per_token
 from jaxmodels.models.sequence_classifier import SequenceClassifier
+from tests.compiled import forward
 from tests.fitting import adam_losses
 
 SMALL = dict(vocab_size=32, num_layers=2, embed_dim=16, d_state=4, d_conv=3, expand=2)
@@ -158,7 +159,7 @@ def test_segment_ids_are_accepted_and_do_not_reset_the_state():
     model = MambaLM(vocab_size=16, num_layers=1, embed_dim=8, rngs=nnx.Rngs(0))
     tokens = jnp.arange(10, dtype=jnp.int32)[None] % 16
     segment_ids = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
-    np.testing.assert_array_equal(model(tokens, segment_ids=segment_ids), model(tokens))
-    logits, aux = model(tokens, segment_ids=segment_ids, return_aux=True)
-    np.testing.assert_array_equal(logits, model(tokens))
+    np.testing.assert_array_equal(forward(model, tokens, segment_ids=segment_ids), forward(model, tokens))
+    logits, aux = forward(model, tokens, segment_ids=segment_ids, return_aux=True)
+    np.testing.assert_array_equal(logits, forward(model, tokens))
     assert aux == {}
