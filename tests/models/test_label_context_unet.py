@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from jaxmodels.models.label_context_unet import LabelContextUNet
+from tests.compiled import forward
 
 
 def test_label_context_unet_shapes():
@@ -12,7 +13,7 @@ def test_label_context_unet_shapes():
                              num_groups=4, rngs=nnx.Rngs(0))
     labels = jnp.array([0, 10])  # a class and the null label
     assert model.context(labels).shape == (2, 1, 8)
-    out = model(jnp.ones((2, 4, 4, 2)), jnp.zeros((2,)), labels)
+    out = forward(model, jnp.ones((2, 4, 4, 2)), jnp.zeros((2,)), labels)
     assert out.shape == (2, 4, 4, 2) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="num_levels=3 is not valid"):
         LabelContextUNet(latent_channels=2, num_classes=10, base_channels=8, context_dim=8, num_levels=3,
