@@ -45,7 +45,7 @@ from jaxmodels.nn.diffusion import Linear
 from jaxmodels.nn.layers import LayerNorm
 from jaxmodels.nn.param import param
 from jaxmodels.nn.vision import PatchEmbedding
-from jaxmodels.ops.checks import one_of
+from jaxmodels.ops.checks import check_image_batch, one_of
 from jaxmodels.ops.position import sine_position_encoding_2d
 
 BACKBONES = ("cnn", "patch")
@@ -165,9 +165,7 @@ class DETR(Model):
         return levels
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        expected = (self.image_size, self.image_size, self.in_channels)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"x must be (batch, {', '.join(map(str, expected))}), got shape {x.shape}")
+        check_image_batch("x", x, self.image_size, self.in_channels)
         levels = self.feature_levels(x)
         b, dim = x.shape[0], self.hidden_dim
         shapes = tuple((int(m.shape[1]), int(m.shape[2])) for m in levels)

@@ -40,7 +40,7 @@ from jaxmodels.nn.layers import LayerNorm
 from jaxmodels.nn.param import param
 from jaxmodels.nn.two_way import MLPHead, TwoWayTransformer
 from jaxmodels.nn.vision import PatchEmbedding, ViTBlock
-from jaxmodels.ops.checks import values_in_range
+from jaxmodels.ops.checks import check_image_batch, values_in_range
 from jaxmodels.ops.position import fourier_feature_matrix, grid_fourier_features, random_fourier_features
 from jaxmodels.ops.spatial import resize_bilinear
 
@@ -302,9 +302,7 @@ class SAM(Model):
 
     def encode(self, images: jax.Array) -> jax.Array:
         """images (B, S, S, C_in) -> image embeddings (B, g, g, C) in `dtype`."""
-        expected = (self.image_size, self.image_size, self.in_channels)
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"images must be (batch, {', '.join(map(str, expected))}), got shape {images.shape}")
+        check_image_batch("images", images, self.image_size, self.in_channels)
         return self.image_encoder(images)
 
     def decode(self, image_embeddings: jax.Array, points: jax.Array | None = None,

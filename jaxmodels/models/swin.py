@@ -27,7 +27,7 @@ from jaxmodels.models.base import Model, check_fields
 from jaxmodels.nn.diffusion import Linear
 from jaxmodels.nn.layers import LayerNorm
 from jaxmodels.nn.vision import PatchEmbedding, PatchMerging, SwinBlock
-from jaxmodels.ops.checks import positive_int
+from jaxmodels.ops.checks import check_image_batch, positive_int
 
 # Swin-T of the paper (Table 1 / §3.3), ImageNet-1k at 224 × 224: 28M parameters, 4.5G FLOPs (multiply-adds).
 SWIN_T = dict(image_size=224, patch_size=4, in_channels=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
@@ -117,9 +117,7 @@ class Swin(Model):
         self.head = Linear(final_dim, num_classes, zero_init=True, logical_axes=("embed", "vocab"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        expected = (self.image_size, self.image_size, self.in_channels)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"x must be (batch, {', '.join(map(str, expected))}), got shape {x.shape}")
+        check_image_batch("x", x, self.image_size, self.in_channels)
         h = self.patch_norm(self.patch_embed(x))
         for i, blocks in enumerate(self.stages):
             if i:

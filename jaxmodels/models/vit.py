@@ -17,6 +17,7 @@ from jaxmodels.nn.diffusion import Linear
 from jaxmodels.nn.layers import LayerNorm
 from jaxmodels.nn.param import param, zeros_init
 from jaxmodels.nn.vision import PatchEmbedding, ViTBlock
+from jaxmodels.ops.checks import check_image_batch
 
 
 class ViT(Model):
@@ -68,9 +69,7 @@ class ViT(Model):
         self.head = Linear(hidden_dim, num_classes, zero_init=True, logical_axes=("embed", "vocab"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        expected = (self.image_size, self.image_size, self.in_channels)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"x must be (batch, {', '.join(map(str, expected))}), got shape {x.shape}")
+        check_image_batch("x", x, self.image_size, self.in_channels)
         h = self.patch_embed(x)
         h = h.reshape(h.shape[0], -1, h.shape[-1])
         if self.pooling == "cls":

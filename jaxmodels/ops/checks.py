@@ -152,6 +152,14 @@ def check_grouped_operands(x_sorted, w, group_sizes) -> None:
         raise TypeError(f"group_sizes must be integer, got {group_sizes.dtype}")
 
 
+def check_image_batch(name: str, x, image_size: int, in_channels: int) -> None:
+    """Check that `x` is a batch of square channels-last images, (batch, image_size, image_size, in_channels),
+    else ValueError "{name} must be (batch, H, W, C), got shape (...)"."""
+    expected = (image_size, image_size, in_channels)
+    if x.ndim != 4 or x.shape[1:] != expected:
+        raise ValueError(f"{name} must be (batch, {', '.join(map(str, expected))}), got shape {x.shape}")
+
+
 def check_boxes(name: str, boxes, *, positive: bool = False) -> None:
     """Check boxes in (x1, y1, x2, y2) corner form: shape (..., 4) and floating dtype; if `boxes` is concrete
     (`concrete`), every box must have x2 >= x1 and y2 >= y1 (x2 > x1 and y2 > y1 with `positive`), else
